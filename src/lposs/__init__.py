@@ -1,0 +1,61 @@
+"""lposs: training-free open-vocabulary semantic segmentation by label propagation.
+
+Public names are imported lazily, so that ``import lposs`` (and ``lposs --help``)
+does not pay for torch, OpenCLIP or timm until they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # settings
+    "LPOSSConfig": "config",
+    "PRESETS": "config",
+    "get_preset": "config",
+    # errors
+    "LpossError": "errors",
+    "ImageError": "errors",
+    "ClassNamesError": "errors",
+    "WeightsNotFoundError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "DatasetError": "errors",
+    "ConfigError": "errors",
+    # label propagation
+    "patch_propagation": "propagation",
+    "pixel_propagation": "propagation",
+    "knn_affinity": "propagation",
+    "pixel_affinity": "propagation",
+    "normalized_adjacency": "propagation",
+    "conjugate_gradient": "propagation",
+    "rgb_to_lab": "propagation",
+    # encoders
+    "load_clip": "encoders",
+    "load_dino": "encoders",
+    "ClipEncoder": "encoders",
+    "DinoEncoder": "encoders",
+    # pipeline
+    "Segmenter": "segmenter",
+    "Segmentation": "segmenter",
+    "load_image": "io",
+    # evaluation
+    "mean_iou": "metrics",
+    "boundary_iou": "metrics",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lposs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

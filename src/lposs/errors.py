@@ -1,0 +1,39 @@
+"""Typed exceptions for mistakes a user can make; the CLI turns each into one stderr line."""
+
+__all__ = [
+    "LpossError",
+    "ImageError",
+    "ClassNamesError",
+    "WeightsNotFoundError",
+    "UnsafeCheckpointError",
+    "DatasetError",
+    "ConfigError",
+]
+
+
+class LpossError(Exception):
+    """Base class of every error lposs raises for bad input."""
+
+
+class ImageError(LpossError, ValueError):
+    """An image is missing, unreadable, truncated, too large or of an unusable shape."""
+
+
+class ClassNamesError(LpossError, ValueError):
+    """The class vocabulary is empty, has empty names or duplicates."""
+
+
+class WeightsNotFoundError(LpossError, FileNotFoundError):
+    """Model weights could not be found locally or fetched; the message says how to provide them."""
+
+
+class UnsafeCheckpointError(LpossError, ValueError):
+    """A checkpoint would need unpickling arbitrary Python objects to load."""
+
+
+class DatasetError(LpossError, FileNotFoundError):
+    """A dataset folder is missing or malformed; the message names the expected path."""
+
+
+class ConfigError(LpossError, ValueError):
+    """A setting or preset name is invalid."""
