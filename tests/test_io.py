@@ -1,0 +1,336 @@
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lposs.errors import ImageError
+from lposs.io import (
+    UNKNOWN_COLOR,
+    atomic_write,
+    class_shares,
+    find_images,
+    load_image,
+    load_label_map,
+    overlay,
+    palette,
+    save_label_png,
+    save_overlay,
+    save_scores,
+    write_json,
+)
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+
+def as_hwc(t):
+    return t.permute(1, 2, 0).numpy()
+
+
+def grey3(values):
+    return np.repeat(values[..., None], 3, axis=2)
+
+
+# ----------------------------------------------------------------------------- load_image
+def test_rgb_file_and_pil_and_array_agree(tmp_path):
+    Image.fromarray(RGB).save(tmp_path / "x.png")
+    expected = RGB.astype(np.float32) / 255
+    for source in (tmp_path / "x.png", str(tmp_path / "x.png"), Image.fromarray(RGB), RGB):
+        out = load_image(source)
+        assert out.shape == (3, 20, 30) and out.dtype == torch.float32
+        np.testing.assert_allclose(as_hwc(out), expected, atol=1e-7)
+
+
+def test_modes_are_converted(tmp_path):
+    grey = RGB[..., 0]
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    np.testing.assert_allclose(as_hwc(load_image(tmp_path / "l.png")), grey3(grey / 255), atol=1e-6)
+
+    la = np.stack([grey, RGB[..., 1]], axis=2)
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_allclose(as_hwc(load_image(tmp_path / "la.png")), grey3(grey / 255),
+                               atol=1e-6)
+
+    rgba = np.concatenate([RGB, RNG.integers(0, 256, (20, 30, 1), dtype=np.uint8)], axis=2)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")  # alpha is dropped, colours kept
+    np.testing.assert_allclose(as_hwc(load_image(tmp_path / "rgba.png")), RGB / 255, atol=1e-6)
+
+    table = RNG.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = RNG.integers(0, 256, (20, 30), dtype=np.uint8)
+    p_img = Image.frombytes("P", (30, 20), index.tobytes())
+    p_img.putpalette(table.reshape(-1).tolist())
+    p_img.info["transparency"] = 3
+    p_img.save(tmp_path / "p.png", transparency=3)
+    np.testing.assert_allclose(as_hwc(load_image(tmp_path / "p.png")), table[index] / 255,
+                               atol=1e-6)
+
+    cmyk = Image.fromarray(RGB).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tiff")
+    expected = np.asarray(cmyk.convert("RGB")) / 255
+    np.testing.assert_allclose(as_hwc(load_image(tmp_path / "cmyk.tiff")), expected, atol=1e-6)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 255, 256, 1000], [30000, 40000, 65000, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = load_image(tmp_path / "deep.png")
+    np.testing.assert_allclose(as_hwc(out), grey3(values / 65535), atol=1e-6)
+    assert len(np.unique(out[0].numpy())) == values.size  # nothing saturated
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = np.zeros((20, 40, 3), dtype=np.uint8)
+    img[:, :20] = (255, 0, 0)  # left half red, right half blue
+    img[:, 20:] = (0, 0, 255)
+    pil = Image.fromarray(img)
+    exif = pil.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    pil.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    out = load_image(tmp_path / "rot.jpg")
+    assert out.shape == (3, 40, 20)
+    top, bottom = out[:, :15].mean(dim=(1, 2)), out[:, 25:].mean(dim=(1, 2))
+    assert top[0] > 0.9 and top[2] < 0.1  # the left (red) half is now on top
+    assert bottom[2] > 0.9 and bottom[0] < 0.1
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_truncated_file(tmp_path, suffix):
+    path = tmp_path / f"cut.{suffix}"
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut"):
+        load_image(path)
+
+
+def test_unreadable_inputs(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ImageError, match="notes.png.*not an image"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(ImageError, match="not found.*missing.jpg"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="folder"):
+        load_image(tmp_path)
+    with pytest.raises(TypeError):
+        load_image(12)
+
+
+def test_pixel_cap(tmp_path, monkeypatch):
+    Image.fromarray(RGB).save(tmp_path / "x.png")
+    with pytest.raises(ImageError, match="--max-pixels"):
+        load_image(tmp_path / "x.png", max_pixels=599)
+    with pytest.raises(ImageError, match="--max-pixels"):
+        load_image(RGB, max_pixels=599)
+    assert load_image(tmp_path / "x.png", max_pixels=600).shape == (3, 20, 30)
+    # Pillow's own global limit neither fires nor warns; ours decides, and it is restored
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "x.png", max_pixels=None).shape == (3, 20, 30)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    with pytest.raises(ValueError, match="max_pixels"):
+        load_image(RGB, max_pixels=0)
+
+
+def test_arrays():
+    grey = RGB[..., 0]
+    np.testing.assert_allclose(as_hwc(load_image(grey)), grey3(grey / 255), atol=1e-6)
+    rgba = np.concatenate([RGB, np.zeros((20, 30, 1), np.uint8)], axis=2)
+    np.testing.assert_allclose(as_hwc(load_image(rgba)), RGB / 255, atol=1e-6)
+    floats = RNG.random((20, 30, 3))
+    np.testing.assert_allclose(as_hwc(load_image(floats)), floats, atol=1e-6)
+    with pytest.raises(ImageError, match=r"\[0, 1\]"):
+        load_image(floats * 2)
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(np.full((4, 4, 3), np.nan))
+    with pytest.raises(TypeError, match="dtype"):
+        load_image(RGB.astype(np.int32))
+    with pytest.raises(ImageError, match="shape"):
+        load_image(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_tensors():
+    t = torch.rand(3, 8, 9)
+    out = load_image(t)
+    torch.testing.assert_close(out, t)
+    out[0, 0, 0] = 5.0
+    assert t[0, 0, 0] <= 1  # a copy, not a view
+    torch.testing.assert_close(load_image(t.double()), t)
+    u8 = torch.from_numpy(RGB).permute(2, 0, 1)
+    np.testing.assert_allclose(as_hwc(load_image(u8)), RGB / 255, atol=1e-6)
+    assert load_image(torch.rand(1, 5, 6)).shape == (3, 5, 6)
+    with pytest.raises(ImageError, match="channels first"):
+        load_image(torch.rand(8, 9, 3))
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(torch.full((3, 2, 2), float("nan")))
+    with pytest.raises(TypeError):
+        load_image(torch.zeros(3, 2, 2, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- find_images
+def test_find_images(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / ".hidden").mkdir()
+    (tmp_path / "empty").mkdir()
+    for name in ["a/x.jpg", "a/sub/y.PNG", "a/.hidden/z.png", "a/.w.png", "b.png", "c.webp"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b.png"), str(tmp_path / "*.png"),
+              str(tmp_path / "a" / "x.jpg"), str(tmp_path / "nope.jpg"),
+              str(tmp_path / "empty"), str(tmp_path / "*.gif")]
+    found, missing = find_images(inputs)
+    assert found == [tmp_path / "a" / "sub" / "y.PNG", tmp_path / "a" / "x.jpg",
+                     tmp_path / "b.png"]
+    assert missing == [str(tmp_path / "nope.jpg"), str(tmp_path / "empty"),
+                       str(tmp_path / "*.gif")]
+    found, missing = find_images([str(tmp_path / "**" / "*.jpg"), str(tmp_path / "c.webp")])
+    assert found == [tmp_path / "a" / "x.jpg", tmp_path / "c.webp"] and missing == []
+    with pytest.raises(TypeError):
+        find_images(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- writing
+def test_palette():
+    colors = palette(256)
+    assert colors.dtype == np.uint8 and colors.shape == (256, 3)
+    assert colors[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0],
+                                   [0, 0, 128]]
+    assert colors[15].tolist() == [192, 128, 128] and colors[20].tolist() == [0, 64, 128]
+    assert tuple(colors[255]) == UNKNOWN_COLOR
+    big = palette(5000)
+    assert len({tuple(c) for c in big.tolist()}) == 5000
+    np.testing.assert_array_equal(big[:256], colors)
+
+
+def test_label_png_round_trip(tmp_path):
+    n = 5
+    labels = RNG.integers(0, n + 1, (20, 30))  # n = unknown
+    labels[0, 0] = 255
+    save_label_png(tmp_path / "l.png", torch.from_numpy(labels), palette(n))
+    with Image.open(tmp_path / "l.png") as im:
+        assert im.mode == "P"
+        values = np.asarray(im)
+        table = np.array(im.getpalette()).reshape(-1, 3)
+    np.testing.assert_array_equal(values, np.where(labels >= n, 255, labels))
+    np.testing.assert_array_equal(table[:n], palette(n))
+    assert tuple(table[255]) == UNKNOWN_COLOR
+    read = load_label_map(tmp_path / "l.png")
+    assert read.dtype == torch.int64
+    np.testing.assert_array_equal(read.numpy(), values)
+    with pytest.raises(ValueError, match="labels"):
+        save_label_png(tmp_path / "bad.png", np.full((2, 2), 7), palette(n))
+
+
+def test_label_png_many_classes_is_16_bit(tmp_path):
+    n = 300
+    labels = RNG.integers(0, n + 1, (10, 12))
+    save_label_png(tmp_path / "l.png", labels, palette(n))
+    with Image.open(tmp_path / "l.png") as im:
+        np.testing.assert_array_equal(np.asarray(im).astype(np.int64), labels)
+    np.testing.assert_array_equal(load_label_map(tmp_path / "l.png").numpy(), labels)
+
+
+def test_load_label_map_errors(tmp_path):
+    Image.fromarray(RGB).save(tmp_path / "rgb.png")
+    with pytest.raises(ImageError, match="mode 'RGB'"):
+        load_label_map(tmp_path / "rgb.png")
+    with pytest.raises(ImageError, match="not found"):
+        load_label_map(tmp_path / "none.png")
+    (tmp_path / "t.png").write_text("x")
+    with pytest.raises(ImageError, match="not an image"):
+        load_label_map(tmp_path / "t.png")
+    grey = RNG.integers(0, 256, (5, 6), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(load_label_map(tmp_path / "g.png").numpy(), grey)
+
+
+def test_overlay_blend_and_legend(tmp_path):
+    image = torch.rand(3, 40, 60)
+    labels = np.zeros((40, 60), dtype=np.int64)
+    labels[:, 40:] = 2  # class 2: a third
+    labels[:5, :5] = 3  # unknown (3 classes)
+    colors = palette(3)
+    colors[0] = (10, 200, 30)  # a colour that cannot come from the blend by accident
+    out = overlay(image, labels, ["sky", "tree", "road"], colors, alpha=0.4)
+    assert out.mode == "RGB" and out.width > 60 and out.height >= 40
+    canvas = np.asarray(out).astype(np.int64)
+    table = np.concatenate([colors, [UNKNOWN_COLOR]]).astype(np.float64)
+    expected = 0.6 * as_hwc(image).astype(np.float64) * 255 + 0.4 * table[labels]
+    assert np.abs(canvas[:40, :60] - expected).max() <= 1
+
+    panel = canvas[:, 60:]
+
+    def first_row(color):
+        rows = np.nonzero((panel == np.array(color)).all(axis=2).any(axis=1))[0]
+        return rows[0] if len(rows) else None
+
+    rows = [first_row(colors[0]), first_row(colors[2]), first_row(UNKNOWN_COLOR)]
+    assert None not in rows and rows == sorted(rows)  # ordered by share
+    assert first_row(colors[1]) is None  # absent classes are not listed
+
+    save_overlay(tmp_path / "o.png", out)
+    with Image.open(tmp_path / "o.png") as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(out))
+
+
+def test_class_shares():
+    labels = np.array([[0, 0, 1, 5], [255, 1, 1, 0]])
+    shares = class_shares(torch.from_numpy(labels), 3)
+    assert shares == pytest.approx([3 / 8, 3 / 8, 0.0, 2 / 8])
+
+
+def test_atomic_write(tmp_path):
+    target = tmp_path / "out.bin"
+    atomic_write(target, lambda f: f.write(b"hello"))
+    assert target.read_bytes() == b"hello"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(target, broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(tmp_path / "new.bin", broken)
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"]  # old content kept, no temp files
+    assert target.read_bytes() == b"hello"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_write(tmp_path / "nofolder" / "x.bin", lambda f: None)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
+def test_atomic_write_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            write_json(folder / "x.json", {"a": 1})
+    finally:
+        folder.chmod(0o755)
+
+
+def test_write_json_and_scores(tmp_path):
+    obj = {"name": "café ☕", "miou": float("nan"), "n": np.int64(3), "v": torch.tensor([1.5])}
+    write_json(tmp_path / "r.json", obj)
+    text = (tmp_path / "r.json").read_text(encoding="utf-8")
+    assert "café ☕" in text and '\n  "miou": null' in text
+    assert json.loads(text) == {"name": "café ☕", "miou": None, "n": 3, "v": [1.5]}
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists()
+
+    scores = torch.randn(4, 5, 6, dtype=torch.float64)
+    save_scores(tmp_path / "s.npy", scores)
+    loaded = np.load(tmp_path / "s.npy")
+    assert loaded.dtype == np.float32
+    np.testing.assert_allclose(loaded, scores.numpy().astype(np.float32))
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "s.npy"]
