@@ -1,0 +1,353 @@
+"""The vision-language model: an OpenCLIP ViT used the MaskCLIP way, and its text encoder.
+
+Dense features (METHOD.md, Encoders): run the vision transformer up to the input
+``x`` of its last residual block, replace that block's self-attention by its value
+path, ``v = out_proj(W_v ln_1(x) + b_v); v = v + x; v = v + mlp(ln_2(v))``, then
+``ln_post``, drop the class token and apply the visual projection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ClassNamesError, WeightsNotFoundError
+from .common import (
+    check_batch_size,
+    check_windows,
+    chunks,
+    normalize_and_pad,
+    resolve_device,
+    resolve_precision,
+)
+from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
+
+__all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_STD"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel mean (RGB)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP pixel std (RGB)
+_TEXT_BATCH = 640  # prompts per text-encoder forward pass
+
+
+@lru_cache(maxsize=1)
+def imagenet_templates() -> tuple[str, ...]:
+    """The 80 ImageNet prompt templates of CLIP, each with one ``{}`` for the class name."""
+    text = resources.files("lposs").joinpath("data", "prompt_templates.json").read_text("utf-8")
+    return tuple(json.loads(text)["imagenet_templates"])
+
+
+def _blocks_batch_first(transformer: nn.Module) -> bool:
+    """The token layout the residual blocks expect, read from the model (varies by version).
+
+    open_clip >= 2.24 runs its blocks batch-first ``(B, L, D)``; older versions run them
+    sequence-first ``(L, B, D)``. ``nn.MultiheadAttention`` records which one it expects.
+    """
+    attn = transformer.resblocks[0].attn
+    if isinstance(attn, nn.MultiheadAttention):
+        return bool(attn.batch_first)
+    return bool(getattr(transformer, "batch_first", True))
+
+
+class ClipEncoder(nn.Module):
+    """A frozen OpenCLIP model giving MaskCLIP dense features and prompt-ensembled text.
+
+    Args:
+        model: an ``open_clip.CLIP`` whose ``visual`` is an OpenCLIP ``VisionTransformer``.
+        tokenizer: the model's open_clip tokenizer (``open_clip.get_tokenizer(name)``).
+        mean: pixel mean (RGB); default: the model's preprocessing config, else CLIP's.
+        std: pixel std (RGB); default: the model's preprocessing config, else CLIP's.
+        templates: prompt templates with one ``{}``; default: the 80 ImageNet templates.
+
+    Attributes:
+        model: the wrapped OpenCLIP model.
+        patch_size: P, the vision transformer's patch size in pixels.
+        embed_dim: E, the joint embedding size (512 for ViT-B-16).
+        text_cache: ``{name: (E,) float32 embedding}`` of every class name encoded so far.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        templates: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        visual = getattr(model, "visual", None)
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if visual is None or blocks is None or not hasattr(visual, "conv1"):
+            raise TypeError("model must be an OpenCLIP CLIP model with a VisionTransformer tower")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError("OpenCLIP ViTs with attentional pooling are not supported")
+        if not isinstance(blocks[-1].attn, nn.MultiheadAttention):
+            raise ValueError("the last vision block must use nn.MultiheadAttention (plain ViT)")
+        patch = visual.conv1.kernel_size
+        if patch[0] != patch[1] or visual.conv1.stride != patch:
+            raise ValueError(f"square, non-overlapping patches required, got {patch}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.patch_size = int(patch[0])
+        self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else visual.width
+        self.templates = tuple(templates) if templates is not None else imagenet_templates()
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError("templates must be a non-empty list of strings with one '{}' each")
+        mean = mean if mean is not None else getattr(visual, "image_mean", None) or CLIP_MEAN
+        std = std if std is not None else getattr(visual, "image_std", None) or CLIP_STD
+        device = visual.conv1.weight.device
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device), False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device), False)
+        self.text_cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> ClipEncoder:
+        """Encoders stay in eval mode (frozen); this keeps the wrapped model in eval."""
+        super().train(False)
+        return self
+
+    @torch.inference_mode()
+    def dense_features(self, windows: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:
+        """MaskCLIP dense features of a batch of windows.
+
+        Args:
+            windows: ``(B, 3, h, w)`` RGB in [0, 1], any size; padded bottom/right with
+                black to a multiple of P here.
+            batch_size: windows per forward pass.
+
+        Returns:
+            ``(B, E, ceil(h/P), ceil(w/P))`` float32 on the model's device, each patch
+            vector L2-normalised.
+        """
+        check_windows(windows)
+        check_batch_size(batch_size)
+        device, dtype = self.mean.device, self.model.visual.conv1.weight.dtype
+        out = []
+        for chunk in chunks(windows, batch_size):
+            x = normalize_and_pad(chunk.to(device), self.mean, self.std, self.patch_size)
+            out.append(self._maskclip(x.to(dtype)).float())
+        return F.normalize(torch.cat(out), dim=1)
+
+    def _maskclip(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised pixels -> ``(B, E, H/P, W/P)`` unnormalised features."""
+        visual = self.model.visual
+        x = visual.conv1(x)  # (B, width, gh, gw)
+        batch, _, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positional_embedding(gh, gw).to(x.dtype)
+        x = visual.ln_pre(x)  # patch dropout is skipped: identity at inference
+        transformer = visual.transformer
+        batch_first = _blocks_batch_first(transformer)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in transformer.resblocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        x = self._value_path(transformer.resblocks[-1], x)
+        x = visual.ln_post(x)[:, 1:]
+        if visual.proj is not None:
+            x = x @ visual.proj
+        return x.transpose(1, 2).reshape(batch, -1, gh, gw)
+
+    @staticmethod
+    def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The last block with attention replaced by its value projection, ``(B, L, D)``."""
+        attn = block.attn
+        width = x.shape[-1]
+        fused = attn.in_proj_weight is not None  # [W_q; W_k; W_v] stacked, as in CLIP
+        w_v = attn.in_proj_weight[2 * width :] if fused else attn.v_proj_weight
+        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+        v = attn.out_proj(F.linear(block.ln_1(x), w_v, b_v))
+        x = x + block.ls_1(v)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def _positional_embedding(self, gh: int, gw: int) -> torch.Tensor:
+        """``(1 + gh*gw, width)`` positional embedding, the grid part resized bicubically."""
+        visual = self.model.visual
+        pos = visual.positional_embedding
+        old_h, old_w = visual.grid_size
+        if (gh, gw) == (old_h, old_w):
+            return pos
+        grid = pos[1:].float().reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pos.dtype)
+        return torch.cat([pos[:1], grid])
+
+    @torch.inference_mode()
+    def encode_classes(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-ensembled text embeddings, one row per ``;``-separated synonym.
+
+        Each synonym is put into every template, encoded, L2-normalised, averaged over
+        templates and L2-normalised again. Embeddings are cached per synonym.
+
+        Args:
+            names: C class names; ``"person; man; woman"`` gives three rows for one class.
+
+        Returns:
+            ``(embeddings, class_index)``: ``(C', E)`` float32 unit vectors on the model's
+            device and ``(C',)`` int64, the position in ``names`` of each row's class.
+        """
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ClassNamesError("names must be a sequence of class-name strings, not one string")
+        if not names:
+            raise ClassNamesError("names is empty: give at least one class name")
+        rows, index = [], []
+        for position, name in enumerate(names):
+            if not isinstance(name, str):
+                raise ClassNamesError(f"names[{position}] must be a str, got {type(name).__name__}")
+            synonyms = [s.strip() for s in name.split(";") if s.strip()]
+            if not synonyms:
+                raise ClassNamesError(f"names[{position}] ({name!r}) is empty")
+            rows += synonyms
+            index += [position] * len(synonyms)
+        missing = [s for s in dict.fromkeys(rows) if s not in self.text_cache]
+        if missing:
+            self.text_cache.update(zip(missing, self._encode_texts(missing), strict=True))
+        embeddings = torch.stack([self.text_cache[s] for s in rows])
+        return embeddings, torch.tensor(index, dtype=torch.long, device=embeddings.device)
+
+    def _encode_texts(self, synonyms: list[str]) -> torch.Tensor:
+        """``(S, E)`` prompt-ensembled embeddings of S synonyms."""
+        prompts = [t.format(s) for s in synonyms for t in self.templates]
+        tokens = self.tokenizer(prompts).to(self.mean.device)
+        feats = torch.cat([self.model.encode_text(t).float() for t in chunks(tokens, _TEXT_BATCH)])
+        feats = F.normalize(feats, dim=-1).view(len(synonyms), len(self.templates), -1)
+        return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+@contextmanager
+def _quiet_root_logger():
+    """Silence open_clip's root-logger notes ("initialized randomly") while lposs loads weights."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def load_clip(
+    name: str = "ViT-B-16",
+    pretrained: str | None = "laion2b_s34b_b88k",
+    *,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    cache_dir: str | os.PathLike | None = None,
+    **model_kwargs,
+) -> ClipEncoder:
+    """Build an OpenCLIP ViT as a frozen :class:`ClipEncoder`.
+
+    Weights come from, in order: ``weights``; ``$LPOSS_WEIGHTS/<name>-<pretrained><ext>``
+    or ``$LPOSS_WEIGHTS/<name><ext>`` (ext ``.safetensors``, ``.pt``, ``.pth``, ``.bin``),
+    e.g. ``ViT-B-16-laion2b_s34b_b88k.safetensors``; the Hugging Face Hub cache of
+    OpenCLIP's tag; a Hub download when the Hub answers.
+
+    Args:
+        name: OpenCLIP model name (``open_clip.list_models()``), a plain ViT.
+        pretrained: OpenCLIP pretrained tag (or, as in OpenCLIP, a checkpoint file);
+            None (and no ``weights``): random weights.
+        weights: a local checkpoint of the full CLIP model (state dict, possibly nested
+            under ``"state_dict"`` / ``"model"``).
+        device: where the model runs (default: CPU).
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the model is cast; features are
+            returned as float32).
+        cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
+        **model_kwargs: architecture overrides passed to ``open_clip.create_model``
+            (e.g. ``embed_dim``, ``vision_cfg``), for small test models.
+
+    Returns:
+        The encoder, in eval mode with gradients off.
+
+    Raises:
+        ValueError: unknown model name, pretrained tag or precision.
+        WeightsNotFoundError: no weights found; the message lists how to provide them.
+        UnsafeCheckpointError: the checkpoint holds pickled objects.
+    """
+    import open_clip
+
+    if not isinstance(name, str) or open_clip.get_model_config(name) is None:
+        raise ValueError(f"name {name!r} is not an OpenCLIP model; see open_clip.list_models()")
+    dtype = resolve_precision(precision)
+    device = resolve_device(device)
+    if weights is None and pretrained is not None and os.path.isfile(pretrained):
+        weights, pretrained = pretrained, None  # OpenCLIP also accepts a file as `pretrained`
+    tag_cfg = {}
+    if pretrained is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        if not tag_cfg and weights is None:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(f"pretrained {pretrained!r} is not a tag of {name}; known: {tags}")
+    path = weights
+    if path is None and pretrained is not None:
+        path = _find_clip_weights(name, pretrained, tag_cfg, cache_dir)
+    with _quiet_root_logger():
+        model = open_clip.create_model(
+            name,
+            pretrained=None,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            **model_kwargs,
+        )
+    if path is not None:
+        state_dict = read_checkpoint(path)
+        try:
+            from open_clip.convert import convert_state_dict
+
+            state_dict = convert_state_dict(model, state_dict)
+        except ImportError:
+            pass
+        _load_strict(model, state_dict, path, name)
+    model = model.to(device=device, dtype=dtype)
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"))
+
+
+def _find_clip_weights(name: str, pretrained: str, tag_cfg: dict, cache_dir) -> os.PathLike:
+    local = find_in_weights_dir([f"{name}-{pretrained}", name])
+    if local is not None:
+        return local
+    repo_and_file = tag_cfg.get("hf_hub", "")
+    reason = "the pretrained tag has no Hugging Face Hub copy"
+    if repo_and_file:
+        if repo_and_file.endswith("/"):  # a repository holding OpenCLIP's default file names
+            repo_id = repo_and_file.rstrip("/")
+            files = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        else:  # "org/repo/filename"
+            repo_id, filename = os.path.split(repo_and_file)
+            stem = filename.rsplit(".", 1)[0]
+            files = [f"{stem}.safetensors", filename] if filename.endswith(".bin") else [filename]
+        found, reason = find_in_hub(repo_id, files, cache_dir=cache_dir)
+        if found is not None:
+            return found
+        hub_hint = f"`hf download {repo_id} {files[0]}`"
+    else:
+        hub_hint = "OpenCLIP while online"
+    raise WeightsNotFoundError(
+        f"no weights for CLIP model {name!r} (pretrained={pretrained!r}): {reason}. Provide "
+        f"them in one of these ways: pass a local checkpoint with --clip-weights PATH (command "
+        f"line) or load_clip(..., weights=PATH) (.safetensors, .pt, .pth, .bin); or put "
+        f"'{name}-{pretrained}.safetensors' (or .pt/.pth/.bin) in the folder named by the "
+        f"{WEIGHTS_ENV} environment variable; or download them once while online "
+        f"({hub_hint}) so the Hugging Face Hub cache holds them."
+    )
+
+
+def _load_strict(model: nn.Module, state_dict: dict, path, name: str) -> None:
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:400]
+        raise WeightsNotFoundError(
+            f"{path} does not hold weights of {name!r} ({detail}); check the model name "
+            "and the file"
+        ) from err

@@ -1,0 +1,86 @@
+"""Helpers shared by the CLIP and DINO encoders: device, precision, input checks, padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PRECISIONS",
+    "resolve_device",
+    "resolve_precision",
+    "check_windows",
+    "check_batch_size",
+    "normalize_and_pad",
+    "chunks",
+]
+
+# Precision names accepted by the factories, and the dtype the model is cast to.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a model goes to: ``device`` as given, or the CPU when it is None."""
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be a str, a torch.device or None, got {type(device).__name__}"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from err
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """The model dtype for a precision name (``fp32``, ``fp16`` or ``bf16``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def check_windows(windows: torch.Tensor) -> None:
+    """Raise unless ``windows`` is a floating ``(B, 3, h, w)`` batch with B, h, w > 0."""
+    if not isinstance(windows, torch.Tensor):
+        raise TypeError(f"windows must be a torch.Tensor, got {type(windows).__name__}")
+    if windows.ndim != 4 or windows.shape[1] != 3:
+        raise ValueError(f"windows must have shape (B, 3, h, w), got {tuple(windows.shape)}")
+    if min(windows.shape[0], windows.shape[2], windows.shape[3]) == 0:
+        raise ValueError(f"windows must be non-empty, got shape {tuple(windows.shape)}")
+    if not windows.is_floating_point():
+        raise TypeError(f"windows must be floating point RGB in [0, 1], got dtype {windows.dtype}")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise unless ``batch_size`` is a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def normalize_and_pad(
+    windows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch_size: int
+) -> torch.Tensor:
+    """Pad bottom/right with black to a multiple of the patch size, then normalise.
+
+    Args:
+        windows: ``(B, 3, h, w)`` RGB in [0, 1].
+        mean: ``(3,)`` per-channel mean.
+        std: ``(3,)`` per-channel standard deviation.
+        patch_size: the encoder's patch size P.
+
+    Returns:
+        ``(B, 3, ceil(h/P)*P, ceil(w/P)*P)`` float32, ``(x - mean) / std`` (padding
+        is 0 before normalisation, so ``-mean / std`` after).
+    """
+    h, w = windows.shape[-2:]
+    x = F.pad(windows.float(), (0, -w % patch_size, 0, -h % patch_size), value=0.0)
+    return (x - mean.float().view(1, 3, 1, 1)) / std.float().view(1, 3, 1, 1)
+
+
+def chunks(batch: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of at most ``batch_size`` items along the first dimension."""
+    for start in range(0, batch.shape[0], batch_size):
+        yield batch[start : start + batch_size]

@@ -1,0 +1,217 @@
+"""The vision model of the graph: a timm DINO / DINOv2 ViT giving last-block value features.
+
+Features (METHOD.md, Encoders): the value vectors of the last block's attention, taken
+from its ``qkv`` projection after that block's ``norm1``, all heads concatenated, with
+the class and register tokens dropped. Only ``blocks[:-1]`` and the last block's
+``norm1`` + ``qkv`` are run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WeightsNotFoundError
+from .common import (
+    check_batch_size,
+    check_windows,
+    chunks,
+    normalize_and_pad,
+    resolve_device,
+    resolve_precision,
+)
+from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
+
+__all__ = ["DinoEncoder", "load_dino", "DINO_MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+# lposs names of the vision models -> timm model names (architecture.pretrained_tag).
+DINO_MODELS = {
+    "dino_vitb16": "vit_base_patch16_224.dino",
+    "dino_vitb8": "vit_base_patch8_224.dino",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet pixel mean (RGB)
+IMAGENET_STD = (0.229, 0.224, 0.225)  # ImageNet pixel std (RGB)
+
+
+class DinoEncoder(nn.Module):
+    """A frozen timm VisionTransformer giving the value features of its last block.
+
+    Args:
+        model: a timm ``VisionTransformer`` created with ``dynamic_img_size=True`` (any
+            window size; positional embeddings are resampled by timm).
+        mean: pixel mean (RGB); default: the model's pretrained config, else ImageNet's.
+        std: pixel std (RGB); default: the model's pretrained config, else ImageNet's.
+
+    Attributes:
+        model: the wrapped timm model.
+        patch_size: P, the patch size in pixels (16, 8 or 14).
+        embed_dim: D, the size of the concatenated value vectors (768 for ViT-B).
+    """
+
+    def __init__(self, model: nn.Module, *, mean=None, std=None) -> None:
+        super().__init__()
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
+            raise TypeError("model must be a timm VisionTransformer")
+        qkv = getattr(blocks[-1].attn, "qkv", None)
+        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
+            raise ValueError("the last block's attention must have a fused qkv nn.Linear")
+        if not getattr(model, "dynamic_img_size", False):
+            raise ValueError("create the timm model with dynamic_img_size=True (any window size)")
+        patch = tuple(model.patch_embed.patch_size)
+        if patch[0] != patch[1]:
+            raise ValueError(f"square patches required, got {patch}")
+        self.model = model.eval().requires_grad_(False)
+        self.patch_size = int(patch[0])
+        self.embed_dim = qkv.out_features // 3
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = mean if mean is not None else cfg.get("mean") or IMAGENET_MEAN
+        std = std if std is not None else cfg.get("std") or IMAGENET_STD
+        device = qkv.weight.device
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device), False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device), False)
+
+    def train(self, mode: bool = True) -> DinoEncoder:
+        """Encoders stay in eval mode (frozen); this keeps the wrapped model in eval."""
+        super().train(False)
+        return self
+
+    @torch.inference_mode()
+    def dense_features(self, windows: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:
+        """Last-block value features of a batch of windows.
+
+        Args:
+            windows: ``(B, 3, h, w)`` RGB in [0, 1], any size; padded bottom/right with
+                black to a multiple of P here.
+            batch_size: windows per forward pass.
+
+        Returns:
+            ``(B, D, ceil(h/P), ceil(w/P))`` float32 on the model's device, each patch
+            vector L2-normalised.
+        """
+        check_windows(windows)
+        check_batch_size(batch_size)
+        device, dtype = self.mean.device, self.model.blocks[-1].attn.qkv.weight.dtype
+        out = []
+        for chunk in chunks(windows, batch_size):
+            x = normalize_and_pad(chunk.to(device), self.mean, self.std, self.patch_size)
+            out.append(self._values(x.to(dtype)).float())
+        return F.normalize(torch.cat(out), dim=1)
+
+    def _values(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised pixels -> ``(B, D, H/P, W/P)`` unnormalised values."""
+        model = self.model
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = model.patch_embed(x)  # (B, gh, gw, width) in dynamic-size mode
+        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+        for block in model.blocks[:-1]:
+            x = block(x)
+        last = model.blocks[-1]
+        values = last.attn.qkv(last.norm1(x))[..., 2 * self.embed_dim :]
+        values = values[:, model.num_prefix_tokens :]  # drop class and register tokens
+        return values.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
+
+
+def load_dino(
+    name: str = "dino_vitb16",
+    *,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    pretrained: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    **model_kwargs,
+) -> DinoEncoder:
+    """Build a DINO / DINOv2 ViT from timm as a frozen :class:`DinoEncoder`.
+
+    Weights come from, in order: ``weights``; the folder ``$LPOSS_WEIGHTS`` holding
+    ``<name><ext>``, ``<timm name><ext>`` or the original release's file name (ext
+    ``.safetensors``, ``.pt``, ``.pth``, ``.bin``), e.g. ``dino_vitb16.safetensors``,
+    ``vit_base_patch16_224.dino.safetensors`` or ``dino_vitbase16_pretrain.pth``; the
+    Hugging Face Hub cache of timm's copy; a Hub download when the Hub answers.
+    Checkpoints in the original facebookresearch DINO / DINOv2 key layout are mapped by
+    timm's checkpoint filter.
+
+    Args:
+        name: ``dino_vitb16``, ``dino_vitb8``, ``dinov2_vitb14`` (see ``DINO_MODELS``), or
+            a timm ViT name with its pretrained tag, e.g. ``vit_base_patch14_reg4_dinov2.lvd142m``.
+        weights: a local checkpoint (state dict, possibly nested under ``"state_dict"`` /
+            ``"model"``).
+        device: where the model runs (default: CPU).
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the model is cast; features are
+            returned as float32).
+        pretrained: False (and no ``weights``): random weights.
+        cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
+        **model_kwargs: architecture overrides passed to ``timm.create_model`` (e.g.
+            ``embed_dim``, ``depth``), for small test models.
+
+    Returns:
+        The encoder, in eval mode with gradients off.
+
+    Raises:
+        ValueError: unknown model name or precision.
+        WeightsNotFoundError: no weights found; the message lists how to provide them.
+        UnsafeCheckpointError: the checkpoint holds pickled objects.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    timm_name = DINO_MODELS.get(name, name)
+    if not timm.is_model(timm_name) or not timm_name.startswith("vit_"):
+        raise ValueError(f"name {name!r} is not one of {sorted(DINO_MODELS)} nor a timm ViT name")
+    dtype = resolve_precision(precision)
+    device = resolve_device(device)
+    try:
+        cfg = get_pretrained_cfg(timm_name)
+    except RuntimeError as err:  # an unknown pretrained tag
+        raise ValueError(f"name {name!r}: {err}") from err
+    cfg = cfg.to_dict() if cfg is not None else {}
+    path = weights
+    if path is None and pretrained:
+        path = _find_dino_weights(name, timm_name, cfg, cache_dir)
+    kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs}
+    model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if path is not None:
+        state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
+        state_dict = checkpoint_filter_fn(state_dict, model)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[:400]
+            raise WeightsNotFoundError(
+                f"{path} does not hold weights of {name!r} ({detail}); check the model name "
+                "and the file"
+            ) from err
+    return DinoEncoder(model.to(device=device, dtype=dtype))
+
+
+def _find_dino_weights(name: str, timm_name: str, cfg: dict, cache_dir) -> os.PathLike:
+    original = os.path.basename(cfg.get("url") or "").rsplit(".", 1)[0]
+    local = find_in_weights_dir([s for s in dict.fromkeys([name, timm_name, original]) if s])
+    if local is not None:
+        return local
+    repo_id = cfg.get("hf_hub_id")
+    reason = f"timm has no Hugging Face Hub copy of {timm_name}"
+    if repo_id:
+        files = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
+        found, reason = find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
+        if found is not None:
+            return found
+    hub_hint = f"`hf download {repo_id} model.safetensors`" if repo_id else "timm while online"
+    raise WeightsNotFoundError(
+        f"no weights for vision model {name!r} (timm {timm_name}): {reason}. Provide them in "
+        f"one of these ways: pass a local checkpoint with --dino-weights PATH (command line) or "
+        f"load_dino(..., weights=PATH) (.safetensors, .pt, .pth, .bin; the original "
+        f"facebookresearch files work too); or put '{name}.safetensors' (or .pt/.pth/.bin, or "
+        f"'{timm_name}.safetensors') in the folder named by the {WEIGHTS_ENV} environment "
+        f"variable; or download them once while online ({hub_hint}) so the Hugging Face Hub "
+        "cache holds them."
+    )

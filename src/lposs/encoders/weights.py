@@ -1,0 +1,188 @@
+"""Finding and safely loading model weights: local files, $LPOSS_WEIGHTS, the Hugging Face Hub.
+
+Order of the search (the factories ``load_clip`` / ``load_dino`` run it):
+
+1. ``weights=PATH``: a local checkpoint, used as is.
+2. The folder named by the environment variable ``LPOSS_WEIGHTS``, holding a file
+   named after the model: ``<name><ext>`` with ``ext`` one of ``.safetensors``,
+   ``.pt``, ``.pth``, ``.bin`` (e.g. ``ViT-B-16-laion2b_s34b_b88k.safetensors``,
+   ``dino_vitb16.safetensors``; each factory documents its accepted names).
+3. The Hugging Face Hub cache (files OpenCLIP / timm downloaded before): no network.
+4. A Hub download, only when the Hub answers; offline (``HF_HUB_OFFLINE=1``) or with
+   no route to the Hub this fails at once with :class:`WeightsNotFoundError`.
+
+Checkpoints are read without unpickling arbitrary objects: safetensors, or
+``torch.load(..., weights_only=True)``; anything else raises
+:class:`UnsafeCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsafeCheckpointError, WeightsNotFoundError
+
+__all__ = [
+    "WEIGHTS_ENV",
+    "WEIGHT_EXTENSIONS",
+    "read_checkpoint",
+    "find_in_weights_dir",
+    "find_in_hub",
+]
+
+WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
+WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")  # searched in this order
+_NESTING_KEYS = ("state_dict", "model")  # checkpoints may nest the state dict under these
+_HUB_PROBE_TIMEOUT_S = 3.0  # seconds to wait for a TCP connection to the Hub
+
+
+def read_checkpoint(path: str | os.PathLike, *, strip_prefixes: Sequence[str] = ("module.",)):
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict, never unpickling objects.
+
+    Args:
+        path: a ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.bin`` torch file
+            (loaded with ``weights_only=True``). A state dict nested under
+            ``"state_dict"`` or ``"model"`` is unwrapped.
+        strip_prefixes: key prefixes removed when every key carries them (e.g.
+            ``module.`` from DistributedDataParallel).
+
+    Returns:
+        The state dict, tensors on the CPU.
+
+    Raises:
+        WeightsNotFoundError: the file does not exist or is not a readable checkpoint.
+        UnsafeCheckpointError: the file would need unpickling arbitrary Python objects.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            checkpoint = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise WeightsNotFoundError(f"{path} is not a readable safetensors file: {err}") from err
+    else:
+        checkpoint = _torch_load_safe(path)
+    state_dict = checkpoint
+    while isinstance(state_dict, dict):
+        nested = [k for k in _NESTING_KEYS if isinstance(state_dict.get(k), dict)]
+        if not nested:
+            break
+        state_dict = state_dict[nested[0]]
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise WeightsNotFoundError(f"{path} holds no state dict (got {type(state_dict).__name__})")
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not state_dict:
+        raise WeightsNotFoundError(f"{path} holds no tensors")
+    for prefix in strip_prefixes:
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _torch_load_safe(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1][:200]
+        raise UnsafeCheckpointError(
+            f"{path} holds pickled Python objects, which lposs never unpickles ({reason}). "
+            "Re-save only its tensors, e.g. safetensors.torch.save_file(state_dict, "
+            "'model.safetensors'), in an environment you trust."
+        ) from err
+    except RuntimeError as err:
+        if "TorchScript" in str(err):
+            raise UnsafeCheckpointError(
+                f"{path} is a TorchScript archive, which lposs does not execute; use the "
+                "model's safetensors weights (e.g. the Hugging Face Hub copy) instead."
+            ) from err
+        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint: {err}") from err
+    except (EOFError, OSError, ValueError) as err:
+        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint: {err}") from err
+
+
+def find_in_weights_dir(stems: Sequence[str]) -> Path | None:
+    """The first file ``$LPOSS_WEIGHTS/<stem><ext>`` that exists, stems first, then extensions.
+
+    Args:
+        stems: candidate file names without extension, most specific first.
+
+    Returns:
+        The path, or None when ``LPOSS_WEIGHTS`` is unset or holds none of them.
+    """
+    folder = os.environ.get(WEIGHTS_ENV)
+    if not folder:
+        return None
+    folder = Path(folder).expanduser()
+    for stem in stems:
+        for ext in WEIGHT_EXTENSIONS:
+            candidate = folder / f"{stem}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_in_hub(
+    repo_id: str, filenames: Sequence[str], *, cache_dir: str | os.PathLike | None = None
+) -> tuple[Path | None, str]:
+    """A Hub file from the local cache, else downloaded when the Hub answers.
+
+    Args:
+        repo_id: Hugging Face Hub repository, e.g. ``timm/vit_base_patch16_224.dino``.
+        filenames: files to try in order, e.g. ``("model.safetensors", "pytorch_model.bin")``.
+        cache_dir: Hub cache folder (default: huggingface_hub's, ``~/.cache/huggingface``).
+
+    Returns:
+        ``(path, reason)``: the local path (None when not found) and, when not found,
+        why (offline, unreachable, missing on the Hub).
+    """
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        return None, "huggingface_hub is not installed"
+    cache = None if cache_dir is None else str(cache_dir)
+    for filename in filenames:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return Path(cached), ""
+    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
+        return None, "not in the Hugging Face Hub cache and HF_HUB_OFFLINE is set"
+    reachable, why = _hub_reachable(constants.ENDPOINT)
+    if not reachable:
+        return None, f"not in the Hugging Face Hub cache and the Hub is unreachable ({why})"
+    last_error = "no candidate file"
+    for filename in filenames:
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache)), ""
+        except Exception as err:  # noqa: BLE001 - any Hub failure becomes the typed error
+            last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return None, f"download of {repo_id} failed ({last_error})"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_reachable(endpoint: str) -> tuple[bool, str]:
+    """Whether a TCP connection to the Hub opens within a few seconds (skipped behind a proxy)."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme in urllib.request.getproxies():
+        return True, ""  # the proxy decides; huggingface_hub reports its own errors
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S):
+            return True, ""
+    except OSError as err:
+        return False, f"{url.hostname}:{port}: {err}"

@@ -1,0 +1,90 @@
+"""Shared fixtures: small random-weight configs of the real encoder architectures, on CPU.
+
+The models are the real OpenCLIP / timm classes (built by ``load_clip`` / ``load_dino``
+with architecture overrides), only narrower and shallower so that tests stay fast.
+Every parameter gets a little seeded noise so that biases are non-zero (the libraries
+initialise many of them to 0, which would hide bias bugs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+# No test may reach the Hugging Face Hub: set before huggingface_hub is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# OpenCLIP ViT-B-16 narrowed: 2 layers of width 64 (2 heads), patch 16, 32-d embedding.
+TINY_CLIP_KWARGS = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+# timm DINO ViT narrowed: 2 blocks of width 64 (2 heads); the patch size comes from the name.
+TINY_DINO_KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """Add seeded Gaussian noise to every parameter in place (makes zero-init biases non-zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator).to(param))
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_kwargs() -> dict:
+    """Architecture overrides that make ``load_clip("ViT-B-16", ...)`` tiny."""
+    return copy.deepcopy(TINY_CLIP_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_kwargs() -> dict:
+    """Architecture overrides that make ``load_dino(...)`` tiny."""
+    return dict(TINY_DINO_KWARGS)
+
+
+def _tiny_clip(seed: int):
+    from lposs.encoders import load_clip
+
+    torch.manual_seed(seed)
+    encoder = load_clip("ViT-B-16", pretrained=None, **copy.deepcopy(TINY_CLIP_KWARGS))
+    perturb_(encoder.model, seed)
+    return encoder
+
+
+def _tiny_dino(name: str, seed: int):
+    from lposs.encoders import load_dino
+
+    torch.manual_seed(seed)
+    encoder = load_dino(name, pretrained=False, **TINY_DINO_KWARGS)
+    perturb_(encoder.model, seed)
+    return encoder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A random-weight OpenCLIP ViT (patch 16, 32-d embedding) in a ClipEncoder, CPU."""
+    return _tiny_clip(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino():
+    """A random-weight timm DINO ViT (patch 16, 64-d values) in a DinoEncoder, CPU."""
+    return _tiny_dino("dino_vitb16", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_p8():
+    """Like ``tiny_dino`` with 8-pixel patches (the DINO ViT-B/8 architecture)."""
+    return _tiny_dino("dino_vitb8", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2():
+    """Like ``tiny_dino`` with 14-pixel patches and LayerScale (the DINOv2 ViT-B/14 design)."""
+    return _tiny_dino("dinov2_vitb14", seed=3)
