@@ -40,9 +40,21 @@ _EXPORTS = {
     "Segmenter": "segmenter",
     "Segmentation": "segmenter",
     "load_image": "io",
+    "EncodedImage": "segmenter",
+    "refine_scores": "segmenter",
+    "find_images": "io",
     # evaluation
     "mean_iou": "metrics",
     "boundary_iou": "metrics",
+    "oracle_labels": "metrics",
+    "get_dataset": "datasets",
+    "FolderDataset": "datasets",
+    "DATASETS": "datasets",
+    "load_class_names": "datasets",
+    "paper_reference": "datasets",
+    "evaluate": "evaluation",
+    "sweep": "evaluation",
+    "EvalResult": "evaluation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ClassNamesError, WeightsNotFoundError
+from ..errors import ClassNamesError, ConfigError, WeightsNotFoundError
 from .common import (
     check_batch_size,
     check_windows,
@@ -275,9 +275,13 @@ def load_clip(
         UnsafeCheckpointError: the checkpoint holds pickled objects.
     """
     import open_clip
+    from open_clip.factory import parse_model_name
 
     if not isinstance(name, str) or open_clip.get_model_config(name) is None:
-        raise ValueError(f"name {name!r} is not an OpenCLIP model; see open_clip.list_models()")
+        raise ConfigError(f"{name!r} is not an OpenCLIP model name (see "
+                          "open_clip.list_models()) nor a local-dir:/path OpenCLIP folder")
+    if parse_model_name(name)[0] is not None:  # local-dir: / hf-hub: carry their own weights
+        pretrained = None
     dtype = resolve_precision(precision)
     device = resolve_device(device)
     if weights is None and pretrained is not None and os.path.isfile(pretrained):
@@ -287,7 +291,7 @@ def load_clip(
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
         if not tag_cfg and weights is None:
             tags = open_clip.list_pretrained_tags_by_model(name)
-            raise ValueError(f"pretrained {pretrained!r} is not a tag of {name}; known: {tags}")
+            raise ConfigError(f"pretrained {pretrained!r} is not a tag of {name}; known: {tags}")
     path = weights
     if path is None and pretrained is not None:
         path = _find_clip_weights(name, pretrained, tag_cfg, cache_dir)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsNotFoundError
+from ..errors import ConfigError, WeightsNotFoundError
 from .common import (
     check_batch_size,
     check_windows,
@@ -165,13 +165,13 @@ def load_dino(
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     timm_name = DINO_MODELS.get(name, name)
     if not timm.is_model(timm_name) or not timm_name.startswith("vit_"):
-        raise ValueError(f"name {name!r} is not one of {sorted(DINO_MODELS)} nor a timm ViT name")
+        raise ConfigError(f"name {name!r} is not one of {sorted(DINO_MODELS)} nor a timm ViT name")
     dtype = resolve_precision(precision)
     device = resolve_device(device)
     try:
         cfg = get_pretrained_cfg(timm_name)
     except RuntimeError as err:  # an unknown pretrained tag
-        raise ValueError(f"name {name!r}: {err}") from err
+        raise ConfigError(f"name {name!r}: {err}") from err
     cfg = cfg.to_dict() if cfg is not None else {}
     path = weights
     if path is None and pretrained:

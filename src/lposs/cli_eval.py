@@ -1,0 +1,178 @@
+"""``lposs eval``: evaluate on a benchmark or a labelled folder (mIoU, Boundary IoU).
+
+Registered by ``lposs.cli.build_parser`` through ``add_eval_parser``; the work is done by
+:mod:`lposs.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import _add_model_options, _add_propagation_options, _config_from, _Formatter
+from .errors import ConfigError, LpossError
+
+__all__ = ["add_eval_parser", "run_eval", "parse_sweep"]
+
+_METHODS = ("lposs+", "lposs", "maskclip", "oracle")  # = lposs.evaluation.METHODS
+_STAGES = {"lposs+": (True, True), "lposs": (True, False), "maskclip": (False, False)}
+_INT_FIELDS = ("k", "r", "max_iter")
+
+_DESCRIPTION = """\
+Evaluate LPOSS+, LPOSS, the MaskCLIP baseline or the patch-resolution oracle on one of
+the paper's benchmarks, or on your own labelled folder (--dataset folder --images DIR
+--masks DIR --class-file FILE).
+
+Prints a markdown table (mIoU, Boundary IoU with --boundary, pixel accuracy, per-class
+IoU) next to the paper's number, and writes RUN_DIR/results.{json,md}. Each image's
+counts go to RUN_DIR/records as they are computed: rerunning the same command resumes
+an interrupted run and gives the numbers of an uninterrupted one. Default RUN_DIR:
+runs/eval/<dataset>-<method>-<settings digest>.
+
+--method sets the stages (maskclip: no propagation; lposs: patches; lposs+: patches and
+pixels); --preset picks the models and windows. Several processes:
+  torchrun --nproc-per-node N -m lposs eval ... --device cuda
+Sweep propagation settings (encoders run once per image, outputs cached in --cache-dir,
+default RUN_DIR/cache):
+  lposs eval --dataset voc --data-root data --sweep k=200,400 --sweep tau=0.01,0.05"""
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    from .datasets import DATASETS
+
+    p = subparsers.add_parser(
+        "eval", formatter_class=_Formatter, description=_DESCRIPTION,
+        help="evaluate on a benchmark or a labelled folder (mIoU, Boundary IoU)",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", required=True, choices=[*DATASETS, "folder"],
+                      help="a benchmark, or 'folder' for --images/--masks/--class-file")
+    data.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                      help="folder holding the benchmark (VOCdevkit, coco_stuff164k, ...)")
+    data.add_argument("--split", default="val", help="benchmark split")
+    data.add_argument("--images", type=Path, default=None, metavar="DIR",
+                      help="folder dataset: the images")
+    data.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                      help="folder dataset: label masks <image stem>.png (pixel = class index)")
+    data.add_argument("--class-file", type=Path, default=None, metavar="FILE",
+                      help="folder dataset: one class name per line (';' synonyms)")
+    data.add_argument("--ignore-index", type=int, default=255,
+                      help="folder dataset: ignored label value")
+    data.add_argument("--reduce-zero-label", action="store_true",
+                      help="folder dataset: label 0 is ignored, the others shift down by one")
+    p.add_argument("--method", default="lposs+", choices=_METHODS,
+                   help="what to evaluate (oracle: ground truth at patch resolution, no model)")
+    p.add_argument("--boundary", action="store_true", help="also compute Boundary IoU")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate only the first N images")
+    p.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
+                   help="run folder: records, settings.json, results.{json,md}")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="keep encoder outputs here (large: several MB per image)")
+    p.add_argument("--sweep", action="append", default=None, metavar="NAME=V1,V2",
+                   help="evaluate every combination of these propagation settings "
+                        "(repeatable; k, gamma, sigma, distance_power, r, tau, alpha, tol, "
+                        "max_iter)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(p)
+    _add_propagation_options(p, patch=True)
+    p.set_defaults(run=run_eval)
+    return p
+
+
+def parse_sweep(specs: list[str] | None) -> dict[str, list]:
+    """``["k=200,400", "tau=0.01"]`` -> ``{"k": [200, 400], "tau": [0.01]}``.
+
+    Raises:
+        ConfigError: a malformed spec, an unknown or repeated name, or a bad number.
+    """
+    from .evaluation import SWEEPABLE
+
+    grid: dict[str, list] = {}
+    for spec in specs or []:
+        name, sep, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise ConfigError(f"--sweep {spec!r}: expected NAME=V1,V2,...")
+        if name not in SWEEPABLE:
+            raise ConfigError(f"--sweep {spec!r}: cannot sweep {name!r}; choose from "
+                              f"{', '.join(SWEEPABLE)}")
+        if name in grid:
+            raise ConfigError(f"--sweep {name} given twice")
+        kind = int if name in _INT_FIELDS else float
+        try:
+            grid[name] = [kind(v) for v in values.split(",")]
+        except ValueError:
+            raise ConfigError(f"--sweep {spec!r}: values of {name} must be "
+                              f"{'integers' if kind is int else 'numbers'}") from None
+    return grid
+
+
+def _dataset(args: argparse.Namespace):
+    from .datasets import FolderDataset, get_dataset
+
+    if args.dataset == "folder":
+        missing = [flag for flag, value in (("--images", args.images), ("--masks", args.masks),
+                                            ("--class-file", args.class_file)) if value is None]
+        if missing:
+            raise LpossError(f"--dataset folder needs {', '.join(missing)}")
+        return FolderDataset(args.images, args.masks, args.class_file,
+                             ignore_index=args.ignore_index,
+                             reduce_zero_label=args.reduce_zero_label)
+    if args.data_root is None:
+        raise LpossError(f"--dataset {args.dataset} needs --data-root DIR")
+    try:
+        return get_dataset(args.dataset, args.data_root, split=args.split)
+    except ValueError as err:
+        raise LpossError(str(err)) from None
+
+
+def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
+    from .config import get_preset
+    from .segmenter import Segmenter
+
+    patch, pixel = _STAGES[args.method]
+    config = _config_from(args, get_preset(args.preset).replace(patch_stage=patch,
+                                                               pixel_stage=pixel))
+    device = args.device
+    if world > 1 and device == "cuda":  # torchrun: one GPU per process
+        device = f"cuda:{local_rank}"
+    return Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
+                                     dino_weights=args.dino_weights, device=device,
+                                     precision=args.precision)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``lposs eval`` from parsed arguments; returns the exit status."""
+    from .evaluation import distributed_context, evaluate, run_settings, settings_digest, sweep
+
+    if args.limit is not None and args.limit < 1:
+        raise LpossError(f"--limit must be a positive number, got {args.limit}")
+    grid = parse_sweep(args.sweep)
+    if grid and args.method == "oracle":
+        raise LpossError("--sweep needs a model method: the oracle has no propagation settings")
+    rank, world, local_rank = distributed_context()
+    dataset = _dataset(args)
+    segmenter = None if args.method == "oracle" else _segmenter(args, local_rank, world)
+    extra = {"precision": args.precision} if segmenter is not None else None
+    out = args.out
+    if out is None:
+        digest = settings_digest(run_settings(dataset, segmenter, method=args.method,
+                                              extra_settings=extra))
+        suffix = "-sweep" if grid else ""
+        out = Path("runs") / "eval" / f"{dataset.name}-{args.method}-{digest[:10]}{suffix}"
+    options = {"method": args.method, "boundary": args.boundary, "limit": args.limit,
+               "run_dir": out, "cache_dir": args.cache_dir, "progress": not args.no_progress,
+               "extra_settings": extra}
+    if grid:
+        result = sweep(dataset, segmenter, grid, **options)
+        written = out / "sweep.json"
+    else:
+        result = evaluate(dataset, segmenter, **options)
+        written = out / "results.json"
+    if rank == 0:
+        print(result.to_markdown(), end="")
+        print(f"lposs: results written to {written}", file=sys.stderr)
+    return 0

@@ -1,0 +1,440 @@
+"""The web demo: upload a photo, name classes, see LPOSS / LPOSS+ segment it.
+
+Gradio is an optional extra (``pip install "lposs[demo]"``), imported only by
+:func:`build_demo` and :func:`launch`. :class:`DemoBackend` holds what the page runs
+on and needs no Gradio: the encoders (built on first use, shared by every preset that
+names them), one ``Segmenter`` per setting sharing those encoders, and the encoded
+images, cached by image content, so that changing the class names, the method (LPOSS
+or LPOSS+) or the propagation settings never re-runs the encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import math
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .config import LPOSSConfig
+from .errors import ClassNamesError, ImageError, LpossError
+
+__all__ = [
+    "DemoBackend",
+    "DemoResult",
+    "EXAMPLES",
+    "METHODS",
+    "GRADIO_MISSING",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_FILE_SIZE",
+    "require_gradio",
+    "examples_dir",
+    "build_demo",
+    "launch",
+]
+
+#: The one-line error shown when Gradio is not installed.
+GRADIO_MISSING = 'the web demo needs Gradio, an optional extra: pip install "lposs[demo]"'
+#: Largest image (height x width) the demo accepts: 16 megapixels, a large phone photo.
+DEFAULT_MAX_PIXELS = 16_000_000
+#: Largest upload Gradio accepts.
+DEFAULT_MAX_FILE_SIZE = "25mb"
+#: The method choice: the name shown -> whether the pixel stage (LPOSS+) runs.
+METHODS = {"LPOSS+": True, "LPOSS": False}
+#: Bundled example images (drawn procedurally for lposs) and suggested class names.
+EXAMPLES = {
+    "house.png": "sky, grass;lawn, house;wall, roof, door, window, sun",
+    "lake.png": "sky, mountain;hill, lake;water, sand;beach, tree",
+}
+# Presets offered in the page: "lposs" and "lposs+" differ only by the pixel stage,
+# which the method choice sets, so "dino-b16" stands for both.
+_HIDDEN_PRESETS = ("lposs", "lposs+")
+_KEEP_RUNS = 32  # output folders (label PNG + JSON) kept for download
+
+
+def require_gradio():
+    """Import Gradio, or raise ``LpossError(GRADIO_MISSING)``."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio
+    except ImportError:
+        raise LpossError(GRADIO_MISSING) from None
+    return gradio
+
+
+def examples_dir() -> Path:
+    """The folder holding the bundled example images."""
+    return Path(str(resources.files("lposs").joinpath("data", "examples")))
+
+
+@dataclass
+class DemoResult:
+    """What one click produces.
+
+    Attributes:
+        overlay: the image blended with the class colours, legend on the right (PIL).
+        shares: ``(name, (r, g, b), share)`` per class, then unknown when present.
+        timings: seconds per stage of this run (``encode`` is 0 when the encoding was reused).
+        encoded_reused: the image was encoded earlier (another vocabulary or method).
+        files: the label PNG and the JSON summary.
+        size: (H, W) of the image.
+    """
+
+    overlay: object
+    shares: list[tuple[str, tuple[int, int, int], float]]
+    timings: dict[str, float]
+    encoded_reused: bool
+    files: list[Path]
+    size: tuple[int, int]
+
+
+class DemoBackend:
+    """Models, segmenters and encoded images behind the demo page (thread-safe).
+
+    Args:
+        presets: the preset configs offered, by name (the command line's model options
+            already applied to each).
+        default_preset: the preset whose models ``clip_weights`` / ``dino_weights`` are.
+        clip_weights: a local CLIP checkpoint for the default preset's CLIP model.
+        dino_weights: a local checkpoint for the default preset's vision model.
+        device: torch device of the models (default: CPU).
+        precision: encoder precision, "fp32", "fp16" or "bf16".
+        max_pixels: largest image (height x width) accepted.
+        cache_size: encoded images kept (each a few MB at the default settings).
+    """
+
+    def __init__(
+        self,
+        presets: Mapping[str, LPOSSConfig],
+        default_preset: str,
+        *,
+        clip_weights: str | os.PathLike | None = None,
+        dino_weights: str | os.PathLike | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        cache_size: int = 8,
+    ) -> None:
+        if default_preset not in presets:
+            raise ValueError(f"default_preset {default_preset!r} is not one of {list(presets)}")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.presets = dict(presets)
+        self.default_preset = default_preset
+        base = self.presets[default_preset]
+        self._clip_weights = {(base.clip, base.clip_pretrained): clip_weights}
+        self._dino_weights = {base.dino: dino_weights}
+        self.device, self.precision, self.max_pixels = device, precision, max_pixels
+        self._clips: dict = {}
+        self._dinos: dict = {}
+        self._segmenters: dict = {}
+        self._encoded: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._out_dir = Path(tempfile.mkdtemp(prefix="lposs-demo-"))
+        self._runs: list[Path] = []
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the downloadable files are written (a fresh temporary folder)."""
+        return self._out_dir
+
+    def close(self) -> None:
+        """Delete the downloadable files."""
+        shutil.rmtree(self._out_dir, ignore_errors=True)
+
+    def config(self, preset: str, refine: bool) -> LPOSSConfig:
+        """The settings of ``preset`` with the pixel stage on (LPOSS+) or off (LPOSS)."""
+        if preset not in self.presets:
+            raise LpossError(f"unknown preset {preset!r}; choose one of: {', '.join(self.presets)}")
+        return self.presets[preset].replace(pixel_stage=bool(refine))
+
+    def load(self, preset: str | None = None) -> None:
+        """Build the models of ``preset`` (default: the default preset) now."""
+        with self._lock:
+            self._segmenter(self.config(preset or self.default_preset, True))
+
+    def segment(
+        self,
+        image: str | os.PathLike | None,
+        classes: str | None,
+        *,
+        preset: str,
+        refine: bool = True,
+        unknown_threshold: float | None = None,
+    ) -> DemoResult:
+        """Segment an image file into comma-separated classes.
+
+        Raises:
+            LpossError: no image, not an image, too large, no or bad class names, weights
+                of a preset's model not found; the message is meant for the user.
+        """
+        if image is None or not str(image):
+            raise ImageError("no image: upload one (or pick an example) first")
+        if classes is not None and not isinstance(classes, str):
+            raise TypeError(f"classes must be a comma-separated str, got {type(classes).__name__}")
+        if classes is None or not classes.strip(" ,;\n\t"):
+            raise ClassNamesError("no class names: type some, comma-separated, e.g. "
+                                  "'sky, grass;lawn, house' (';' joins synonyms)")
+        from .segmenter import parse_class_names
+
+        names = parse_class_names(classes)
+        if unknown_threshold is not None and not math.isfinite(unknown_threshold):
+            raise ValueError(f"unknown_threshold must be finite, got {unknown_threshold}")
+        config = self.config(preset, refine)
+        with self._lock:
+            segmenter = self._segmenter(config)
+            encoded, reused = self._encode(segmenter, Path(image))
+            segmenter.set_encoded(encoded)
+            result = segmenter.predict(names, unknown_threshold=unknown_threshold)
+            result.timings = {**result.timings, "encode": 0.0 if reused else encoded.encode_s}
+            files = self._save(result, Path(image).stem)
+        from .io import UNKNOWN_COLOR
+
+        overlay = result.overlay(encoded.image)
+        colors = [tuple(int(v) for v in c) for c in result.colors()]
+        shares = [(name, colors[i] if i < len(colors) else UNKNOWN_COLOR, share)
+                  for i, (name, share) in enumerate(result.class_shares().items())]
+        return DemoResult(overlay, shares, result.timings, reused, files,
+                          tuple(result.labels.shape))
+
+    # ------------------------------------------------------------------ internals
+    def _segmenter(self, config: LPOSSConfig):
+        """One Segmenter per config; the encoders are shared by every config naming them."""
+        from .segmenter import Segmenter
+
+        if config not in self._segmenters:
+            clip = self._clip(config)
+            dino = self._dino(config) if config.patch_stage else None
+            self._segmenters[config] = Segmenter(clip, dino, config)
+        return self._segmenters[config]
+
+    def _clip(self, config: LPOSSConfig):
+        key = (config.clip, config.clip_pretrained)
+        if key not in self._clips:
+            from .encoders import load_clip
+
+            self._clips[key] = load_clip(config.clip, config.clip_pretrained,
+                                         weights=self._clip_weights.get(key), device=self.device,
+                                         precision=self.precision)
+        return self._clips[key]
+
+    def _dino(self, config: LPOSSConfig):
+        if config.dino not in self._dinos:
+            from .encoders import load_dino
+
+            self._dinos[config.dino] = load_dino(config.dino,
+                                                 weights=self._dino_weights.get(config.dino),
+                                                 device=self.device, precision=self.precision)
+        return self._dinos[config.dino]
+
+    def _encode(self, segmenter, path: Path):
+        """The encoded image, from the cache when this content was encoded with these
+        encoders and windows before. Returns ``(EncodedImage, reused)``."""
+        cfg = segmenter.config
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as err:
+            raise ImageError(f"cannot read the uploaded file: {err.strerror or err}") from None
+        key = (digest, cfg.clip, cfg.clip_pretrained, cfg.dino if cfg.patch_stage else None,
+               cfg.short_side, cfg.windows)
+        if key in self._encoded:
+            self._encoded.move_to_end(key)
+            return self._encoded[key], True
+        from .io import load_image
+
+        try:
+            image = load_image(path, max_pixels=self.max_pixels)
+        except ImageError as err:  # name the upload by its file name, not the server's path
+            raise ImageError(str(err).replace(str(path), path.name)) from None
+        encoded = segmenter.set_image(image, max_pixels=None)
+        self._encoded[key] = encoded
+        while len(self._encoded) > self._cache_size:
+            self._encoded.popitem(last=False)
+        return encoded, False
+
+    def _save(self, result, stem: str) -> list[Path]:
+        stem = re.sub(r"[^\w.-]+", "_", stem).strip("._") or "image"
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=self._out_dir))
+        self._runs.append(run_dir)
+        while len(self._runs) > _KEEP_RUNS:
+            shutil.rmtree(self._runs.pop(0), ignore_errors=True)
+        return result.save(run_dir, f"{stem}_lposs")
+
+
+# ------------------------------------------------------------------------ the page
+def _shares_html(shares) -> str:
+    rows = "".join(
+        f'<tr><td><span class="lposs-swatch" style="background:rgb{color}"></span></td>'
+        f"<td>{html.escape(name)}</td><td>{share:.1%}</td></tr>"
+        for name, color, share in sorted(shares, key=lambda s: -s[2])
+    )
+    return ('<table class="lposs-shares"><thead><tr><th></th><th>class</th><th>share of '
+            f"pixels</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _timings_md(result: DemoResult) -> str:
+    labels = {"encode": "encoders (once per image)", "text": "text encoder",
+              "patch_lp": "LPOSS (patches)", "pixel_lp": "LPOSS+ (pixels)",
+              "resize_argmax": "resize + argmax"}
+    lines = ["| stage | seconds |", "|---|---|"]
+    for key, seconds in result.timings.items():
+        label = labels.get(key, key)
+        if key == "encode" and result.encoded_reused:
+            lines.append(f"| {label} | reused |")
+        else:
+            lines.append(f"| {label} | {seconds:.2f} |")
+    lines.append(f"| **total** | **{sum(result.timings.values()):.2f}** |")
+    return "\n".join(lines)
+
+
+def _threshold(text: str | None) -> float | None:
+    """The unknown threshold typed in the page: None when empty."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise LpossError(f"the unknown threshold must be a number such as 0.1, got {text!r}")
+    return value
+
+
+_CSS = """
+.lposs-shares td, .lposs-shares th { padding: 2px 10px; text-align: left; }
+.lposs-swatch { display: inline-block; width: 16px; height: 16px; border: 1px solid #888; }
+"""
+
+
+def build_demo(backend: DemoBackend, *, method: str = "LPOSS+"):
+    """The Gradio page (a ``gr.Blocks``) running on ``backend``.
+
+    Args:
+        backend: the models and caches.
+        method: the method selected at first, a key of ``METHODS``.
+    """
+    gr = require_gradio()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    presets = [p for p in backend.presets if p not in _HIDDEN_PRESETS]
+    default = backend.default_preset
+    default = "dino-b16" if default in _HIDDEN_PRESETS and "dino-b16" in presets else default
+    if default not in presets:
+        presets.insert(0, default)
+
+    def run(image, classes, method_name, preset, threshold):
+        # Raw inputs (preprocess=False): Gradio's own image preprocessing would open the
+        # upload with Pillow and fail with a stack trace on a file that is not an image;
+        # io.load_image checks it instead. Gradio still keeps uploads to its cache folder.
+        if isinstance(image, dict):
+            image = image.get("path")
+        try:
+            if method_name not in METHODS:
+                raise LpossError(f"choose a method: {' or '.join(METHODS)}")
+            result = backend.segment(image, classes, preset=preset,
+                                     refine=METHODS[method_name],
+                                     unknown_threshold=_threshold(threshold))
+        except LpossError as err:
+            gr.Warning(str(err))
+            message = f"**Error:** {html.escape(str(err))}"
+            return message, None, "", "", None
+        height, width = result.size
+        status = (f"Segmented a {width}x{height} image into {len(result.shares)} classes with "
+                  f"{method_name} ({preset}); "
+                  + ("the image encoding was reused." if result.encoded_reused
+                     else "the image was encoded."))
+        return (status, result.overlay, _shares_html(result.shares), _timings_md(result),
+                [str(p) for p in result.files])
+
+    # delete_cache: Gradio's copies of uploads and results older than an hour are deleted
+    # every hour and when the server stops.
+    with gr.Blocks(title="LPOSS demo", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as page:
+        gr.Markdown(
+            "## LPOSS: open-vocabulary semantic segmentation by label propagation\n"
+            "Upload an image, type the classes to look for (comma-separated; `;` joins "
+            "synonyms of one class, e.g. `grass;lawn`) and press **Segment**. The image is "
+            "encoded once: trying other class names or the other method only reruns the "
+            "propagation."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(label="Image", type="filepath", image_mode=None,
+                                 sources=["upload", "clipboard"], elem_id="lposs-image",
+                                 height=320)
+                classes = gr.Textbox(label="Classes", elem_id="lposs-classes", lines=1,
+                                     placeholder="sky, grass;lawn, house, sun",
+                                     info="comma-separated; ';' joins synonyms; Enter runs")
+                with gr.Row():
+                    method_box = gr.Radio(list(METHODS), value=method, label="Method",
+                                          info="LPOSS+ adds the pixel-level refinement",
+                                          elem_id="lposs-method")
+                    preset_box = gr.Dropdown(presets, value=default, label="Preset",
+                                             elem_id="lposs-preset",
+                                             info="models and windows")
+                threshold = gr.Textbox(label="Unknown threshold (optional)",
+                                       elem_id="lposs-threshold", placeholder="off",
+                                       info="pixels whose best score (cosine scale, e.g. "
+                                            "0.1) is below it are 'unknown'; empty: off")
+                button = gr.Button("Segment", variant="primary", elem_id="lposs-run")
+                gr.Examples(
+                    [[str(examples_dir() / name), names] for name, names in EXAMPLES.items()],
+                    inputs=[image, classes], label="Examples (drawn for this demo)",
+                )
+            with gr.Column(scale=1):
+                status = gr.Markdown("Upload an image and type class names.",
+                                     elem_id="lposs-status")
+                overlay = gr.Image(label="Segmentation", type="pil", format="png",
+                                   interactive=False, elem_id="lposs-overlay", height=360)
+                shares = gr.HTML(elem_id="lposs-shares")
+                timings = gr.Markdown(elem_id="lposs-timings")
+                files = gr.File(label="Downloads: label PNG (pixel = class index, 255 = "
+                                      "unknown) and JSON summary", file_count="multiple",
+                                interactive=False, elem_id="lposs-files")
+        inputs = [image, classes, method_box, preset_box, threshold]
+        outputs = [status, overlay, shares, timings, files]
+        for event in (button.click, classes.submit):
+            event(run, inputs, outputs, preprocess=False, concurrency_id="lposs",
+                  concurrency_limit=1)
+    return page
+
+
+def launch(
+    backend: DemoBackend,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    method: str = "LPOSS+",
+    max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
+) -> None:
+    """Serve the demo until interrupted (local only by default; never a share link)."""
+    gr = require_gradio()
+    page = build_demo(backend, method=method)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # `kill` stops the server like Ctrl-C, so the files are cleaned up
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        page.queue(default_concurrency_limit=1).launch(
+            server_name=host, server_port=port, share=False, inbrowser=False,
+            max_file_size=max_file_size, show_error=False, ssr_mode=False,
+            allowed_paths=[str(examples_dir()), str(backend.output_dir)],
+            footer_links=[], css=_CSS, theme=gr.themes.Default(),
+        )
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        backend.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,453 @@
+"""The segmenter: an image and free-text class names in, a segmentation out.
+
+``Segmenter.set_image`` runs both encoders once over every sliding window;
+``Segmenter.predict`` answers any vocabulary from the cached features (text
+embeddings, LPOSS over the patches of all windows jointly, window combine,
+LPOSS+ over pixels, resize back, synonyms reduced by max, argmax).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import io
+from .config import LPOSSConfig, get_preset
+from .errors import ClassNamesError
+from .propagation import patch_propagation, pixel_propagation
+from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
+from .windows import working_size as working_size_of
+
+__all__ = [
+    "Segmenter", "Segmentation", "EncodedImage", "WindowSetup", "UNKNOWN", "parse_class_names",
+    "refine_scores",
+]
+
+UNKNOWN = 255
+"""Label value of pixels whose best score is below the abstain threshold (also a miss in
+the metrics, like the ignore value)."""
+
+# Floor for the propagated all-ones column that puts scores back on the cosine scale.
+_MIN_NORMALISER = 1e-6
+
+
+def parse_class_names(classes: str | Sequence[str]) -> list[str]:
+    """Validate a vocabulary.
+
+    Args:
+        classes: a comma-separated string or a sequence of names; a name may hold
+            ``;``-separated synonyms ("grass;lawn").
+
+    Returns:
+        The names, whitespace around names and synonyms stripped.
+
+    Raises:
+        ClassNamesError: the list is empty, a name or synonym is empty, or a name repeats.
+    """
+    if isinstance(classes, str):
+        classes = classes.split(",")
+    names = []
+    for raw in classes:
+        if not isinstance(raw, str):
+            raise ClassNamesError(f"class names must be strings, got {type(raw).__name__}")
+        synonyms = [s.strip() for s in raw.split(";")]
+        if not all(synonyms):
+            raise ClassNamesError(f"empty class name in {raw!r}")
+        names.append(";".join(synonyms))
+    if not names:
+        raise ClassNamesError("the class list is empty: give at least one class name")
+    seen = set()
+    for name in names:
+        if name.lower() in seen:
+            raise ClassNamesError(f"duplicate class name {name!r}")
+        seen.add(name.lower())
+    if len(names) >= UNKNOWN:
+        raise ClassNamesError(f"at most {UNKNOWN - 1} classes are supported, got {len(names)}")
+    return names
+
+
+@dataclass
+class Segmentation:
+    """The result of one prediction.
+
+    Attributes:
+        labels: `(H, W)` int64 class index per pixel at the original size; ``UNKNOWN``
+            (255) where the abstain threshold rejected every class.
+        scores: `(C, H, W)` float32 per-class scores at the original size, on the scale
+            of CLIP cosine similarity (propagation-weighted averages of the initial
+            patch-text similarities; the synonym maximum for ``;`` names).
+        classes: the C class names, in label order.
+        timings: seconds per stage.
+        settings: the configuration that produced it.
+    """
+
+    labels: torch.Tensor
+    scores: torch.Tensor
+    classes: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def colors(self):
+        """`(C, 3)` uint8 colour per class (the palette of the saved PNG)."""
+        return io.palette(len(self.classes))
+
+    def class_shares(self) -> dict[str, float]:
+        """Share of pixels per class name (and "unknown" when present)."""
+        shares = io.class_shares(self.labels, len(self.classes))
+        named = dict(zip(self.classes, shares))
+        if len(shares) > len(self.classes) and shares[-1] > 0:
+            named["unknown"] = shares[-1]
+        return named
+
+    def summary(self) -> dict:
+        """A JSON-ready summary: classes, colours, pixel shares, timings, settings."""
+        colors = self.colors().tolist()
+        return {
+            "size": list(self.labels.shape),
+            "classes": [
+                {"index": i, "name": name, "color": colors[i], "share": share}
+                for i, (name, share) in enumerate(zip(self.classes, self.class_shares().values()))
+            ],
+            "unknown": {"index": UNKNOWN, "share": self.class_shares().get("unknown", 0.0)},
+            "timings_s": self.timings,
+            "settings": self.settings,
+        }
+
+    def overlay(self, image):
+        """The image blended with the class colours, with a legend (a PIL image).
+
+        Args:
+            image: what ``io.load_image`` accepts, at the labels' size.
+        """
+        return io.overlay(io.load_image(image, max_pixels=None), self.labels, self.classes,
+                          self.colors())
+
+    def save(
+        self, out_dir: str | Path, stem: str, image=None, *, scores: bool = False
+    ) -> list[Path]:
+        """Write ``<stem>.png`` (palette label map), ``<stem>.json`` and, given the image,
+        ``<stem>_overlay.png``; ``<stem>_scores.npy`` when ``scores``. Each file is
+        written atomically. Returns the written paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = [out_dir / f"{stem}.png"]
+        io.save_label_png(written[-1], self.labels, self.colors())
+        if image is not None:
+            written.append(out_dir / f"{stem}_overlay.png")
+            io.save_overlay(written[-1], self.overlay(image))
+        if scores:
+            written.append(out_dir / f"{stem}_scores.npy")
+            io.save_scores(written[-1], self.scores)
+        written.append(out_dir / f"{stem}.json")
+        io.write_json(written[-1], self.summary())
+        return written
+
+
+@dataclass
+class WindowSetup:
+    """Cached encoder outputs for one (window size, stride) setup."""
+
+    boxes: torch.Tensor  # (n, 4) y1, x1, y2, x2 in working pixels
+    clip: torch.Tensor  # (n, E, gh, gw) dense CLIP features on the graph grid, unit norm
+    dino: torch.Tensor | None  # (n * gh * gw, D) DINO value features, unit norm
+    positions: torch.Tensor | None  # (n * gh * gw, 2) patch centres (y, x)
+    patch_size: int  # pixels per grid cell of `clip`
+
+    def to(self, device: torch.device) -> WindowSetup:
+        """The features and positions on ``device`` (boxes stay on the CPU)."""
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return WindowSetup(self.boxes, move(self.clip), move(self.dino), move(self.positions),
+                           self.patch_size)
+
+
+@dataclass
+class EncodedImage:
+    """Everything ``predict`` needs from an image: what ``set_image`` computes once.
+
+    Save it with ``save`` to skip the encoders next time (e.g. an evaluation sweep over
+    propagation settings); ``Segmenter.set_encoded`` takes it back.
+    """
+
+    image: torch.Tensor  # (3, H, W) the original image in [0, 1], on the CPU
+    working: torch.Tensor  # (3, h, w) at the working size, on the model's device
+    setups: list[WindowSetup]
+    encode_s: float  # seconds the encoders took
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` atomically (a torch file of plain tensors, loadable with
+        ``weights_only=True``)."""
+        setups = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(s).items()}
+                  for s in self.setups]
+        payload = {"image": self.image.cpu(), "working": self.working.cpu(), "setups": setups,
+                   "encode_s": self.encode_s}
+        io.atomic_write(path, lambda f: torch.save(payload, f))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> EncodedImage:
+        """Read what ``save`` wrote (never unpickles arbitrary objects)."""
+        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+        return cls(payload["image"].cpu(), payload["working"],
+                   [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"])
+
+
+class Segmenter:
+    """Open-vocabulary segmentation with LPOSS / LPOSS+.
+
+    Encode an image once with ``set_image``; then ``predict`` any vocabulary.
+
+    Example:
+        >>> seg = Segmenter.from_pretrained()
+        >>> seg.set_image("cat.jpg")
+        >>> result = seg.predict(["cat", "sofa", "background;wall;floor"])
+        >>> result.labels.shape, result.scores.shape
+    """
+
+    def __init__(self, clip, dino, config: LPOSSConfig | None = None):
+        """
+        Args:
+            clip: a ``ClipEncoder`` (``lposs.load_clip``).
+            dino: a ``DinoEncoder`` (``lposs.load_dino``); used when the patch stage runs.
+            config: the settings; the paper's LPOSS+ defaults when None.
+        """
+        self.clip = clip
+        self.dino = dino
+        self.config = config or LPOSSConfig()
+        self._state: EncodedImage | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        preset: str | LPOSSConfig = "lposs+",
+        *,
+        clip_weights: str | Path | None = None,
+        dino_weights: str | Path | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        **overrides,
+    ) -> Segmenter:
+        """Build the models named by a preset (or config) with their pretrained weights.
+
+        Args:
+            preset: a name from ``lposs.PRESETS`` or an ``LPOSSConfig``.
+            clip_weights: a local CLIP checkpoint instead of the OpenCLIP download/cache.
+            dino_weights: a local DINO checkpoint instead of the timm download/cache.
+            device: where the models run (default: CPU).
+            precision: "fp32", "fp16" or "bf16" for the encoders.
+            **overrides: config fields to change, e.g. ``k=800``.
+
+        Raises:
+            WeightsNotFoundError: weights neither cached, downloadable nor given.
+        """
+        from .encoders import load_clip, load_dino
+
+        config = get_preset(preset) if isinstance(preset, str) else preset
+        config = config.replace(**overrides) if overrides else config
+        clip = load_clip(config.clip, config.clip_pretrained, weights=clip_weights,
+                         device=device, precision=precision)
+        dino = None
+        if config.patch_stage:
+            dino = load_dino(config.dino, weights=dino_weights, device=device,
+                             precision=precision)
+        return cls(clip, dino, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    # ------------------------------------------------------------------ encoding
+    @torch.inference_mode()
+    def set_image(
+        self, image, *, max_pixels: int | None = io.DEFAULT_MAX_PIXELS
+    ) -> EncodedImage:
+        """Encode an image: every window through CLIP and DINO, once.
+
+        Args:
+            image: a path, PIL image, uint8 array `(H, W, 3)` or tensor `(3, H, W)` in [0, 1].
+            max_pixels: refuse larger images (``ImageError``); None disables the cap.
+
+        Returns:
+            The encoded image (also kept for ``predict``).
+        """
+        start = time.perf_counter()
+        cfg = self.config
+        image = io.load_image(image, max_pixels=max_pixels)
+        height, width = image.shape[-2:]
+        working = resize_image(image.to(self.device), working_size_of(height, width,
+                                                                      cfg.short_side))
+        setups = [self._encode_windows(working, size, stride) for size, stride in cfg.windows]
+        self._state = EncodedImage(image, working, setups, time.perf_counter() - start)
+        return self._state
+
+    def set_encoded(self, encoded: EncodedImage) -> None:
+        """Use an image encoded earlier (``set_image``'s return value, or
+        ``EncodedImage.load``) with these same encoders and window settings."""
+        self._state = EncodedImage(encoded.image, encoded.working.to(self.device),
+                                   [s.to(self.device) for s in encoded.setups], encoded.encode_s)
+
+    def _encode_windows(self, working: torch.Tensor, size: int, stride: int) -> WindowSetup:
+        cfg = self.config
+        boxes = window_grid(*working.shape[-2:], size=size, stride=stride)
+        crops = crop_windows(working, boxes, multiple=1)
+        clip = self.clip.dense_features(crops, batch_size=cfg.batch_size).float()
+        if not cfg.patch_stage:
+            return WindowSetup(boxes, clip, None, None, self.clip.patch_size)
+        dino = self.dino.dense_features(crops, batch_size=cfg.batch_size).float()
+        grid = tuple(dino.shape[-2:])
+        if tuple(clip.shape[-2:]) != grid:  # e.g. DINO ViT-B/8: VLM features to the VM grid
+            clip = F.normalize(
+                F.interpolate(clip, size=grid, mode="bilinear", align_corners=False), dim=1
+            )
+        positions = patch_positions(boxes, grid, self.dino.patch_size).to(dino.device)
+        dino = dino.permute(0, 2, 3, 1).reshape(-1, dino.shape[1])
+        return WindowSetup(boxes, clip, dino, positions, self.dino.patch_size)
+
+    # ---------------------------------------------------------------- prediction
+    @torch.inference_mode()
+    def predict(
+        self, classes: str | Sequence[str], *, unknown_threshold: float | None = None
+    ) -> Segmentation:
+        """Segment the image given to ``set_image`` into ``classes``.
+
+        Args:
+            classes: names (``;`` separates synonyms of one class), or one comma-separated
+                string.
+            unknown_threshold: label a pixel ``UNKNOWN`` when its best score (cosine
+                scale, see ``Segmentation.scores``) is below this.
+
+        Returns:
+            A ``Segmentation`` at the original image size.
+        """
+        if self._state is None:
+            raise RuntimeError("call set_image(image) before predict(classes)")
+        classes = parse_class_names(classes)
+        cfg, state = self.config, self._state
+        timings = {"encode": state.encode_s}
+
+        start = time.perf_counter()
+        text, class_index = self.clip.encode_classes(classes)
+        text = text.to(self.device, torch.float32)
+        timings["text"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        working_hw = tuple(state.working.shape[-2:])
+        combined = 0.0
+        for setup in state.setups:
+            combined = combined + self._patch_scores(setup, text, working_hw)
+        combined = combined / len(state.setups)  # (C' + 1, h, w)
+        timings["patch_lp"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if cfg.pixel_stage:
+            combined = pixel_propagation(state.working, combined, r=cfg.r, tau=cfg.tau,
+                                         alpha=cfg.alpha, tol=cfg.tol, max_iter=cfg.max_iter)
+        timings["pixel_lp"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scores = _to_class_scores(combined, class_index.to(combined.device), len(classes),
+                                  tuple(state.image.shape[-2:]))
+        labels = _labels_from_scores(scores, unknown_threshold)
+        timings["resize_argmax"] = time.perf_counter() - start
+        return Segmentation(labels, scores, classes, timings, _settings(cfg, unknown_threshold))
+
+    def _patch_scores(self, setup: WindowSetup, text: torch.Tensor, working_hw) -> torch.Tensor:
+        """Initial scores of one window setup, propagated over its patches and stitched.
+
+        Returns:
+            `(C' + 1, h, w)`: one row per synonym, then the all-ones row that keeps the
+            normaliser of the propagation.
+        """
+        cfg = self.config
+        n, _, gh, gw = setup.clip.shape
+        scores = torch.einsum("nehw,ce->nhwc", setup.clip, text).reshape(n * gh * gw, -1)
+        scores = torch.cat([scores, scores.new_ones(scores.shape[0], 1)], dim=1)
+        if cfg.patch_stage:
+            scores = patch_propagation(
+                setup.dino, setup.positions, scores, k=cfg.k, gamma=cfg.gamma, sigma=cfg.sigma,
+                distance_power=cfg.distance_power, alpha=cfg.alpha, tol=cfg.tol,
+                max_iter=cfg.max_iter,
+            )
+        grids = scores.reshape(n, gh, gw, -1).permute(0, 3, 1, 2)
+        return stitch_windows(grids, setup.boxes, *working_hw, patch_size=setup.patch_size)
+
+    def __call__(self, image, classes, *, unknown_threshold: float | None = None,
+                 max_pixels: int | None = io.DEFAULT_MAX_PIXELS) -> Segmentation:
+        """``set_image(image)`` then ``predict(classes)``."""
+        self.set_image(image, max_pixels=max_pixels)
+        return self.predict(classes, unknown_threshold=unknown_threshold)
+
+
+def _to_class_scores(
+    propagated: torch.Tensor, class_index: torch.Tensor, n_classes: int, size: tuple[int, int]
+) -> torch.Tensor:
+    """Normalise, resize to the original size and take the max over each class's synonyms.
+
+    Args:
+        propagated: `(C' + 1, h, w)` synonym scores then the propagated all-ones row.
+        class_index: `(C',)` the class of each synonym row.
+        n_classes: C.
+        size: (H, W).
+
+    Returns:
+        `(C, H, W)` float32 on the CPU.
+    """
+    normaliser = propagated[-1:].clamp_min(_MIN_NORMALISER)
+    synonyms = propagated[:-1] / normaliser
+    out = torch.empty(n_classes, *size, dtype=torch.float32)
+    for c in range(n_classes):  # one class at a time bounds memory at the original size
+        rows = synonyms[class_index == c][None]
+        resized = F.interpolate(rows, size=size, mode="bilinear", align_corners=False)[0]
+        out[c] = resized.amax(dim=0).float().cpu()
+    return out
+
+
+def _labels_from_scores(scores: torch.Tensor, unknown_threshold: float | None) -> torch.Tensor:
+    """`(C, H, W)` scores -> `(H, W)` int64 argmax, ``UNKNOWN`` below the threshold."""
+    best, labels = scores.max(dim=0)
+    if unknown_threshold is not None:
+        labels[best < unknown_threshold] = UNKNOWN
+    return labels
+
+
+def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
+    from dataclasses import asdict
+
+    return {**asdict(cfg), "unknown_threshold": unknown_threshold}
+
+
+@torch.inference_mode()
+def refine_scores(
+    image, scores: torch.Tensor, config: LPOSSConfig | None = None, *,
+    max_pixels: int | None = io.DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """LPOSS+ as a standalone post-processor for any segmenter's scores.
+
+    The image and scores are resized to the working size (shorter side
+    ``config.short_side``), propagated over the pixel graph, and resized back.
+
+    Args:
+        image: what ``io.load_image`` accepts, `(3, H, W)` once loaded.
+        scores: `(C, h, w)` scores (any size; resized to the image).
+        config: r, tau, alpha, tol, max_iter and short_side are used.
+
+    Returns:
+        `(C, H, W)` float32 refined scores at the image's size.
+    """
+    cfg = config or LPOSSConfig()
+    image = io.load_image(image, max_pixels=max_pixels)
+    if scores.ndim != 3 or scores.shape[0] < 1:
+        raise ValueError(f"scores must have shape (C, H, W), got {tuple(scores.shape)}")
+    height, width = image.shape[-2:]
+    working = resize_image(image, working_size_of(height, width, cfg.short_side))
+    y = F.interpolate(scores.float()[None], size=working.shape[-2:], mode="bilinear",
+                      align_corners=False)[0]
+    refined = pixel_propagation(working, y, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha, tol=cfg.tol,
+                                max_iter=cfg.max_iter)
+    return F.interpolate(refined[None], size=(height, width), mode="bilinear",
+                         align_corners=False)[0]

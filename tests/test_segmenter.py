@@ -1,0 +1,168 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import lposs
+from lposs.config import LPOSSConfig
+from lposs.segmenter import UNKNOWN, Segmenter, parse_class_names, refine_scores
+
+# Small graphs keep these tests fast; the math is the same at the paper's k.
+FAST = LPOSSConfig(k=30, short_side=224)
+
+
+def _image(height=150, width=200, seed=0):
+    """A blocky RGB test image, uint8 (H, W, 3): two halves of different colours plus noise."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, : width // 2] = (200, 40, 30)
+    img[:, width // 2 :] = (30, 160, 60)
+    noise = rng.integers(-20, 20, size=img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def segmenter(tiny_clip, tiny_dino):
+    return Segmenter(tiny_clip, tiny_dino, FAST)
+
+
+def test_output_shapes_types_and_labels_are_argmax(segmenter):
+    result = segmenter(_image(), ["cat", "dog;puppy", "grass"])
+    assert result.labels.shape == (150, 200) and result.labels.dtype == torch.int64
+    assert result.scores.shape == (3, 150, 200) and result.scores.dtype == torch.float32
+    assert result.classes == ["cat", "dog;puppy", "grass"]
+    assert torch.equal(result.labels, result.scores.argmax(dim=0))
+    assert torch.isfinite(result.scores).all()
+    assert set(result.timings) >= {"encode", "patch_lp", "pixel_lp"}
+
+
+def test_encode_once_predict_many_equals_full_runs(segmenter, tiny_clip, tiny_dino):
+    image = _image(seed=1)
+    segmenter.set_image(image)
+    first = segmenter.predict(["sky", "tree"])
+    second = segmenter.predict("car, road;street, person")
+    fresh = Segmenter(tiny_clip, tiny_dino, FAST)
+    torch.testing.assert_close(first.scores, fresh(image, ["sky", "tree"]).scores)
+    torch.testing.assert_close(second.scores, fresh(image, ["car", "road;street", "person"]).scores)
+
+
+def test_synonyms_take_the_max_of_their_separate_scores(segmenter):
+    segmenter.set_image(_image(seed=2))
+    joined = segmenter.predict(["cat;kitten", "dog"]).scores
+    separate = segmenter.predict(["cat", "kitten", "dog"]).scores
+    torch.testing.assert_close(joined[0], torch.maximum(separate[0], separate[1]))
+    torch.testing.assert_close(joined[1], separate[2])
+
+
+def test_maskclip_preset_is_the_upsampled_cosine_similarity(tiny_clip):
+    # One 224 window: working size 224 x 224, no propagation at all.
+    image = torch.rand(3, 224, 224)
+    config = LPOSSConfig(short_side=224, patch_stage=False, pixel_stage=False)
+    result = Segmenter(tiny_clip, None, config)(image, ["cat", "dog"])
+    text, _ = tiny_clip.encode_classes(["cat", "dog"])
+    feats = tiny_clip.dense_features(image[None])  # (1, E, 14, 14)
+    cosine = torch.einsum("behw,ce->bchw", feats, text)
+    expected = F.interpolate(cosine, size=(224, 224), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_identical_window_setups_average_to_one_setup(tiny_clip, tiny_dino):
+    image = _image(seed=3)
+    single = Segmenter(tiny_clip, tiny_dino, FAST)(image, ["a", "b"])
+    doubled = FAST.replace(windows=((224, 112), (224, 112)))
+    double = Segmenter(tiny_clip, tiny_dino, doubled)(image, ["a", "b"])
+    torch.testing.assert_close(single.scores, double.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_input_kinds_give_the_same_result(segmenter, tmp_path):
+    array = _image(seed=4)
+    path = tmp_path / "img.png"
+    Image.fromarray(array).save(path)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    results = [segmenter(src, ["x", "y"]).scores
+               for src in (array, path, str(path), Image.fromarray(array), tensor)]
+    for other in results[1:]:  # uint8 -> float conversions may differ in the last bit
+        torch.testing.assert_close(results[0], other, atol=1e-3, rtol=1e-3)
+
+
+def test_unknown_threshold_abstains_only_below_it(segmenter):
+    segmenter.set_image(_image(seed=5))
+    plain = segmenter.predict(["x", "y"])
+    best = plain.scores.max(dim=0).values
+    threshold = float(best.median())
+    abstained = segmenter.predict(["x", "y"], unknown_threshold=threshold)
+    assert torch.equal(abstained.labels == UNKNOWN, best < threshold)
+    keep = best >= threshold
+    assert torch.equal(abstained.labels[keep], plain.labels[keep])
+    assert 0 < abstained.class_shares()["unknown"] < 1
+
+
+@pytest.mark.parametrize("size", [(1, 1), (12, 50), (100, 40)])
+def test_tiny_and_thin_images_work(segmenter, size):
+    image = torch.rand(3, *size)
+    result = segmenter(image, ["a", "b", "c"])
+    assert result.labels.shape == size and torch.isfinite(result.scores).all()
+
+
+def test_other_vision_grid_is_used_for_the_graph(tiny_clip, tiny_dino_p8):
+    # DINO with 8-pixel patches: CLIP features are resized to the 28 x 28 VM grid.
+    result = Segmenter(tiny_clip, tiny_dino_p8, FAST)(_image(seed=6), ["a", "b"])
+    assert result.scores.shape == (2, 150, 200) and torch.isfinite(result.scores).all()
+
+
+def test_pixel_stage_refines_the_lposs_scores(tiny_clip, tiny_dino):
+    image = _image(seed=7)
+    lposs_only = Segmenter(tiny_clip, tiny_dino, FAST.replace(pixel_stage=False))
+    plus = Segmenter(tiny_clip, tiny_dino, FAST)
+    base = lposs_only(image, ["a", "b"])
+    refined = plus(image, ["a", "b"])
+    assert not torch.allclose(base.scores, refined.scores)
+    assert base.timings["pixel_lp"] < refined.timings["pixel_lp"]
+
+
+def test_predict_before_set_image_is_an_error(segmenter):
+    with pytest.raises(RuntimeError, match="set_image"):
+        segmenter.predict(["a"])
+
+
+@pytest.mark.parametrize(
+    "bad", [[], "", ["cat", ""], ["cat", "Cat"], ["a;"], " , dog", [3]],
+)
+def test_bad_vocabularies_raise_class_names_error(bad):
+    with pytest.raises((lposs.ClassNamesError, TypeError)):
+        parse_class_names(bad)
+
+
+def test_class_names_are_cleaned():
+    assert parse_class_names(" cat , grass ; lawn ") == ["cat", "grass;lawn"]
+
+
+def test_refine_scores_sharpens_a_blocky_label_map():
+    # The image has a sharp vertical edge at column 100; the scores place it blockily.
+    image = torch.zeros(3, 120, 200)
+    image[:, :, 100:] = 1.0
+    coarse = torch.zeros(2, 120 // 20, 200 // 20)
+    coarse[0, :, :5] = 1.0
+    coarse[1, :, 5:] = 1.0
+    coarse[0, :, 4:6] = coarse[1, :, 4:6] = 0.5  # the boundary cells are undecided
+    truth = torch.zeros(120, 200, dtype=torch.long)
+    truth[:, 100:] = 1
+    upsampled = F.interpolate(coarse[None], size=(120, 200), mode="nearest")[0]
+    refined = refine_scores(image, upsampled, LPOSSConfig(short_side=120))
+    before = (upsampled.argmax(0) == truth).float().mean()
+    after = (refined.argmax(0) == truth).float().mean()
+    assert refined.shape == (2, 120, 200)
+    assert after > before and after > 0.99
+
+
+@pytest.mark.slow
+def test_real_vit_b16_architectures_end_to_end():
+    from lposs.encoders import load_clip, load_dino
+
+    clip = load_clip("ViT-B-16", pretrained=None)
+    dino = load_dino("dino_vitb16", pretrained=False)
+    result = Segmenter(clip, dino)(_image(60, 80, seed=8), ["cat", "grass;lawn", "sky"])
+    assert result.labels.shape == (60, 80) and result.scores.shape == (3, 60, 80)
+    assert torch.equal(result.labels, result.scores.argmax(0))
+    assert result.settings["k"] == 400
