@@ -9,6 +9,7 @@ initialise many of them to 0, which would hide bias bugs).
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 # No test may reach the Hugging Face Hub: set before huggingface_hub is imported.
@@ -88,3 +89,35 @@ def tiny_dino_p8():
 def tiny_dinov2():
     """Like ``tiny_dino`` with 14-pixel patches and LayerScale (the DINOv2 ViT-B/14 design)."""
     return _tiny_dino("dinov2_vitb14", seed=3)
+
+
+# The same tiny CLIP as an OpenCLIP local folder (open_clip_config.json + weights).
+TINY_CLIP_FOLDER_CONFIG = {
+    "model_cfg": copy.deepcopy(TINY_CLIP_KWARGS),
+    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                       "std": [0.26862954, 0.26130258, 0.27577711]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory):
+    """``(OpenCLIP folder, timm ViT-Tiny safetensors file)`` with random weights: what the
+    command line loads with ``--clip-model local-dir:FOLDER --dino-model
+    vit_tiny_patch16_224 --dino-weights FILE``, through the real loading code."""
+    import open_clip
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("models")
+    clip_dir = folder / "tiny-clip"
+    clip_dir.mkdir()
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_FOLDER_CONFIG))
+    torch.manual_seed(0)
+    cfg = TINY_CLIP_FOLDER_CONFIG["model_cfg"]
+    clip = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              str(clip_dir / "open_clip_model.safetensors"))
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    dino_file = folder / "vit_tiny.safetensors"
+    save_file(vit.state_dict(), str(dino_file))
+    return clip_dir, dino_file

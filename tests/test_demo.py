@@ -10,7 +10,6 @@ page's backend in-process, against the library's Segmenter.
 
 from __future__ import annotations
 
-import argparse
 import io as stdio
 import json
 import os
@@ -36,19 +35,6 @@ TIMEOUT_MS = 60_000  # per browser wait; the whole module takes far less
 MAX_PIXELS = 100_000  # the demo's cap in these tests
 
 # OpenCLIP ViT narrowed to 2 layers of width 64, as tests/conftest.py's tiny_clip.
-TINY_CLIP_CONFIG = {
-    "model_cfg": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32,
-                       "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                     "layers": 2},
-    },
-    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                       "std": [0.26862954, 0.26130258, 0.27577711]},
-}
-
-
 def _requirements() -> str | None:
     """Why the browser test cannot run here, or None."""
     try:
@@ -83,51 +69,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _save_tiny_models(folder: Path) -> tuple[Path, Path]:
-    """A random OpenCLIP model as a local folder, and a random timm ViT-Tiny file."""
-    import open_clip
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    clip_dir = folder / "tiny-clip"
-    clip_dir.mkdir()
-    (clip_dir / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    torch.manual_seed(0)
-    cfg = TINY_CLIP_CONFIG["model_cfg"]
-    clip = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
-              str(clip_dir / "open_clip_model.safetensors"))
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
-    dino_file = folder / "vit_tiny.safetensors"
-    save_file(vit.state_dict(), str(dino_file))
-    return clip_dir, dino_file
-
-
 def _demo_command() -> list[str]:
-    """``python -m lposs demo`` (or the demo's parser directly while cli.py lacks it)."""
-    from lposs.cli import build_parser
-
-    subcommands = next(a for a in build_parser()._actions
-                       if isinstance(a, argparse._SubParsersAction)).choices
-    if "demo" in subcommands:
-        return [sys.executable, "-m", "lposs", "demo"]
-    standalone = ("import argparse, sys\n"
-                  "from lposs.cli import _fail\n"
-                  "from lposs.cli_demo import add_demo_parser\n"
-                  "from lposs.errors import LpossError\n"
-                  "parser = argparse.ArgumentParser(prog='lposs')\n"
-                  "add_demo_parser(parser.add_subparsers())\n"
-                  "args = parser.parse_args(sys.argv[1:])\n"
-                  "try:\n    sys.exit(args.run(args))\n"
-                  "except LpossError as err:\n    _fail(str(err))\n    sys.exit(1)\n")
-    return [sys.executable, "-c", standalone, "demo"]
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
-    """``(OpenCLIP folder, timm ViT-Tiny file)``, random weights."""
-    return _save_tiny_models(tmp_path_factory.mktemp("models"))
+    return [sys.executable, "-m", "lposs", "demo"]
 
 
 def _demo_args(clip_dir: Path, dino_file: Path) -> list[str]:
@@ -138,7 +81,7 @@ def _demo_args(clip_dir: Path, dino_file: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_process(tiny_models, tmp_path_factory):
+def demo_process(tiny_model_files, tmp_path_factory):
     """``lposs demo`` starting on a free loopback port: ``(process, url, log file)``."""
     reason = _requirements()
     if reason:
@@ -148,7 +91,7 @@ def demo_process(tiny_models, tmp_path_factory):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     log = (folder / "server.log").open("w+")
-    proc = subprocess.Popen(_demo_command() + ["--port", str(port), *_demo_args(*tiny_models)],
+    proc = subprocess.Popen(_demo_command() + ["--port", str(port), *_demo_args(*tiny_model_files)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
     try:
         yield proc, f"http://127.0.0.1:{port}/", log
@@ -342,14 +285,14 @@ def test_bad_inputs_show_their_message(page, tmp_path):
     assert page.external_requests == []
 
 
-def test_backend_encodes_once_and_matches_the_segmenter(tiny_models, tmp_path):
+def test_backend_encodes_once_and_matches_the_segmenter(tiny_model_files, tmp_path):
     """Without a browser: new class names and the other method reuse the encoded image,
     and every result equals a full run of the library's Segmenter on the same models."""
     from lposs.config import PRESETS
     from lposs.demo import DemoBackend
     from lposs.segmenter import Segmenter
 
-    clip_dir, dino_file = tiny_models
+    clip_dir, dino_file = tiny_model_files
     presets = {name: c.replace(clip=f"local-dir:{clip_dir}", dino="vit_tiny_patch16_224",
                                short_side=112, r=5) for name, c in PRESETS.items()}
     backend = DemoBackend(presets, "lposs+", dino_weights=dino_file, max_pixels=MAX_PIXELS)

@@ -1,0 +1,100 @@
+"""End-to-end LPOSS+ timings per stage on a VOC-size image (500 x 375 -> 448 x 597 working).
+
+The real ViT-B/16 architectures (OpenCLIP ViT-B-16, DINO ViT-B/16) with random weights:
+the timings do not depend on the weights. The vocabulary is VOC's 21 classes with the
+background synonyms (46 text rows), as in the paper's VOC evaluation.
+
+    python benchmarks/bench_segment.py [--device cuda] [--precision fp16] [--repeats 3]
+
+Prints a table and writes benchmarks/results/segment.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lposs.datasets import benchmark_classes
+from lposs.encoders import load_clip, load_dino
+from lposs.segmenter import Segmenter
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
+                        "segment.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=args.precision)
+    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=args.precision)
+    segmenter = Segmenter(clip, dino)
+    classes = benchmark_classes("voc")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "voc_size.jpg"
+        Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path)
+        segmenter(path, classes)  # warm-up: caches, kernels, text embeddings
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            segmenter.set_image(path)
+            _sync(device)
+            encode = time.perf_counter() - start
+            start = time.perf_counter()
+            result = segmenter.predict(classes)
+            _sync(device)
+            predict = time.perf_counter() - start
+            start = time.perf_counter()
+            result.save(tmp, "out", path)
+            save = time.perf_counter() - start
+            runs.append({"encode": encode, "predict": predict, "save": save,
+                         "total": encode + predict,
+                         **{f"predict.{k}": v for k, v in result.timings.items()
+                            if k != "encode"}})
+        segmenter.clip.text_cache.clear()  # a new vocabulary: text encoder included
+        start = time.perf_counter()
+        segmenter.predict(classes)
+        _sync(device)
+        new_vocab = time.perf_counter() - start
+
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    median["predict_new_vocabulary"] = new_vocab
+    report = {
+        "image": "500x375 -> 448x597 working, 15 windows, 21 classes (46 text rows)",
+        "device": str(device), "precision": args.precision,
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "load_average": list(os.getloadavg()), "median_s": median, "runs": runs,
+    }
+    print(f"{'stage':<28}{'median s':>10}")
+    for key, value in median.items():
+        print(f"{key:<28}{value:>10.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
