@@ -220,9 +220,33 @@ class ClipEncoder(nn.Module):
         """``(S, E)`` prompt-ensembled embeddings of S synonyms."""
         prompts = [t.format(s) for s in synonyms for t in self.templates]
         tokens = self.tokenizer(prompts).to(self.mean.device)
-        feats = torch.cat([self.model.encode_text(t).float() for t in chunks(tokens, _TEXT_BATCH)])
+        feats = torch.cat([self._encode_tokens(t).float() for t in chunks(tokens, _TEXT_BATCH)])
         feats = F.normalize(feats, dim=-1).view(len(synonyms), len(self.templates), -1)
         return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``model.encode_text`` over only the first L token positions, L = the longest
+        prompt (up to its end-of-text token): `(B, 77)` int -> `(B, E)`.
+
+        Exact for OpenCLIP's causal text towers pooled at the end-of-text token (positions
+        after it are padding that no earlier position attends to), and about 4x less work
+        for the short template prompts. Other text towers run ``encode_text`` as it is.
+        """
+        model = self.model
+        mask = getattr(model, "attn_mask", None)
+        if mask is None or getattr(model, "text_pool_type", None) != "argmax":
+            return model.encode_text(tokens)
+        length = int((tokens != 0).sum(dim=1).max())  # padding is 0, after the end-of-text
+        tokens = tokens[:, :length]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=mask[:length, :length]))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # end-of-text
+        projection = model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
 @contextmanager
