@@ -21,14 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClassNamesError, ConfigError, WeightsNotFoundError
-from .common import (
-    check_batch_size,
-    check_windows,
-    chunks,
-    normalize_and_pad,
-    resolve_device,
-    resolve_precision,
-)
+from .common import DenseEncoder, chunks, resolve_device, resolve_precision
 from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
 
 __all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_STD"]
@@ -57,7 +50,7 @@ def _blocks_batch_first(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "batch_first", True))
 
 
-class ClipEncoder(nn.Module):
+class ClipEncoder(DenseEncoder):
     """A frozen OpenCLIP model giving MaskCLIP dense features and prompt-ensembled text.
 
     Args:
@@ -105,39 +98,14 @@ class ClipEncoder(nn.Module):
         mean = mean if mean is not None else getattr(visual, "image_mean", None) or CLIP_MEAN
         std = std if std is not None else getattr(visual, "image_std", None) or CLIP_STD
         device = visual.conv1.weight.device
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device), False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device), False)
+        self._set_normalization(mean, std, device)
         self.text_cache: dict[str, torch.Tensor] = {}
 
-    def train(self, mode: bool = True) -> ClipEncoder:
-        """Encoders stay in eval mode (frozen); this keeps the wrapped model in eval."""
-        super().train(False)
-        return self
+    def _dtype(self) -> torch.dtype:
+        return self.model.visual.conv1.weight.dtype
 
-    @torch.inference_mode()
-    def dense_features(self, windows: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:
-        """MaskCLIP dense features of a batch of windows.
-
-        Args:
-            windows: ``(B, 3, h, w)`` RGB in [0, 1], any size; padded bottom/right with
-                black to a multiple of P here.
-            batch_size: windows per forward pass.
-
-        Returns:
-            ``(B, E, ceil(h/P), ceil(w/P))`` float32 on the model's device, each patch
-            vector L2-normalised.
-        """
-        check_windows(windows)
-        check_batch_size(batch_size)
-        device, dtype = self.mean.device, self.model.visual.conv1.weight.dtype
-        out = []
-        for chunk in chunks(windows, batch_size):
-            x = normalize_and_pad(chunk.to(device), self.mean, self.std, self.patch_size)
-            out.append(self._maskclip(x.to(dtype)).float())
-        return F.normalize(torch.cat(out), dim=1)
-
-    def _maskclip(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised pixels -> ``(B, E, H/P, W/P)`` unnormalised features."""
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP: ``(B, 3, H, W)`` normalised pixels -> ``(B, E, H/P, W/P)`` unnormalised."""
         visual = self.model.visual
         x = visual.conv1(x)  # (B, width, gh, gw)
         batch, _, gh, gw = x.shape

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
+    "DenseEncoder",
     "PRECISIONS",
     "resolve_device",
     "resolve_precision",
@@ -84,3 +86,53 @@ def chunks(batch: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive slices of at most ``batch_size`` items along the first dimension."""
     for start in range(0, batch.shape[0], batch_size):
         yield batch[start : start + batch_size]
+
+
+class DenseEncoder(nn.Module):
+    """A frozen ViT that turns windows into L2-normalised patch features.
+
+    Subclasses set ``patch_size`` and implement ``_features`` and ``_dtype``; this class
+    holds the pixel normalisation, the batching and the padding they share.
+    """
+
+    patch_size: int
+
+    def _set_normalization(self, mean: Sequence[float], std: Sequence[float],
+                           device: torch.device) -> None:
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device), False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device), False)
+
+    def train(self, mode: bool = True) -> DenseEncoder:
+        """Encoders stay in eval mode (frozen); this keeps the wrapped model in eval."""
+        super().train(False)
+        return self
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+        raise NotImplementedError
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised pixels, H and W multiples of P -> ``(B, D, H/P, W/P)``."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def dense_features(self, windows: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:
+        """Dense features of a batch of windows.
+
+        Args:
+            windows: ``(B, 3, h, w)`` RGB in [0, 1], any size; padded bottom/right with
+                black to a multiple of P here.
+            batch_size: windows per forward pass.
+
+        Returns:
+            ``(B, D, ceil(h/P), ceil(w/P))`` float32 on the model's device, each patch
+            vector L2-normalised.
+        """
+        check_windows(windows)
+        check_batch_size(batch_size)
+        device, dtype = self.mean.device, self._dtype()
+        out = []
+        for chunk in chunks(windows, batch_size):
+            x = normalize_and_pad(chunk.to(device), self.mean, self.std, self.patch_size)
+            out.append(self._features(x.to(dtype)).float())
+        return F.normalize(torch.cat(out), dim=1)

@@ -11,18 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
-from .common import (
-    check_batch_size,
-    check_windows,
-    chunks,
-    normalize_and_pad,
-    resolve_device,
-    resolve_precision,
-)
+from .common import DenseEncoder, resolve_device, resolve_precision
 from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
 
 __all__ = ["DinoEncoder", "load_dino", "DINO_MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -37,7 +29,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet pixel mean (RGB)
 IMAGENET_STD = (0.229, 0.224, 0.225)  # ImageNet pixel std (RGB)
 
 
-class DinoEncoder(nn.Module):
+class DinoEncoder(DenseEncoder):
     """A frozen timm VisionTransformer giving the value features of its last block.
 
     Args:
@@ -72,38 +64,13 @@ class DinoEncoder(nn.Module):
         mean = mean if mean is not None else cfg.get("mean") or IMAGENET_MEAN
         std = std if std is not None else cfg.get("std") or IMAGENET_STD
         device = qkv.weight.device
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device), False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device), False)
+        self._set_normalization(mean, std, device)
 
-    def train(self, mode: bool = True) -> DinoEncoder:
-        """Encoders stay in eval mode (frozen); this keeps the wrapped model in eval."""
-        super().train(False)
-        return self
+    def _dtype(self) -> torch.dtype:
+        return self.model.blocks[-1].attn.qkv.weight.dtype
 
-    @torch.inference_mode()
-    def dense_features(self, windows: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:
-        """Last-block value features of a batch of windows.
-
-        Args:
-            windows: ``(B, 3, h, w)`` RGB in [0, 1], any size; padded bottom/right with
-                black to a multiple of P here.
-            batch_size: windows per forward pass.
-
-        Returns:
-            ``(B, D, ceil(h/P), ceil(w/P))`` float32 on the model's device, each patch
-            vector L2-normalised.
-        """
-        check_windows(windows)
-        check_batch_size(batch_size)
-        device, dtype = self.mean.device, self.model.blocks[-1].attn.qkv.weight.dtype
-        out = []
-        for chunk in chunks(windows, batch_size):
-            x = normalize_and_pad(chunk.to(device), self.mean, self.std, self.patch_size)
-            out.append(self._values(x.to(dtype)).float())
-        return F.normalize(torch.cat(out), dim=1)
-
-    def _values(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised pixels -> ``(B, D, H/P, W/P)`` unnormalised values."""
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-block values: ``(B, 3, H, W)`` normalised pixels -> ``(B, D, H/P, W/P)``."""
         model = self.model
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         x = model.patch_embed(x)  # (B, gh, gw, width) in dynamic-size mode
