@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -107,13 +107,14 @@ class Segmentation:
     def summary(self) -> dict:
         """A JSON-ready summary: classes, colours, pixel shares, timings, settings."""
         colors = self.colors().tolist()
+        shares = io.class_shares(self.labels, len(self.classes))  # C + 1: unknown last
         return {
             "size": list(self.labels.shape),
             "classes": [
-                {"index": i, "name": name, "color": colors[i], "share": share}
-                for i, (name, share) in enumerate(zip(self.classes, self.class_shares().values()))
+                {"index": i, "name": name, "color": colors[i], "share": shares[i]}
+                for i, name in enumerate(self.classes)
             ],
-            "unknown": {"index": UNKNOWN, "share": self.class_shares().get("unknown", 0.0)},
+            "unknown": {"index": UNKNOWN, "share": shares[-1]},
             "timings_s": self.timings,
             "settings": self.settings,
         }
@@ -416,8 +417,6 @@ def _labels_from_scores(scores: torch.Tensor, unknown_threshold: float | None) -
 
 
 def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
-    from dataclasses import asdict
-
     return {**asdict(cfg), "unknown_threshold": unknown_threshold}
 
 
