@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 
 # No test may reach the Hugging Face Hub: set before huggingface_hub is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Text embeddings cached across runs go to a throw-away folder, not the user's cache.
+os.environ["LPOSS_CACHE"] = tempfile.mkdtemp(prefix="lposs-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -347,6 +347,33 @@ def test_clip_loads_safetensors_and_weights_only_pt(tiny_clip, tiny_clip_kwargs,
     _same_clip(load_clip("ViT-B-16", str(tmp_path / "clip.pt"), **tiny_clip_kwargs), tiny_clip)
 
 
+def test_text_embeddings_persist_across_loads_of_the_same_weights(
+    tiny_clip, tiny_clip_kwargs, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LPOSS_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip.model.state_dict().items()}, weights)
+    first = load_clip("ViT-B-16", weights=weights, **tiny_clip_kwargs)
+    expected, _ = first.encode_classes(["cat", "dog;puppy"])
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 3
+
+    second = load_clip("ViT-B-16", weights=weights, **tiny_clip_kwargs)
+    calls = []
+    second.model.transformer.register_forward_hook(lambda *args: calls.append(1))
+    cached, _ = second.encode_classes(["cat", "dog;puppy"])
+    assert not calls  # read from disk: the text tower did not run
+    torch.testing.assert_close(cached, expected)
+    second.encode_classes(["bird"])
+    assert calls  # a new name still runs it
+
+    # Other weights never see these embeddings; random weights keep nothing on disk.
+    other = tmp_path / "other.safetensors"
+    save_file({k: (v + 0.01).contiguous() for k, v in tiny_clip.model.state_dict().items()}, other)
+    assert load_clip("ViT-B-16", weights=other, **tiny_clip_kwargs).text_cache_dir != \
+        second.text_cache_dir
+    assert load_clip("ViT-B-16", pretrained=None, **tiny_clip_kwargs).text_cache_dir is None
+
+
 def test_dino_loads_local_and_original_layout(tiny_dinov2, tiny_dino_kwargs, tmp_path):
     windows = _windows(1, 3, 70, 84, seed=9)
     expected = tiny_dinov2.dense_features(windows)

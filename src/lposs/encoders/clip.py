@@ -8,6 +8,7 @@ path, ``v = out_proj(W_v ln_1(x) + b_v); v = v + x; v = v + mlp(ln_2(v))``, then
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,12 +16,14 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClassNamesError, ConfigError, WeightsNotFoundError
+from ..io import atomic_write
 from .common import DenseEncoder, chunks, resolve_device, resolve_precision
 from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
 
@@ -29,6 +32,7 @@ __all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel mean (RGB)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP pixel std (RGB)
 _TEXT_BATCH = 640  # prompts per text-encoder forward pass
+CACHE_ENV = "LPOSS_CACHE"  # folder for caches kept across runs (default ~/.cache/lposs)
 
 
 @lru_cache(maxsize=1)
@@ -59,6 +63,9 @@ class ClipEncoder(DenseEncoder):
         mean: pixel mean (RGB); default: the model's preprocessing config, else CLIP's.
         std: pixel std (RGB); default: the model's preprocessing config, else CLIP's.
         templates: prompt templates with one ``{}``; default: the 80 ImageNet templates.
+        text_cache_dir: a folder that keeps text embeddings across processes; it must
+            belong to these exact weights (``load_clip`` chooses one per model and
+            weights). None: keep them in memory only.
 
     Attributes:
         model: the wrapped OpenCLIP model.
@@ -75,6 +82,7 @@ class ClipEncoder(DenseEncoder):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         templates: Sequence[str] | None = None,
+        text_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         visual = getattr(model, "visual", None)
@@ -100,6 +108,7 @@ class ClipEncoder(DenseEncoder):
         device = visual.conv1.weight.device
         self._set_normalization(mean, std, device)
         self.text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache_dir = Path(text_cache_dir) if text_cache_dir is not None else None
 
     def _dtype(self) -> torch.dtype:
         return self.model.visual.conv1.weight.dtype
@@ -178,11 +187,42 @@ class ClipEncoder(DenseEncoder):
                 raise ClassNamesError(f"names[{position}] ({name!r}) is empty")
             rows += synonyms
             index += [position] * len(synonyms)
-        missing = [s for s in dict.fromkeys(rows) if s not in self.text_cache]
+        missing = [s for s in dict.fromkeys(rows) if s not in self._cached(s)]
         if missing:
-            self.text_cache.update(zip(missing, self._encode_texts(missing), strict=True))
+            embeddings = self._encode_texts(missing)
+            for synonym, embedding in zip(missing, embeddings, strict=True):
+                self.text_cache[synonym] = embedding
+                self._store(synonym, embedding)
         embeddings = torch.stack([self.text_cache[s] for s in rows])
         return embeddings, torch.tensor(index, dtype=torch.long, device=embeddings.device)
+
+    def _disk_path(self, synonym: str) -> Path | None:
+        if self.text_cache_dir is None:
+            return None
+        key = "\n".join([str(self._dtype()), *self.templates, synonym]).encode()
+        return self.text_cache_dir / f"{hashlib.sha256(key).hexdigest()[:40]}.pt"
+
+    def _cached(self, synonym: str) -> dict[str, torch.Tensor]:
+        """The in-memory cache, after pulling ``synonym`` in from disk when it is there."""
+        path = self._disk_path(synonym)
+        if synonym not in self.text_cache and path is not None and path.is_file():
+            try:
+                embedding = torch.load(path, map_location=self.mean.device, weights_only=True)
+            except Exception:  # a damaged cache file is recomputed and rewritten
+                return self.text_cache
+            if torch.is_tensor(embedding) and embedding.shape == (self.embed_dim,):
+                self.text_cache[synonym] = embedding.float()
+        return self.text_cache
+
+    def _store(self, synonym: str, embedding: torch.Tensor) -> None:
+        path = self._disk_path(synonym)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: torch.save(embedding.cpu().clone(), f))
+        except OSError:  # a read-only cache only costs speed
+            pass
 
     def _encode_texts(self, synonyms: list[str]) -> torch.Tensor:
         """``(S, E)`` prompt-ensembled embeddings of S synonyms."""
@@ -305,7 +345,27 @@ def load_clip(
         _load_strict(model, state_dict, path, name)
     model = model.to(device=device, dtype=dtype)
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"))
+    return ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"),
+                       text_cache_dir=_text_cache_dir(name, pretrained, weights, model_kwargs))
+
+
+def _text_cache_dir(name: str, pretrained: str | None, weights, model_kwargs: dict) -> Path | None:
+    """Where text embeddings of these weights persist: ``$LPOSS_CACHE/text/<key>`` (default
+    ``~/.cache/lposs``); None for random weights."""
+    if model_kwargs:  # architecture overrides are part of the model's identity
+        overrides = json.dumps(model_kwargs, sort_keys=True).encode()
+        name += "-" + hashlib.sha256(overrides).hexdigest()[:8]
+    if weights is not None:
+        stat = Path(weights).stat()
+        identity = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = f"{name}-file-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    elif pretrained is not None:
+        key = f"{name}-{pretrained}"
+    else:
+        return None
+    root = os.environ.get(CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lposs"
+    return Path(root) / "text" / key.replace("/", "_")
 
 
 def _find_clip_weights(name: str, pretrained: str, tag_cfg: dict, cache_dir) -> os.PathLike:
