@@ -173,3 +173,13 @@ def test_every_command_documents_its_options(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "default" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["not-a-device", "meta:7x"])
+def test_bad_device_is_a_one_line_error(tmp_path, model_args, device, capsys):
+    image = _photo(tmp_path / "x.png")
+    code = main(["segment", str(image), "--classes", "a,b", "--out", str(tmp_path / "o"),
+                 *model_args, "--device", device])
+    err = capsys.readouterr().err
+    assert code == 1 and len(_error_lines(err)) == 1 and "Traceback" not in err
+    assert "device" in err

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = [
     "DenseEncoder",
     "PRECISIONS",
@@ -32,15 +34,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             f"device must be a str, a torch.device or None, got {type(device).__name__}"
         )
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from err
+        raise ConfigError(f"device {device!r} is not a valid torch device: {err}") from err
+    try:
+        torch.empty(0, device=resolved)  # fails early when the device is absent here
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(f"device {device!r} is not available on this machine: {err}") from err
+    return resolved
 
 
 def resolve_precision(precision: str) -> torch.dtype:
     """The model dtype for a precision name (``fp32``, ``fp16`` or ``bf16``)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
 
 
