@@ -154,7 +154,7 @@ class WindowSetup:
     """Cached encoder outputs for one (window size, stride) setup."""
 
     boxes: torch.Tensor  # (n, 4) y1, x1, y2, x2 in working pixels
-    clip: torch.Tensor  # (n, E, gh, gw) dense CLIP features on the graph grid, unit norm
+    clip: torch.Tensor  # (n, E, gh, gw) dense CLIP features (unit norm), on the graph grid
     dino: torch.Tensor | None  # (n * gh * gw, D) DINO value features, unit norm
     positions: torch.Tensor | None  # (n * gh * gw, 2) patch centres (y, x)
     patch_size: int  # pixels per grid cell of `clip`
@@ -302,9 +302,7 @@ class Segmenter:
         dino = self.dino.dense_features(crops, batch_size=cfg.batch_size).float()
         grid = tuple(dino.shape[-2:])
         if tuple(clip.shape[-2:]) != grid:  # e.g. DINO ViT-B/8: VLM features to the VM grid
-            clip = F.normalize(
-                F.interpolate(clip, size=grid, mode="bilinear", align_corners=False), dim=1
-            )
+            clip = F.interpolate(clip, size=grid, mode="bilinear", align_corners=False)
         positions = patch_positions(boxes, grid, self.dino.patch_size).to(dino.device)
         dino = dino.permute(0, 2, 3, 1).reshape(-1, dino.shape[1])
         return WindowSetup(boxes, clip, dino, positions, self.dino.patch_size)
