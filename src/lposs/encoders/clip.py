@@ -25,7 +25,13 @@ from torch import nn
 from ..errors import ClassNamesError, ConfigError, WeightsNotFoundError
 from ..io import atomic_write
 from .common import DenseEncoder, chunks, resolve_device, resolve_precision
-from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
+from .weights import (
+    WEIGHTS_ENV,
+    find_in_hub,
+    find_in_weights_dir,
+    load_strict,
+    read_checkpoint,
+)
 
 __all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_STD"]
 
@@ -342,7 +348,7 @@ def load_clip(
             state_dict = convert_state_dict(model, state_dict)
         except ImportError:
             pass
-        _load_strict(model, state_dict, path, name)
+        load_strict(model, state_dict, path, name)
     model = model.to(device=device, dtype=dtype)
     tokenizer = open_clip.get_tokenizer(name)
     return ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"),
@@ -396,14 +402,3 @@ def _find_clip_weights(name: str, pretrained: str, tag_cfg: dict, cache_dir) -> 
         f"{WEIGHTS_ENV} environment variable; or download them once while online "
         f"({hub_hint}) so the Hugging Face Hub cache holds them."
     )
-
-
-def _load_strict(model: nn.Module, state_dict: dict, path, name: str) -> None:
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:400]
-        raise WeightsNotFoundError(
-            f"{path} does not hold weights of {name!r} ({detail}); check the model name "
-            "and the file"
-        ) from err

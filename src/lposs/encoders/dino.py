@@ -15,7 +15,13 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
 from .common import DenseEncoder, resolve_device, resolve_precision
-from .weights import WEIGHTS_ENV, find_in_hub, find_in_weights_dir, read_checkpoint
+from .weights import (
+    WEIGHTS_ENV,
+    find_in_hub,
+    find_in_weights_dir,
+    load_strict,
+    read_checkpoint,
+)
 
 __all__ = ["DinoEncoder", "load_dino", "DINO_MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -149,14 +155,7 @@ def load_dino(
         state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
         state_dict = checkpoint_filter_fn(state_dict, model)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())[:400]
-            raise WeightsNotFoundError(
-                f"{path} does not hold weights of {name!r} ({detail}); check the model name "
-                "and the file"
-            ) from err
+        load_strict(model, state_dict, path, name)
     return DinoEncoder(model.to(device=device, dtype=dtype))
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "read_checkpoint",
     "find_in_weights_dir",
     "find_in_hub",
+    "load_strict",
 ]
 
 WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
@@ -186,3 +187,15 @@ def _hub_reachable(endpoint: str) -> tuple[bool, str]:
             return True, ""
     except OSError as err:
         return False, f"{url.hostname}:{port}: {err}"
+
+
+def load_strict(model: torch.nn.Module, state_dict: dict, path, name: str) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, a mismatch as a typed error."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:400]
+        raise WeightsNotFoundError(
+            f"{path} does not hold weights of {name!r} ({detail}); check the model name "
+            "and the file"
+        ) from err
