@@ -118,7 +118,6 @@ def test_pixel_stage_refines_the_lposs_scores(tiny_clip, tiny_dino):
     base = lposs_only(image, ["a", "b"])
     refined = plus(image, ["a", "b"])
     assert not torch.allclose(base.scores, refined.scores)
-    assert base.timings["pixel_lp"] < refined.timings["pixel_lp"]
 
 
 def test_predict_before_set_image_is_an_error(segmenter):

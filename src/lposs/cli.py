@@ -84,15 +84,11 @@ def _config_from(args: argparse.Namespace, base: LPOSSConfig) -> LPOSSConfig:
 
 
 def _class_names(args: argparse.Namespace) -> list[str]:
+    from .datasets import load_class_names
     from .segmenter import parse_class_names
 
     if args.classes_file is not None:
-        try:
-            lines = args.classes_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise LpossError(f"cannot read class file {args.classes_file}: {err}") from None
-        names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        return parse_class_names(names)
+        return parse_class_names(load_class_names(args.classes_file))
     return parse_class_names(args.classes)
 
 
