@@ -188,6 +188,7 @@ def _memory_mb(field: str) -> float:
 def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> dict:
     """Time one implementation on one case (in this process) and save its output."""
     from lposs.propagation import patch_propagation, pixel_propagation
+    from lposs.stencil import stencil_backend
 
     stage, settings, _ = {**FULL_CASES, **QUICK_CASES}[name]
     if stage == "patch":
@@ -210,6 +211,7 @@ def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> di
                 return baseline_pixel(*inputs, r=settings["r"])
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    backend = stencil_backend(torch.device(device))  # loads numba once; not counted below
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -231,7 +233,7 @@ def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> di
     result = result.cpu().numpy() if isinstance(result, torch.Tensor) else result
     np.save(output, result)
     report = {
-        "case": name, "impl": impl, "device": device,
+        "case": name, "impl": impl, "device": device, "stencil_backend": backend,
         "seconds": min(wall), "seconds_median": float(np.median(wall)),
         "cpu_seconds": min(cpu), "peak_extra_mb": peak_mb,
     }

@@ -1,6 +1,7 @@
 """Label propagation: the kNN patch graph (LPOSS), the pixel graph (LPOSS+) and the solver.
 
-Pure torch, tensor in and tensor out, on whatever device the inputs live on. Both stages
+Tensor in and tensor out, on whatever device the inputs live on (torch, plus the compiled
+CPU kernel of :mod:`lposs.stencil` for the pixel graph's product). Both stages
 solve ``(I - alpha * S) X = Y`` for every class column of ``Y``, where
 ``S = D^-1/2 W D^-1/2`` is the symmetrically normalised affinity ``W`` of a graph, with a
 conjugate-gradient solve truncated at ``max_iter`` iterations (see ``METHOD.md``).
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lposs.stencil import stencil_product
+
 __all__ = [
     "CGInfo",
     "conjugate_gradient",
@@ -31,7 +34,6 @@ __all__ = [
 _GRAM_CACHE_ELEMENTS = 1 << 25  # keep the whole N x N similarity matrix up to this size
 _GRAM_BLOCK_ELEMENTS = 1 << 23  # otherwise compute it in (block x N) rows of about this size
 _GRAM_MIN_BLOCK = 256  # fewest rows per block of the similarity matrix
-_STENCIL_BAND_ELEMENTS = 1 << 18  # (classes x pixels) per band of the pixel stencil on CPU
 
 
 # --------------------------------------------------------------------------- solver
@@ -123,7 +125,7 @@ def conjugate_gradient(
 
 def _column_dot(a: Tensor, b: Tensor) -> Tensor:
     """``(C,)`` inner products of matching columns of two ``(N, C)`` tensors."""
-    return (a * b).sum(0)
+    return torch.einsum("nc,nc->c", a, b)  # a batched dot: no (N, C) temporary
 
 
 # --------------------------------------------------------------------------- graphs
@@ -434,8 +436,9 @@ def pixel_propagation(
 
     Solves ``(I - alpha * D^-1/2 W D^-1/2) X = scores`` column by column with conjugate
     gradient from zero (``max_iter`` iterations at most: the paper's truncated solve). ``W``
-    is never formed: the product is a stencil over the ``r x r`` neighbourhood, applied to
-    all classes at once in row bands; its memory is ``(r * r - 1) / 2`` weight maps.
+    is never formed: the product is a stencil over the ``r x r`` neighbourhood
+    (:func:`lposs.stencil.stencil_product`), applied to all classes at once; its memory is
+    ``(r * r - 1) / 2`` weight maps.
 
     Args:
         image: ``(3, H, W)`` RGB in [0, 1].
@@ -534,24 +537,9 @@ class _PixelGraph:
         F.threshold_(self.weights, torch.finfo(self.weights.dtype).tiny, 0.0)  # no subnormals
 
     def propagation_operator(self, p: Tensor) -> Tensor:
-        """``(I - S) p`` for ``p`` ``(Hp * Wp, C)``, S the normalised (alpha-scaled) graph.
-
-        A stencil of shifted-slice multiply-adds over all classes at once, on CPU in bands
-        of pixels so that the band (with its halo) stays in cache; one band on accelerators.
-        """
-        columns = p.T.contiguous()  # (C, Hp * Wp), no copy for vectors laid out like b
-        out = torch.zeros_like(columns)
-        band = self.stop - self.start
-        if columns.device.type == "cpu":
-            band = max(self.padded_width, _STENCIL_BAND_ELEMENTS // columns.shape[0])
-        for a in range(self.start, self.stop, band):
-            b = min(a + band, self.stop)
-            acc = out[:, a:b]
-            for o, s in enumerate(self.shifts):
-                acc.addcmul_(self.weights[o, a:b], columns[:, a + s:b + s])
-                acc.addcmul_(self.weights[o, a - s:b - s], columns[:, a - s:b - s])
-        torch.sub(columns, out, out=out)
-        return out.T
+        """``(I - S) p`` for ``p`` ``(Hp * Wp, C)``, S the normalised (alpha-scaled) graph."""
+        columns = p.T  # (C, Hp * Wp), contiguous for vectors laid out like b
+        return stencil_product(columns, self.weights, self.shifts, self.start, self.stop).T
 
 
 # --------------------------------------------------------------------------- checks

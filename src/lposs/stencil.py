@@ -1,0 +1,120 @@
+"""The product of the LPOSS+ pixel graph with class maps, as a stencil on a flat padded image.
+
+With pixels laid out flat over an image padded by ``r // 2`` on every side, the neighbour at
+offset ``(dy, dx)`` is a fixed shift ``s = dy * Wp + dx``. The graph is stored as one weight
+map per half offset (``w[o, i]`` joins pixel ``i`` and pixel ``i + s_o``), so
+
+    out[c, i] = x[c, i] - sum_o (w[o, i] * x[c, i + s_o] + w[o, i - s_o] * x[c, i - s_o])
+
+for every pixel ``i`` in ``[start, stop)``, which is ``(I - S) x`` for the symmetric ``S``.
+
+Two implementations of that one formula: a compiled CPU kernel (numba) that walks tiles of
+pixels small enough for their neighbourhood to stay in cache, split over threads; and torch
+shifted-slice multiply-adds for every other device, or for CPU when numba is not installed.
+Pure math: no models are imported here.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "stencil_backend", "stencil_product"]
+
+BACKENDS = ("auto", "numba", "torch")
+
+_TORCH_BAND_ELEMENTS = 1 << 20  # (classes x pixels) per band of the torch stencil on CPU
+_KERNEL_TILE_ELEMENTS = 1 << 17  # (classes x pixels) per tile of the compiled kernel
+
+
+def stencil_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int, stop: int,
+                    *, backend: str = "auto") -> Tensor:
+    """``(I - S) x`` for the stencil graph ``S`` described in the module docstring.
+
+    Args:
+        columns: ``(C, Np)`` class maps, flat and padded, zero outside the image.
+        weights: ``(O, Np)`` one weight map per half offset, same dtype and device.
+        shifts: the ``O`` flat shifts, each > 0, with ``start - max(shifts) >= 0`` and
+            ``stop + max(shifts) <= Np``.
+        start, stop: the range of flat positions that holds image pixels.
+        backend: ``"numba"``, ``"torch"`` or ``"auto"`` (numba on CPU when installed).
+
+    Returns:
+        ``(C, Np)``: ``x - S x`` on ``[start, stop)``, ``x`` elsewhere.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = stencil_backend(columns.device)
+    if backend == "numba":
+        return _numba_product(columns, weights, shifts, start, stop)
+    return _torch_product(columns, weights, shifts, start, stop)
+
+
+def stencil_backend(device: torch.device) -> str:
+    """The backend ``"auto"`` picks on ``device``."""
+    return "numba" if device.type == "cpu" and _kernel() is not None else "torch"
+
+
+def _torch_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int,
+                   stop: int) -> Tensor:
+    """Shifted-slice ``addcmul_`` over all classes at once; CPU works in cache-sized bands."""
+    out = torch.zeros_like(columns)
+    band = stop - start
+    if columns.device.type == "cpu":
+        band = max(1, _TORCH_BAND_ELEMENTS // columns.shape[0])
+    for a in range(start, stop, band):
+        b = min(a + band, stop)
+        acc = out[:, a:b]
+        for o, s in enumerate(shifts):
+            acc.addcmul_(weights[o, a:b], columns[:, a + s:b + s])
+            acc.addcmul_(weights[o, a - s:b - s], columns[:, a - s:b - s])
+    return torch.sub(columns, out, out=out)
+
+
+def _numba_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int,
+                   stop: int) -> Tensor:
+    """The compiled kernel over contiguous pixel ranges, one per thread (it releases the GIL)."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the numba stencil backend needs numba (pip install numba)")
+    if columns.device.type != "cpu":
+        raise ValueError(f"the numba stencil backend runs on CPU, got {columns.device}")
+    x = columns.contiguous().numpy()
+    w = weights.to(columns.dtype).contiguous().numpy()
+    out = torch.empty_like(columns)
+    out[:, :start] = columns[:, :start]
+    out[:, stop:] = columns[:, stop:]
+    y = out.numpy()
+    offsets = torch.tensor(shifts, dtype=torch.int64).numpy()
+    tile = max(1, _KERNEL_TILE_ELEMENTS // columns.shape[0])
+    threads = max(1, torch.get_num_threads())
+    tiles = -(-(stop - start) // tile)
+    per_thread = -(-tiles // threads) * tile
+    ranges = [(a, min(a + per_thread, stop)) for a in range(start, stop, per_thread)]
+    if len(ranges) == 1:
+        kernel(x, w, offsets, start, stop, y, tile)
+    else:
+        pool = _pool(threads)
+        jobs = [pool.submit(kernel, x, w, offsets, a, b, y, tile) for a, b in ranges]
+        for job in jobs:
+            job.result()
+    return out
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lposs-stencil")
+
+
+@functools.cache
+def _kernel():
+    """The compiled kernel, or None when numba is not installed (imported on first use)."""
+    try:
+        from lposs._stencil_kernel import stencil_tiles
+    except ImportError:
+        return None
+    return stencil_tiles

@@ -1,0 +1,95 @@
+"""Tests for lposs.stencil: both backends against a dense matrix product written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lposs import stencil
+from lposs.stencil import stencil_backend, stencil_product
+
+BACKENDS = ["torch", "numba"] + (
+    ["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_stencil(height, width, r, classes, dtype, seed):
+    """Random weights and maps in the flat padded layout, zero at padding pixels."""
+    g = torch.Generator().manual_seed(seed)
+    pad = r // 2
+    padded_width = width + 2 * pad
+    inside = torch.zeros(height + 2 * pad, padded_width, dtype=torch.bool)
+    inside[pad:pad + height, pad:pad + width] = True
+    inside = inside.flatten()
+    offsets = [(dy, dx) for dy in range(pad + 1) for dx in range(-pad, pad + 1)
+               if dy > 0 or dx > 0]
+    shifts = [dy * padded_width + dx for dy, dx in offsets]
+    n = inside.numel()
+    weights = torch.rand(len(shifts), n, generator=g, dtype=dtype)
+    for o, s in enumerate(shifts):  # an edge needs both of its pixels inside the image
+        partner = torch.zeros(n, dtype=torch.bool)
+        partner[:n - s] = inside[s:]
+        weights[o] *= inside & partner
+    columns = torch.randn(classes, n, generator=g, dtype=dtype) * inside
+    start = pad * padded_width + pad
+    stop = start + (height - 1) * padded_width + width
+    return columns, weights, shifts, start, stop
+
+
+def dense_reference(columns, weights, shifts, start, stop):
+    """``x - M x`` with the symmetric matrix M written out entry by entry."""
+    n = columns.shape[1]
+    matrix = np.zeros((n, n))
+    w = weights.double().numpy()
+    for o, s in enumerate(shifts):
+        for i in range(start, stop):
+            matrix[i, i + s] += w[o, i]
+            matrix[i + s, i] += w[o, i]
+    x = columns.double().numpy()
+    return x - x @ matrix.T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("height,width,r,classes,dtype", [
+    (7, 9, 5, 3, torch.float32), (5, 4, 3, 1, torch.float64), (1, 6, 5, 2, torch.float32),
+    (6, 1, 7, 4, torch.float64), (3, 3, 13, 5, torch.float32)])
+def test_stencil_product_equals_dense_matrix(monkeypatch, backend, height, width, r, classes,
+                                             dtype):
+    # Tiles of a few pixels, so the kernel walks many tiles and splits them over threads.
+    monkeypatch.setattr(stencil, "_KERNEL_TILE_ELEMENTS", 4 * classes)
+    monkeypatch.setattr(stencil, "_TORCH_BAND_ELEMENTS", 5 * classes)
+    columns, weights, shifts, start, stop = random_stencil(height, width, r, classes, dtype,
+                                                           seed=height * 10 + width)
+    device = "cuda" if backend == "cuda" else "cpu"
+    out = stencil_product(columns.to(device), weights.to(device), shifts, start, stop,
+                          backend="torch" if backend == "cuda" else backend)
+    assert out.shape == columns.shape and out.dtype == dtype and out.device.type == device
+    expected = dense_reference(columns, weights, shifts, start, stop)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(out.cpu().double().numpy(), expected, atol=tolerance)
+
+
+def test_stencil_product_threads_do_not_change_the_result():
+    columns, weights, shifts, start, stop = random_stencil(40, 50, 13, 6, torch.float32, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stencil_product(columns, weights, shifts, start, stop, backend="numba")
+        torch.set_num_threads(3)
+        three = stencil_product(columns, weights, shifts, start, stop, backend="numba")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    torch_result = stencil_product(columns, weights, shifts, start, stop, backend="torch")
+    torch.testing.assert_close(one, torch_result, atol=1e-5, rtol=0)
+
+
+def test_stencil_backend_choice_and_bad_backend():
+    assert stencil_backend(torch.device("cpu")) == "numba"  # numba is a dependency
+    assert stencil_backend(torch.device("meta")) == "torch"
+    columns, weights, shifts, start, stop = random_stencil(3, 3, 3, 1, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        stencil_product(columns, weights, shifts, start, stop, backend="fortran")
+    with pytest.raises(ValueError, match="runs on CPU"):
+        stencil_product(columns.to("meta"), weights.to("meta"), shifts, start, stop,
+                        backend="numba")
