@@ -11,8 +11,10 @@ from lposs.propagation import (
     conjugate_gradient,
     knn_affinity,
     normalized_adjacency,
+    patch_graph,
     patch_propagation,
     pixel_affinity,
+    pixel_graph,
     pixel_propagation,
     rgb_to_lab,
 )
@@ -345,6 +347,32 @@ def test_pixel_propagation_sharpens_blocky_boundaries():
     errors_after = (out.argmax(0) != truth).sum()
     assert errors_before > 100
     assert errors_after < 0.5 * errors_before
+
+
+def test_one_patch_graph_answers_several_score_sets():
+    features, positions, scores = random_patch_problem(n=60, c=3, seed=9)
+    other = torch.randn(60, 5, generator=torch.Generator().manual_seed(1))
+    graph = patch_graph(features, positions, k=12, alpha=0.9)
+    assert graph.num_nodes == 60
+    for y in (scores, other):
+        expected = patch_propagation(features, positions, y, k=12, alpha=0.9)
+        torch.testing.assert_close(graph.propagate(y), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scores"):
+        graph.propagate(scores[:59])
+
+
+def test_one_pixel_graph_answers_several_score_sets():
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 12, 15, generator=g)
+    graph = pixel_graph(image, r=5, tau=0.1, alpha=0.9)
+    for classes in (2, 6):
+        y = torch.randn(classes, 12, 15, generator=g)
+        expected = pixel_propagation(image, y, r=5, tau=0.1, alpha=0.9, max_iter=7)
+        torch.testing.assert_close(graph.propagate(y, max_iter=7), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scores"):
+        graph.propagate(torch.rand(2, 12, 14))
+    with pytest.raises(ValueError, match="max_iter"):
+        graph.propagate(torch.rand(2, 12, 15), max_iter=0)
 
 
 # --------------------------------------------------------------------------- bad input

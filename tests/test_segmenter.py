@@ -34,7 +34,7 @@ def test_output_shapes_types_and_labels_are_argmax(segmenter):
     assert result.classes == ["cat", "dog;puppy", "grass"]
     assert torch.equal(result.labels, result.scores.argmax(dim=0))
     assert torch.isfinite(result.scores).all()
-    assert set(result.timings) >= {"encode", "patch_lp", "pixel_lp"}
+    assert set(result.timings) >= {"encode", "graphs", "patch_lp", "pixel_lp"}
 
 
 def test_encode_once_predict_many_equals_full_runs(segmenter, tiny_clip, tiny_dino):
@@ -45,6 +45,18 @@ def test_encode_once_predict_many_equals_full_runs(segmenter, tiny_clip, tiny_di
     fresh = Segmenter(tiny_clip, tiny_dino, FAST)
     torch.testing.assert_close(first.scores, fresh(image, ["sky", "tree"]).scores)
     torch.testing.assert_close(second.scores, fresh(image, ["car", "road;street", "person"]).scores)
+
+
+def test_graph_settings_changed_after_set_image_take_effect(segmenter, tiny_clip, tiny_dino):
+    image = _image(seed=8)
+    segmenter.set_image(image)
+    before = segmenter.predict(["a", "b"])
+    changed = FAST.replace(k=10, tau=0.05)
+    segmenter.config = changed  # the image's graphs are built again for these settings
+    after = segmenter.predict(["a", "b"])
+    fresh = Segmenter(tiny_clip, tiny_dino, changed)(image, ["a", "b"])
+    torch.testing.assert_close(after.scores, fresh.scores)
+    assert not torch.allclose(before.scores, after.scores)
 
 
 def test_synonyms_take_the_max_of_their_separate_scores(segmenter):

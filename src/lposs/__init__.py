@@ -26,6 +26,10 @@ _EXPORTS = {
     # label propagation
     "patch_propagation": "propagation",
     "pixel_propagation": "propagation",
+    "patch_graph": "propagation",
+    "pixel_graph": "propagation",
+    "PatchGraph": "propagation",
+    "PixelGraph": "propagation",
     "knn_affinity": "propagation",
     "pixel_affinity": "propagation",
     "normalized_adjacency": "propagation",

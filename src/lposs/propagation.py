@@ -22,11 +22,15 @@ from lposs.stencil import stencil_product
 
 __all__ = [
     "CGInfo",
+    "PatchGraph",
+    "PixelGraph",
     "conjugate_gradient",
     "knn_affinity",
     "normalized_adjacency",
+    "patch_graph",
     "patch_propagation",
     "pixel_affinity",
+    "pixel_graph",
     "pixel_propagation",
     "rgb_to_lab",
 ]
@@ -308,6 +312,77 @@ class _BlockedSimilarity:
         return rows
 
 
+class PatchGraph:
+    """The LPOSS patch graph of one image, ready to propagate any class scores.
+
+    Built by :func:`patch_graph`; it depends on the image alone, so one graph answers every
+    vocabulary. Holds ``alpha * S`` as an ``(N, N)`` sparse CSR matrix.
+    """
+
+    def __init__(self, scaled: Tensor):
+        self.scaled = scaled  # (N, N) sparse CSR alpha * D^-1/2 W D^-1/2
+
+    @property
+    def num_nodes(self) -> int:
+        return self.scaled.shape[0]
+
+    def propagate(self, scores: Tensor, *, tol: float = 1e-6, max_iter: int = 10) -> Tensor:
+        """Solve ``(I - alpha * S) X = scores`` column by column with conjugate gradient from
+        zero (``max_iter`` iterations at most: the paper's truncated solve, by design).
+
+        Args:
+            scores: ``(N, C)`` initial class scores, on the graph's device.
+            tol: conjugate-gradient relative residual tolerance, > 0.
+            max_iter: conjugate-gradient iterations, >= 1.
+
+        Returns:
+            ``(N, C)`` refined scores, in the dtype of ``scores``.
+        """
+        _check_tensor("scores", scores, 2)
+        if scores.shape[0] != self.num_nodes:
+            raise ValueError(f"scores must have shape ({self.num_nodes}, C) with C >= 1, "
+                             f"got {tuple(scores.shape)}")
+        _check_same_device(self.scaled, scores=scores)
+        _check_solver_args(tol, max_iter)
+        x, _ = conjugate_gradient(lambda p: torch.addmm(p, self.scaled, p, alpha=-1),
+                                  scores.to(self.scaled.dtype), tol=tol, max_iter=max_iter)
+        return x.to(scores.dtype)
+
+
+def patch_graph(
+    features: Tensor,
+    positions: Tensor,
+    *,
+    k: int = 400,
+    gamma: float = 3.0,
+    sigma: float = 0.01,
+    distance_power: float = 1.0,
+    alpha: float = 0.95,
+) -> PatchGraph:
+    """The LPOSS graph over all patches of all windows: ``W`` from :func:`knn_affinity`,
+    ``S`` from :func:`normalized_adjacency`, scaled by ``alpha``.
+
+    Args:
+        features: ``(N, D)`` patch features of the vision model (L2-normalised inside);
+            float64 builds a float64 graph, any other float dtype a float32 one.
+        positions: ``(N, 2)`` patch centres in working-image pixels, ``(y, x)``.
+        k: neighbours per patch (``min(k, N)`` is used), >= 1.
+        gamma: power of the clamped feature similarity, > 0.
+        sigma: spatial decay per pixel of patch-centre distance, >= 0.
+        distance_power: power of the distance inside the exponential, > 0.
+        alpha: propagation strength, in (0, 1).
+    """
+    _check_nodes(features, positions)
+    _check_graph_args(k, gamma, sigma, distance_power)
+    _check_alpha(alpha)
+    features = features.to(_compute_dtype(features))
+    weights = _knn_affinity(features, positions, k, gamma, sigma, distance_power)
+    adjacency = normalized_adjacency(weights)
+    del weights
+    return PatchGraph(_csr(adjacency.crow_indices(), adjacency.col_indices(),
+                           adjacency.values() * alpha, adjacency.shape))
+
+
 def patch_propagation(
     features: Tensor,
     positions: Tensor,
@@ -323,21 +398,16 @@ def patch_propagation(
 ) -> Tensor:
     """LPOSS: propagate class scores over the kNN graph of all patches of all windows.
 
-    Builds ``W`` with :func:`knn_affinity`, ``S`` with :func:`normalized_adjacency`, and
-    solves ``(I - alpha * S) X = scores`` column by column with :func:`conjugate_gradient`
-    from zero (``max_iter`` iterations at most: the paper's truncated solve, by design).
+    ``patch_graph(features, positions, ...).propagate(scores, ...)``, the graph built in
+    the compute dtype of ``scores``; build the graph once with :func:`patch_graph` to
+    propagate several score sets over one image.
 
     Args:
         features: ``(N, D)`` patch features of the vision model (L2-normalised inside).
         positions: ``(N, 2)`` patch centres in working-image pixels, ``(y, x)``.
         scores: ``(N, C)`` initial class scores.
-        k: neighbours per patch (``min(k, N)`` is used), >= 1.
-        gamma: power of the clamped feature similarity, > 0.
-        sigma: spatial decay per pixel of patch-centre distance, >= 0.
-        distance_power: power of the distance inside the exponential, > 0.
-        alpha: propagation strength, in (0, 1).
-        tol: conjugate-gradient relative residual tolerance, > 0.
-        max_iter: conjugate-gradient iterations, >= 1.
+        k, gamma, sigma, distance_power, alpha: as in :func:`patch_graph`.
+        tol, max_iter: as in :meth:`PatchGraph.propagate`.
 
     Returns:
         ``(N, C)`` refined scores, on the device and in the dtype of ``scores``.
@@ -348,17 +418,11 @@ def patch_propagation(
         raise ValueError(f"scores must have shape ({features.shape[0]}, C) with C >= 1, "
                          f"got {tuple(scores.shape)}")
     _check_same_device(features, scores=scores)
-    _check_graph_args(k, gamma, sigma, distance_power)
-    _check_solver_args(alpha, tol, max_iter)
-    dtype = _compute_dtype(scores)
-    weights = _knn_affinity(features.to(dtype), positions, k, gamma, sigma, distance_power)
-    adjacency = normalized_adjacency(weights)
-    del weights
-    scaled = _csr(adjacency.crow_indices(), adjacency.col_indices(),
-                  adjacency.values() * alpha, adjacency.shape)
-    x, _ = conjugate_gradient(lambda p: torch.addmm(p, scaled, p, alpha=-1), scores.to(dtype),
-                              tol=tol, max_iter=max_iter)
-    return x.to(scores.dtype)
+    _check_alpha(alpha)
+    _check_solver_args(tol, max_iter)
+    graph = patch_graph(features.to(_compute_dtype(scores)), positions, k=k, gamma=gamma,
+                        sigma=sigma, distance_power=distance_power, alpha=alpha)
+    return graph.propagate(scores, tol=tol, max_iter=max_iter)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -417,9 +481,34 @@ def pixel_affinity(image: Tensor, *, r: int = 13, tau: float = 0.01) -> tuple[Te
     _check_pixel_args(r, tau)
     dtype = _compute_dtype(image)
     offsets = _half_offsets(r, image.shape[1], image.shape[2], clip=False)
-    graph = _PixelGraph(image.to(dtype), offsets, r, tau)
+    graph = PixelGraph(image.to(dtype), offsets, r, tau)
     weights = graph.unpad(graph.weights.view(len(offsets), -1)).to(image.dtype)
     return weights, torch.tensor(offsets, dtype=torch.long, device=image.device)
+
+
+def pixel_graph(image: Tensor, *, r: int = 13, tau: float = 0.01,
+                alpha: float = 0.95) -> PixelGraph:
+    """The LPOSS+ graph over the pixels of an image (:func:`pixel_affinity`), normalised
+    and scaled by ``alpha``, ready to propagate any class scores over that image.
+
+    ``W`` is never formed: its product is a stencil over the ``r x r`` neighbourhood
+    (:func:`lposs.stencil.stencil_product`); the graph's memory is ``(r * r - 1) / 2``
+    weight maps of the padded image.
+
+    Args:
+        image: ``(3, H, W)`` RGB in [0, 1]; float64 builds a float64 graph, any other float
+            dtype a float32 one.
+        r: side of the square neighbourhood, odd and >= 3.
+        tau: temperature of the colour distance, > 0.
+        alpha: propagation strength, in (0, 1).
+    """
+    _check_image(image)
+    _check_pixel_args(r, tau)
+    _check_alpha(alpha)
+    offsets = _half_offsets(r, image.shape[1], image.shape[2], clip=True)
+    graph = PixelGraph(image.to(_compute_dtype(image)), offsets, r, tau)
+    graph.normalize(alpha)
+    return graph
 
 
 def pixel_propagation(
@@ -434,20 +523,15 @@ def pixel_propagation(
 ) -> Tensor:
     """LPOSS+: propagate class scores over the pixel graph of :func:`pixel_affinity`.
 
-    Solves ``(I - alpha * D^-1/2 W D^-1/2) X = scores`` column by column with conjugate
-    gradient from zero (``max_iter`` iterations at most: the paper's truncated solve). ``W``
-    is never formed: the product is a stencil over the ``r x r`` neighbourhood
-    (:func:`lposs.stencil.stencil_product`), applied to all classes at once; its memory is
-    ``(r * r - 1) / 2`` weight maps.
+    ``pixel_graph(image, ...).propagate(scores, ...)``, the graph built in the compute dtype
+    of ``scores``; build the graph once with :func:`pixel_graph` to propagate several score
+    sets over one image.
 
     Args:
         image: ``(3, H, W)`` RGB in [0, 1].
         scores: ``(C, H, W)`` class scores at the image's size.
-        r: side of the square neighbourhood, odd and >= 3.
-        tau: temperature of the colour distance, > 0.
-        alpha: propagation strength, in (0, 1).
-        tol: conjugate-gradient relative residual tolerance, > 0.
-        max_iter: conjugate-gradient iterations, >= 1.
+        r, tau, alpha: as in :func:`pixel_graph`.
+        tol, max_iter: as in :meth:`PixelGraph.propagate`.
 
     Returns:
         ``(C, H, W)`` refined scores, on the device and in the dtype of ``scores``.
@@ -458,17 +542,10 @@ def pixel_propagation(
         raise ValueError(f"scores must have shape (C, {image.shape[1]}, {image.shape[2]}) "
                          f"with C >= 1, got {tuple(scores.shape)}")
     _check_same_device(image, scores=scores)
-    _check_pixel_args(r, tau)
-    _check_solver_args(alpha, tol, max_iter)
-    dtype = _compute_dtype(scores)
-    offsets = _half_offsets(r, image.shape[1], image.shape[2], clip=True)
-    graph = _PixelGraph(image.to(dtype), offsets, r, tau)
-    graph.normalize(alpha)
-    b = graph.pad(scores.to(dtype))
-    x, _ = conjugate_gradient(graph.propagation_operator, b.T, tol=tol, max_iter=max_iter,
-                              overwrite_b=True)
-    del b
-    return graph.unpad(x.T).to(scores.dtype)
+    _check_alpha(alpha)
+    _check_solver_args(tol, max_iter)
+    graph = pixel_graph(image.to(_compute_dtype(scores)), r=r, tau=tau, alpha=alpha)
+    return graph.propagate(scores, tol=tol, max_iter=max_iter)
 
 
 def _half_offsets(r: int, height: int, width: int, *, clip: bool) -> list[tuple[int, int]]:
@@ -481,12 +558,13 @@ def _half_offsets(r: int, height: int, width: int, *, clip: bool) -> list[tuple[
             if dy > 0 or dx > 0]
 
 
-class _PixelGraph:
-    """Pixel-graph weights stored flat over the image padded by ``r // 2`` on every side.
+class PixelGraph:
+    """The LPOSS+ pixel graph of one image (build it with :func:`pixel_graph`).
 
-    In the flat padded layout an offset (dy, dx) is a fixed shift ``dy * Wp + dx``, so the
-    stencil works on long contiguous slices. Weights are zero at padding pixels, and vectors
-    are kept zero there, so padding never leaks into the result.
+    Weights are stored flat over the image padded by ``r // 2`` on every side: in that
+    layout an offset (dy, dx) is a fixed shift ``dy * Wp + dx``, so the stencil works on
+    long contiguous slices. Weights are zero at padding pixels, and vectors are kept zero
+    there, so padding never leaks into the result.
     """
 
     def __init__(self, image: Tensor, offsets: list[tuple[int, int]], r: int, tau: float):
@@ -541,6 +619,30 @@ class _PixelGraph:
         columns = p.T  # (C, Hp * Wp), contiguous for vectors laid out like b
         return stencil_product(columns, self.weights, self.shifts, self.start, self.stop).T
 
+    def propagate(self, scores: Tensor, *, tol: float = 1e-6, max_iter: int = 10) -> Tensor:
+        """Solve ``(I - alpha * S) X = scores`` column by column with conjugate gradient from
+        zero (``max_iter`` iterations at most: the paper's truncated solve, by design).
+
+        Args:
+            scores: ``(C, H, W)`` class scores at the graph's image size and device.
+            tol: conjugate-gradient relative residual tolerance, > 0.
+            max_iter: conjugate-gradient iterations, >= 1.
+
+        Returns:
+            ``(C, H, W)`` refined scores, in the dtype of ``scores``.
+        """
+        _check_tensor("scores", scores, 3)
+        if scores.shape[1:] != (self.height, self.width) or scores.shape[0] < 1:
+            raise ValueError(f"scores must have shape (C, {self.height}, {self.width}) "
+                             f"with C >= 1, got {tuple(scores.shape)}")
+        _check_same_device(self.weights, scores=scores)
+        _check_solver_args(tol, max_iter)
+        b = self.pad(scores.to(self.weights.dtype))
+        x, _ = conjugate_gradient(self.propagation_operator, b.T, tol=tol, max_iter=max_iter,
+                                  overwrite_b=True)
+        del b
+        return self.unpad(x.T).to(scores.dtype)
+
 
 # --------------------------------------------------------------------------- checks
 
@@ -585,9 +687,12 @@ def _check_graph_args(k: int, gamma: float, sigma: float, distance_power: float)
         raise ValueError(f"distance_power must be a finite number > 0, got {distance_power!r}")
 
 
-def _check_solver_args(alpha: float, tol: float, max_iter: int) -> None:
+def _check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+
+
+def _check_solver_args(tol: float, max_iter: int) -> None:
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:

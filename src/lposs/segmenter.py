@@ -1,8 +1,8 @@
 """The segmenter: an image and free-text class names in, a segmentation out.
 
-``Segmenter.set_image`` runs both encoders once over every sliding window;
-``Segmenter.predict`` answers any vocabulary from the cached features (text
-embeddings, LPOSS over the patches of all windows jointly, window combine,
+``Segmenter.set_image`` runs both encoders once over every sliding window and builds the
+image's two graphs (patches, pixels); ``Segmenter.predict`` answers any vocabulary from
+them (text embeddings, LPOSS over the patches of all windows jointly, window combine,
 LPOSS+ over pixels, resize back, synonyms reduced by max, argmax).
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import io
 from .config import LPOSSConfig, get_preset
 from .errors import ClassNamesError
-from .propagation import patch_propagation, pixel_propagation
+from .propagation import PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
 from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
 from .windows import working_size as working_size_of
 
@@ -198,6 +198,16 @@ class EncodedImage:
                    [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"])
 
 
+@dataclass
+class _ImageGraphs:
+    """The graphs of one image under one set of graph settings (no class enters them)."""
+
+    settings: tuple  # what they were built with (see Segmenter._graphs)
+    patch: list[PatchGraph | None]  # one per window setup; None without the patch stage
+    pixel: PixelGraph | None  # None without the pixel stage
+    seconds: float  # how long building them took
+
+
 class Segmenter:
     """Open-vocabulary segmentation with LPOSS / LPOSS+.
 
@@ -221,6 +231,7 @@ class Segmenter:
         self.dino = dino
         self.config = config or LPOSSConfig()
         self._state: EncodedImage | None = None
+        self._image_graphs: _ImageGraphs | None = None
 
     @classmethod
     def from_pretrained(
@@ -267,7 +278,7 @@ class Segmenter:
     def set_image(
         self, image, *, max_pixels: int | None = io.DEFAULT_MAX_PIXELS
     ) -> EncodedImage:
-        """Encode an image: every window through CLIP and DINO, once.
+        """Encode an image (every window through CLIP and DINO, once) and build its graphs.
 
         Args:
             image: a path, PIL image, uint8 array `(H, W, 3)` or tensor `(3, H, W)` in [0, 1].
@@ -284,13 +295,33 @@ class Segmenter:
                                                                       cfg.short_side))
         setups = [self._encode_windows(working, size, stride) for size, stride in cfg.windows]
         self._state = EncodedImage(image, working, setups, time.perf_counter() - start)
+        self._image_graphs = None
+        self._graphs()
         return self._state
 
     def set_encoded(self, encoded: EncodedImage) -> None:
         """Use an image encoded earlier (``set_image``'s return value, or
-        ``EncodedImage.load``) with these same encoders and window settings."""
+        ``EncodedImage.load``) with these same encoders and window settings; its graphs are
+        built by the first ``predict``."""
         self._state = EncodedImage(encoded.image, encoded.working.to(self.device),
                                    [s.to(self.device) for s in encoded.setups], encoded.encode_s)
+        self._image_graphs = None
+
+    def _graphs(self) -> _ImageGraphs:
+        """The set image's graphs under the current config, built once and then reused."""
+        cfg, state = self.config, self._state
+        settings = (cfg.patch_stage, cfg.k, cfg.gamma, cfg.sigma, cfg.distance_power,
+                    cfg.pixel_stage, cfg.r, cfg.tau, cfg.alpha)
+        if self._image_graphs is None or self._image_graphs.settings != settings:
+            start = time.perf_counter()
+            patch = [patch_graph(s.dino, s.positions, k=cfg.k, gamma=cfg.gamma, sigma=cfg.sigma,
+                                 distance_power=cfg.distance_power, alpha=cfg.alpha)
+                     if cfg.patch_stage else None for s in state.setups]
+            pixel = pixel_graph(state.working, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha) \
+                if cfg.pixel_stage else None
+            self._image_graphs = _ImageGraphs(settings, patch, pixel,
+                                              time.perf_counter() - start)
+        return self._image_graphs
 
     def _encode_windows(self, working: torch.Tensor, size: int, stride: int) -> WindowSetup:
         cfg = self.config
@@ -327,7 +358,8 @@ class Segmenter:
             raise RuntimeError("call set_image(image) before predict(classes)")
         classes = parse_class_names(classes)
         cfg, state = self.config, self._state
-        timings = {"encode": state.encode_s}
+        graphs = self._graphs()
+        timings = {"encode": state.encode_s, "graphs": graphs.seconds}
 
         start = time.perf_counter()
         text, class_index = self.clip.encode_classes(classes)
@@ -337,15 +369,14 @@ class Segmenter:
         start = time.perf_counter()
         working_hw = tuple(state.working.shape[-2:])
         combined = 0.0
-        for setup in state.setups:
-            combined = combined + self._patch_scores(setup, text, working_hw)
+        for setup, graph in zip(state.setups, graphs.patch):
+            combined = combined + self._patch_scores(setup, graph, text, working_hw)
         combined = combined / len(state.setups)  # (C' + 1, h, w)
         timings["patch_lp"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if cfg.pixel_stage:
-            combined = pixel_propagation(state.working, combined, r=cfg.r, tau=cfg.tau,
-                                         alpha=cfg.alpha, tol=cfg.tol, max_iter=cfg.max_iter)
+        if graphs.pixel is not None:
+            combined = graphs.pixel.propagate(combined, tol=cfg.tol, max_iter=cfg.max_iter)
         timings["pixel_lp"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -355,7 +386,8 @@ class Segmenter:
         timings["resize_argmax"] = time.perf_counter() - start
         return Segmentation(labels, scores, classes, timings, _settings(cfg, unknown_threshold))
 
-    def _patch_scores(self, setup: WindowSetup, text: torch.Tensor, working_hw) -> torch.Tensor:
+    def _patch_scores(self, setup: WindowSetup, graph: PatchGraph | None, text: torch.Tensor,
+                      working_hw) -> torch.Tensor:
         """Initial scores of one window setup, propagated over its patches and stitched.
 
         Returns:
@@ -366,12 +398,8 @@ class Segmenter:
         n, _, gh, gw = setup.clip.shape
         scores = torch.einsum("nehw,ce->nhwc", setup.clip, text).reshape(n * gh * gw, -1)
         scores = torch.cat([scores, scores.new_ones(scores.shape[0], 1)], dim=1)
-        if cfg.patch_stage:
-            scores = patch_propagation(
-                setup.dino, setup.positions, scores, k=cfg.k, gamma=cfg.gamma, sigma=cfg.sigma,
-                distance_power=cfg.distance_power, alpha=cfg.alpha, tol=cfg.tol,
-                max_iter=cfg.max_iter,
-            )
+        if graph is not None:
+            scores = graph.propagate(scores, tol=cfg.tol, max_iter=cfg.max_iter)
         grids = scores.reshape(n, gh, gw, -1).permute(0, 3, 1, 2)
         return stitch_windows(grids, setup.boxes, *working_hw, patch_size=setup.patch_size)
 
