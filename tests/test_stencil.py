@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +96,19 @@ def test_stencil_backend_choice_and_bad_backend():
     with pytest.raises(ValueError, match="runs on CPU"):
         stencil_product(columns.to("meta"), weights.to("meta"), shifts, start, stop,
                         backend="numba")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_numba_backend_works_in_a_forked_child(monkeypatch):
+    monkeypatch.setattr(stencil, "_KERNEL_TILE_ELEMENTS", 64)  # many tiles: the thread pool
+    columns, weights, shifts, start, stop = random_stencil(30, 40, 7, 3, torch.float32, seed=3)
+    expected = stencil_product(columns, weights, shifts, start, stop, backend="numba")
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:  # the parent's thread pool does not exist in the child
+        result = pool.apply_async(_product_in_child, (columns, weights, shifts, start, stop))
+        assert torch.equal(result.get(timeout=60), expected)
+
+
+def _product_in_child(columns, weights, shifts, start, stop):
+    torch.set_num_threads(2)
+    return stencil_product(columns, weights, shifts, start, stop, backend="numba")

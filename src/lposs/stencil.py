@@ -17,6 +17,7 @@ Pure math: no models are imported here.
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -98,7 +99,7 @@ def _numba_product(columns: Tensor, weights: Tensor, shifts: list[int], start: i
     if len(ranges) == 1:
         kernel(x, w, offsets, start, stop, y, tile)
     else:
-        pool = _pool(threads)
+        pool = _pool(threads, os.getpid())
         jobs = [pool.submit(kernel, x, w, offsets, a, b, y, tile) for a, b in ranges]
         for job in jobs:
             job.result()
@@ -106,7 +107,8 @@ def _numba_product(columns: Tensor, weights: Tensor, shifts: list[int], start: i
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process (a forked child cannot use its parent's)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lposs-stencil")
 
 
