@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
@@ -84,7 +85,9 @@ class DinoEncoder(DenseEncoder):
         for block in model.blocks[:-1]:
             x = block(x)
         last = model.blocks[-1]
-        values = last.attn.qkv(last.norm1(x))[..., 2 * self.embed_dim :]
+        qkv, v = last.attn.qkv, slice(2 * self.embed_dim, None)  # only v of the fused qkv
+        bias = qkv.bias[v] if qkv.bias is not None else None
+        values = F.linear(last.norm1(x), qkv.weight[v], bias)
         values = values[:, model.num_prefix_tokens :]  # drop class and register tokens
         return values.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
 
