@@ -112,3 +112,16 @@ def test_numba_backend_works_in_a_forked_child(monkeypatch):
 def _product_in_child(columns, weights, shifts, start, stop):
     torch.set_num_threads(2)
     return stencil_product(columns, weights, shifts, start, stop, backend="numba")
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_stencil_product_writes_into_a_given_buffer(backend):
+    columns, weights, shifts, start, stop = random_stencil(8, 9, 5, 3, torch.float64, seed=4)
+    expected = dense_reference(columns, weights, shifts, start, stop)
+    buffer = torch.full_like(columns, float("nan"))  # stale contents must not leak through
+    out = stencil_product(columns, weights, shifts, start, stop, backend=backend, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr()
+    np.testing.assert_allclose(buffer.numpy(), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="out must be"):
+        stencil_product(columns, weights, shifts, start, stop, backend=backend,
+                        out=buffer.float())

@@ -75,7 +75,8 @@ def conjugate_gradient(
 
     Args:
         operator: ``(N, N)`` dense or sparse tensor, or a function mapping ``(N, C)`` to
-            ``A @ X`` of the same shape (it receives tensors laid out like ``b``).
+            ``A @ X`` of the same shape (it receives tensors laid out like ``b``; each result
+            is used up before the next call, so the function may reuse one output buffer).
         b: ``(N, C)`` or ``(N,)`` right-hand sides.
         tol: relative residual tolerance, > 0.
         max_iter: most iterations per column, >= 1.
@@ -624,10 +625,12 @@ class PixelGraph:
             self.weights[o, a:b] *= inv_sqrt[a:b] * inv_sqrt[a + s:b + s]
         F.threshold_(self.weights, torch.finfo(self.weights.dtype).tiny, 0.0)  # no subnormals
 
-    def propagation_operator(self, p: Tensor) -> Tensor:
-        """``(I - S) p`` for ``p`` ``(Hp * Wp, C)``, S the normalised (alpha-scaled) graph."""
+    def propagation_operator(self, p: Tensor, out: Tensor | None = None) -> Tensor:
+        """``(I - S) p`` for ``p`` ``(Hp * Wp, C)``, S the normalised (alpha-scaled) graph;
+        ``out`` (laid out like ``p``) receives it when given."""
         columns = p.T  # (C, Hp * Wp), contiguous for vectors laid out like b
-        return stencil_product(columns, self.weights, self.shifts, self.start, self.stop).T
+        return stencil_product(columns, self.weights, self.shifts, self.start, self.stop,
+                               out=None if out is None else out.T).T
 
     def propagate(self, scores: Tensor, *, tol: float = 1e-6, max_iter: int = 10) -> Tensor:
         """Solve ``(I - alpha * S) X = scores`` column by column with conjugate gradient from
@@ -647,9 +650,10 @@ class PixelGraph:
                              f"with C >= 1, got {tuple(scores.shape)}")
         _check_same_device(self.weights, scores=scores)
         _check_solver_args(tol, max_iter)
-        b = self.pad(scores.to(self.weights.dtype))
-        x, _ = conjugate_gradient(self.propagation_operator, b.T, tol=tol, max_iter=max_iter,
-                                  overwrite_b=True)
+        b = self.pad(scores.to(self.weights.dtype)).T
+        product = torch.empty_like(b)  # one buffer for every product: no fresh pages each time
+        x, _ = conjugate_gradient(lambda p: self.propagation_operator(p, product), b,
+                                  tol=tol, max_iter=max_iter, overwrite_b=True)
         del b
         return self.unpad(x.T).to(scores.dtype)
 

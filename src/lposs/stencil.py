@@ -32,7 +32,7 @@ _KERNEL_TILE_ELEMENTS = 1 << 17  # (classes x pixels) per tile of the compiled k
 
 
 def stencil_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int, stop: int,
-                    *, backend: str = "auto") -> Tensor:
+                    *, backend: str = "auto", out: Tensor | None = None) -> Tensor:
     """``(I - S) x`` for the stencil graph ``S`` described in the module docstring.
 
     Args:
@@ -42,6 +42,8 @@ def stencil_product(columns: Tensor, weights: Tensor, shifts: list[int], start: 
             ``stop + max(shifts) <= Np``.
         start, stop: the range of flat positions that holds image pixels.
         backend: ``"numba"``, ``"torch"`` or ``"auto"`` (numba on CPU when installed).
+        out: a contiguous ``(C, Np)`` tensor like ``columns`` (not overlapping it) to write
+            the result into; a new one when None.
 
     Returns:
         ``(C, Np)``: ``x - S x`` on ``[start, stop)``, ``x`` elsewhere.
@@ -50,9 +52,14 @@ def stencil_product(columns: Tensor, weights: Tensor, shifts: list[int], start: 
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         backend = stencil_backend(columns.device)
+    if out is None:
+        out = torch.empty_like(columns, memory_format=torch.contiguous_format)
+    elif out.shape != columns.shape or out.dtype != columns.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {columns.dtype} tensor of shape "
+                         f"{tuple(columns.shape)}")
     if backend == "numba":
-        return _numba_product(columns, weights, shifts, start, stop)
-    return _torch_product(columns, weights, shifts, start, stop)
+        return _numba_product(columns, weights, shifts, start, stop, out)
+    return _torch_product(columns, weights, shifts, start, stop, out)
 
 
 def stencil_backend(device: torch.device) -> str:
@@ -61,9 +68,9 @@ def stencil_backend(device: torch.device) -> str:
 
 
 def _torch_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int,
-                   stop: int) -> Tensor:
+                   stop: int, out: Tensor) -> Tensor:
     """Shifted-slice ``addcmul_`` over all classes at once; CPU works in cache-sized bands."""
-    out = torch.zeros_like(columns)
+    out.zero_()
     band = stop - start
     if columns.device.type == "cpu":
         band = max(1, _TORCH_BAND_ELEMENTS // columns.shape[0])
@@ -77,7 +84,7 @@ def _torch_product(columns: Tensor, weights: Tensor, shifts: list[int], start: i
 
 
 def _numba_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int,
-                   stop: int) -> Tensor:
+                   stop: int, out: Tensor) -> Tensor:
     """The compiled kernel over contiguous pixel ranges, one per thread (it releases the GIL)."""
     kernel = _kernel()
     if kernel is None:
@@ -86,7 +93,6 @@ def _numba_product(columns: Tensor, weights: Tensor, shifts: list[int], start: i
         raise ValueError(f"the numba stencil backend runs on CPU, got {columns.device}")
     x = columns.contiguous().numpy()
     w = weights.to(columns.dtype).contiguous().numpy()
-    out = torch.empty_like(columns)
     out[:, :start] = columns[:, :start]
     out[:, stop:] = columns[:, stop:]
     y = out.numpy()
