@@ -123,7 +123,7 @@ def conjugate_gradient(
         beta = torch.where(active, rs_new / torch.where(rs > 0, rs, 1), 0)
         iterations += active.long()
         active = active & (rs_new.sqrt() > bound) & (pap > 0)
-        p.mul_(beta).add_(r)
+        torch.addcmul(r, p, beta, out=p)  # p = r + beta * p in one pass
         rs = rs_new  # unchanged in columns that did not move
     residual = torch.where(b_norm > 0, rs.sqrt() / torch.where(b_norm > 0, b_norm, 1), 0)
     return x, CGInfo(converged=rs.sqrt() <= bound, iterations=iterations, residual=residual)
