@@ -59,6 +59,19 @@ def test_graph_settings_changed_after_set_image_take_effect(segmenter, tiny_clip
     assert not torch.allclose(before.scores, after.scores)
 
 
+def test_switching_between_encoded_images_answers_for_the_image_set(segmenter, tiny_clip,
+                                                                     tiny_dino):
+    first, second = _image(seed=9), _image(seed=10)[::-1].copy()
+    encoded_first = segmenter.set_image(first)
+    encoded_second = Segmenter(tiny_clip, tiny_dino, FAST).set_image(second)
+    fresh = Segmenter(tiny_clip, tiny_dino, FAST)
+    for image, encoded in ((second, encoded_second), (first, encoded_first),
+                           (first, encoded_first)):  # the same image again keeps its graphs
+        segmenter.set_encoded(encoded)
+        torch.testing.assert_close(segmenter.predict(["a", "b"]).scores,
+                                   fresh(image, ["a", "b"]).scores)
+
+
 def test_synonyms_take_the_max_of_their_separate_scores(segmenter):
     segmenter.set_image(_image(seed=2))
     joined = segmenter.predict(["cat;kitten", "dog"]).scores

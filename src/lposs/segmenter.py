@@ -231,6 +231,7 @@ class Segmenter:
         self.dino = dino
         self.config = config or LPOSSConfig()
         self._state: EncodedImage | None = None
+        self._state_source: EncodedImage | None = None  # what set_image/set_encoded gave out
         self._image_graphs: _ImageGraphs | None = None
 
     @classmethod
@@ -295,6 +296,7 @@ class Segmenter:
                                                                       cfg.short_side))
         setups = [self._encode_windows(working, size, stride) for size, stride in cfg.windows]
         self._state = EncodedImage(image, working, setups, time.perf_counter() - start)
+        self._state_source = self._state
         self._image_graphs = None
         self._graphs()
         return self._state
@@ -302,9 +304,12 @@ class Segmenter:
     def set_encoded(self, encoded: EncodedImage) -> None:
         """Use an image encoded earlier (``set_image``'s return value, or
         ``EncodedImage.load``) with these same encoders and window settings; its graphs are
-        built by the first ``predict``."""
+        built by the first ``predict``. Setting the image that is already set keeps them."""
+        if encoded is self._state_source:
+            return
         self._state = EncodedImage(encoded.image, encoded.working.to(self.device),
                                    [s.to(self.device) for s in encoded.setups], encoded.encode_s)
+        self._state_source = encoded
         self._image_graphs = None
 
     def _graphs(self) -> _ImageGraphs:
