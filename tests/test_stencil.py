@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -125,3 +127,30 @@ def test_stencil_product_writes_into_a_given_buffer(backend):
     with pytest.raises(ValueError, match="out must be"):
         stencil_product(columns, weights, shifts, start, stop, backend=backend,
                         out=buffer.float())
+
+
+@pytest.mark.parametrize("failure", ["missing", "broken"])
+def test_without_a_working_numba_cpu_falls_back_to_torch(monkeypatch, failure):
+    from lposs.propagation import pixel_propagation
+
+    image = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(5))
+    scores = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(6))
+    with_numba = pixel_propagation(image, scores, r=5, tau=0.1)
+    if failure == "missing":
+        monkeypatch.setitem(sys.modules, "lposs._stencil_kernel", None)  # import -> ImportError
+    else:
+        class Broken:
+            def __getattr__(self, name):
+                raise OSError("libllvmlite.so: cannot open shared object file")
+        monkeypatch.setitem(sys.modules, "lposs._stencil_kernel", Broken())
+    stencil._kernel.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert stencil_backend(torch.device("cpu")) == "torch"
+            without = pixel_propagation(image, scores, r=5, tau=0.1)
+        assert (failure == "broken") == any("numba does not load" in str(w.message)
+                                            for w in caught)
+    finally:
+        stencil._kernel.cache_clear()
+    torch.testing.assert_close(without, with_numba, atol=1e-6, rtol=0)

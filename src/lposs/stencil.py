@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -120,9 +121,14 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 
 @functools.cache
 def _kernel():
-    """The compiled kernel, or None when numba is not installed (imported on first use)."""
+    """The compiled kernel, or None when numba is not installed or does not load (imported
+    on first use; a broken install warns once and the torch stencil takes over)."""
     try:
         from lposs._stencil_kernel import stencil_tiles
     except ImportError:
+        return None
+    except Exception as err:  # e.g. llvmlite present but its library does not load
+        warnings.warn(f"lposs: numba does not load ({err}); the pixel stage uses the slower "
+                      f"torch stencil", RuntimeWarning, stacklevel=2)
         return None
     return stencil_tiles
