@@ -164,6 +164,26 @@ def test_stitch_single_window_equals_interpolate():
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("height,width,size,stride", [(300, 470, 224, 112),
+                                                     (520, 230, 448, 224), (90, 700, 224, 96)])
+def test_stitch_random_windows_in_any_order_equal_resize_and_add(height, width, size, stride):
+    boxes = window_grid(height, width, size=size, stride=stride)
+    cells = size // 16
+    order = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(0))
+    boxes = boxes[order]
+    scores = torch.randn(len(boxes), 3, cells, cells, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(1))
+    out = stitch_windows(scores, boxes, height, width, patch_size=16)
+    total = torch.zeros(3, height, width, dtype=torch.float64)
+    count = torch.zeros(height, width, dtype=torch.float64)
+    for grid, (y1, x1, y2, x2) in zip(scores, boxes.tolist(), strict=True):
+        up = F.interpolate(grid[None], size=(size, size), mode="bilinear",
+                           align_corners=False)[0]
+        total[:, y1:y2, x1:x2] += up[:, :y2 - y1, :x2 - x1]
+        count[y1:y2, x1:x2] += 1
+    torch.testing.assert_close(out, total / count, rtol=0, atol=1e-12)
+
+
 def test_stitch_small_image_crops_padded_upsampling():
     # a 20x30 image is one window padded to 32x32 (2x2 patches of 16): resize, then crop
     grid = torch.randn(3, 2, 2)

@@ -200,7 +200,8 @@ def stitch_windows(
     Each ``(C, gh, gw)`` grid is resized bilinearly (``align_corners=False``) to the
     window's padded size ``(gh * P, gw * P)``, cropped to the window's own size
     ``(y2 - y1, x2 - x1)``, added into place, and the sum divided per pixel by the
-    number of windows covering it.
+    number of windows covering it (computed as matrix products, without the resized
+    windows themselves).
 
     Args:
         window_scores: ``(n, C, gh, gw)`` scores per window patch.
@@ -236,16 +237,35 @@ def stitch_windows(
             f"a window is larger than its {gh}x{gw} patch grid of {patch_size}-pixel patches"
         )
 
+    # Bilinear resizing is separable: a window's map is R_rows @ grid @ R_cols^T. Windows that
+    # share their rows (y1, y2) are summed at grid height first, then resized to rows once.
     acc_dtype = torch.float64 if window_scores.dtype == torch.float64 else torch.float32
     dev = window_scores.device
+    scores = window_scores.to(acc_dtype)
+    up_rows = _upsampling_matrix(gh, patch_size, acc_dtype, dev)  # (gh * P, gh)
+    up_cols = _upsampling_matrix(gw, patch_size, acc_dtype, dev)  # (gw * P, gw)
+    bands: dict[tuple[int, int], list[int]] = {}
+    for k, (y1, _, y2, _) in enumerate(box_list):
+        bands.setdefault((y1, y2), []).append(k)
     total = torch.zeros((channels, height, width), dtype=acc_dtype, device=dev)
     count = torch.zeros((height, width), dtype=acc_dtype, device=dev)
-    for k, (y1, x1, y2, x2) in enumerate(box_list):
-        up = F.interpolate(window_scores[k : k + 1].to(acc_dtype),
-                           size=(gh * patch_size, gw * patch_size),
-                           mode="bilinear", align_corners=False)[0]
-        total[:, y1:y2, x1:x2] += up[:, : y2 - y1, : x2 - x1]
-        count[y1:y2, x1:x2] += 1
+    for (y1, y2), members in bands.items():
+        band = torch.zeros((channels, gh, width), dtype=acc_dtype, device=dev)
+        covered = torch.zeros(width, dtype=acc_dtype, device=dev)
+        for k in members:
+            _, x1, _, x2 = box_list[k]
+            band[:, :, x1:x2] += scores[k] @ up_cols[: x2 - x1].T
+            covered[x1:x2] += 1
+        total[:, y1:y2].baddbmm_(up_rows[: y2 - y1].expand(channels, -1, -1), band)
+        count[y1:y2] += covered
     if bool((count == 0).any()):
         raise ValueError(f"boxes leave part of the {height}x{width} image uncovered")
     return (total / count).to(window_scores.dtype)
+
+
+def _upsampling_matrix(cells: int, patch_size: int, dtype: torch.dtype,
+                       device: torch.device) -> Tensor:
+    """``(cells * P, cells)``: bilinear upsampling by ``P`` along one axis as a matrix, taken
+    from ``F.interpolate`` itself (``align_corners=False``, clamped at the borders)."""
+    eye = torch.eye(cells, dtype=dtype, device=device)[None]
+    return F.interpolate(eye, size=cells * patch_size, mode="linear", align_corners=False)[0].T
