@@ -15,6 +15,7 @@ _EXPORTS = {
     "LPOSSConfig": "config",
     "PRESETS": "config",
     "get_preset": "config",
+    "UNKNOWN": "config",
     # errors
     "LpossError": "errors",
     "ImageError": "errors",
@@ -34,6 +35,7 @@ _EXPORTS = {
     "pixel_affinity": "propagation",
     "normalized_adjacency": "propagation",
     "conjugate_gradient": "propagation",
+    "CGInfo": "propagation",
     "rgb_to_lab": "propagation",
     # encoders
     "load_clip": "encoders",
@@ -43,10 +45,10 @@ _EXPORTS = {
     # pipeline
     "Segmenter": "segmenter",
     "Segmentation": "segmenter",
-    "load_image": "io",
+    "load_image": "images",
     "EncodedImage": "segmenter",
     "refine_scores": "segmenter",
-    "find_images": "io",
+    "find_images": "images",
     # evaluation
     "mean_iou": "metrics",
     "boundary_iou": "metrics",
@@ -54,7 +56,7 @@ _EXPORTS = {
     "get_dataset": "datasets",
     "FolderDataset": "datasets",
     "DATASETS": "datasets",
-    "load_class_names": "datasets",
+    "load_class_names": "vocab",
     "paper_reference": "datasets",
     "evaluate": "evaluation",
     "sweep": "evaluation",

@@ -84,8 +84,7 @@ def _config_from(args: argparse.Namespace, base: LPOSSConfig) -> LPOSSConfig:
 
 
 def _class_names(args: argparse.Namespace) -> list[str]:
-    from .datasets import load_class_names
-    from .segmenter import parse_class_names
+    from .vocab import load_class_names, parse_class_names
 
     if args.classes_file is not None:
         return parse_class_names(load_class_names(args.classes_file))
@@ -117,7 +116,7 @@ def _segment_parser(sub) -> None:
     p.add_argument("--unknown-threshold", type=float, default=None, metavar="T",
                    help="label pixels whose best score (cosine scale) is below T as unknown")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="refuse images with more pixels (default: lposs.io.DEFAULT_MAX_PIXELS; "
+                   help="refuse images with more pixels (default: lposs.images.DEFAULT_MAX_PIXELS; "
                         "0 disables the cap)")
     _add_model_options(p)
     _add_propagation_options(p, patch=True)
@@ -142,7 +141,7 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 
 
 def _max_pixels(args) -> int | None:
-    from .io import DEFAULT_MAX_PIXELS
+    from .images import DEFAULT_MAX_PIXELS
 
     if args.max_pixels is None:
         return DEFAULT_MAX_PIXELS
@@ -153,7 +152,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import get_preset
-    from .io import find_images
+    from .images import find_images
     from .segmenter import Segmenter
 
     classes = _class_names(args)
@@ -178,7 +177,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         try:
             result = segmenter(path, classes, unknown_threshold=args.unknown_threshold,
                                max_pixels=_max_pixels(args))
-            result.save(args.out, stem, path, scores=args.save_scores)
+            result.save(args.out, stem, segmenter.image, scores=args.save_scores)
             done += 1
         except (LpossError, OSError) as err:
             bar.clear()
@@ -230,8 +229,10 @@ def _run_refine(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .io import load_label_map
-    from .segmenter import Segmentation, parse_class_names, refine_scores
+    from .images import load_image, load_label_map
+    from .config import UNKNOWN
+    from .segmenter import Segmentation, refine_scores
+    from .vocab import parse_class_names
 
     if args.scores is not None:
         try:
@@ -243,7 +244,7 @@ def _run_refine(args: argparse.Namespace) -> int:
                              f"got {tuple(scores.shape)}")
     else:
         labels = load_label_map(args.labels)
-        valid = labels[labels < 255]
+        valid = labels[labels < UNKNOWN]
         n = args.num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
         one_hot = torch.nn.functional.one_hot(torch.where(labels < n, labels, n), n + 1)
         scores = one_hot[..., :n].permute(2, 0, 1).float()  # (C, H, W); others all zero
@@ -258,12 +259,13 @@ def _run_refine(args: argparse.Namespace) -> int:
     _ensure_writable(args.out)
     start = time.perf_counter()
     config = _config_from(args, LPOSSConfig())
-    refined = refine_scores(args.image, scores, config)
+    image = load_image(args.image)
+    refined = refine_scores(image, scores, config)
     result = Segmentation(refined.argmax(dim=0), refined, classes,
                           {"refine": time.perf_counter() - start},
                           {"r": config.r, "tau": config.tau, "alpha": config.alpha,
                            "short_side": config.short_side})
-    result.save(args.out, args.image.stem, args.image, scores=args.save_scores)
+    result.save(args.out, args.image.stem, image, scores=args.save_scores)
     print(f"refined {args.image} ({n_classes} classes) in {result.timings['refine']:.1f} s "
           f"-> {args.out}")
     return 0

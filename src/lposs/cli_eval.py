@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .cli import _add_model_options, _add_propagation_options, _config_from, _Formatter
+from .config import UNKNOWN
 from .errors import ConfigError, LpossError
 
 __all__ = ["add_eval_parser", "run_eval", "parse_sweep"]
@@ -58,7 +59,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                       help="folder dataset: label masks <image stem>.png (pixel = class index)")
     data.add_argument("--class-file", type=Path, default=None, metavar="FILE",
                       help="folder dataset: one class name per line (';' synonyms)")
-    data.add_argument("--ignore-index", type=int, default=255,
+    data.add_argument("--ignore-index", type=int, default=UNKNOWN,
                       help="folder dataset: ignored label value")
     data.add_argument("--reduce-zero-label", action="store_true",
                       help="folder dataset: label 0 is ignored, the others shift down by one")

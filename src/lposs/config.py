@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["LPOSSConfig", "PRESETS", "get_preset"]
+__all__ = ["LPOSSConfig", "PRESETS", "get_preset", "UNKNOWN"]
+
+UNKNOWN = 255
+"""Label value of "unknown" pixels (below the abstain threshold) and of ignored ground-truth
+pixels (VOC's "void"): the one definition of 255 that the segmenter, the saved PNGs, the
+datasets and the metrics share."""
 
 
 @dataclass(frozen=True)

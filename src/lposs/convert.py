@@ -19,10 +19,8 @@ so an interrupted run leaves no partial PNG; existing outputs are skipped unless
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import _dataset_dir, read_label_png
+from .datasets import _dataset_dir, _read_label
 from .errors import DatasetError
+from .files import atomic_write
 
 __all__ = [
     "ConversionResult",
@@ -379,7 +378,7 @@ def _coco_raw_files(data_root, splits) -> list[Path]:
 
 def _lut_reader(src: Path, lut: np.ndarray) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        raw = read_label_png(src)
+        raw = _read_label(src)
         if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
             raise DatasetError(f"{src} holds values outside 0..255; expected raw 8-bit ids")
         return lut[raw]
@@ -456,14 +455,7 @@ def _run(jobs, overwrite: bool, progress: Progress | None) -> ConversionResult:
 
 
 def _write_png_atomic(label: np.ndarray, path: Path) -> None:
-    """Write ``(H, W)`` uint8 labels as a greyscale PNG via a temporary file and os.replace."""
+    """Write ``(H, W)`` uint8 labels as a greyscale PNG (:func:`lposs.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    image = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))

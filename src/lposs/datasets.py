@@ -27,9 +27,11 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .errors import ClassNamesError, DatasetError
+from .config import UNKNOWN
+from .errors import DatasetError, ImageError
+from .images import IMAGE_SUFFIXES, load_label_map
+from .vocab import check_class_names, load_class_names
 
 __all__ = [
     "Sample",
@@ -40,13 +42,11 @@ __all__ = [
     "benchmark_classes",
     "load_class_names",
     "paper_reference",
-    "read_label_png",
     "reduce_zero_label",
     "IGNORE_INDEX",
 ]
 
-IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IGNORE_INDEX = UNKNOWN  # kept for importers: the one value is lposs.config.UNKNOWN
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 
@@ -76,32 +76,19 @@ class Sample:
         Raises:
             DatasetError: The file is missing, unreadable or not a single-channel label map.
         """
-        label = read_label_png(self.label_path)
+        label = _read_label(self.label_path)
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         return label
 
 
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a label image keeping its palette indices (no RGB conversion).
-
-    Returns:
-        ``(H, W)`` int64 label values as stored in the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"label file not found: {path}")
+def _read_label(path: str | os.PathLike) -> np.ndarray:
+    """``(H, W)`` int64 label values as stored (:func:`lposs.images.load_label_map`), with a
+    ``DatasetError`` for a missing or unusable file."""
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-                raise DatasetError(
-                    f"label file {path} has mode {im.mode}; expected a single-channel "
-                    "(palette or greyscale) label map"
-                )
-            label = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"cannot read label file {path}: {exc}") from exc
-    return label.astype(np.int64)
+        return load_label_map(path).numpy()
+    except ImageError as err:
+        raise DatasetError(str(err)) from None
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -115,7 +102,7 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """
     label = np.asarray(label, dtype=np.int64)
     out = label - 1
-    out[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
+    out[(label == 0) | (label == UNKNOWN)] = UNKNOWN
     return out
 
 
@@ -137,13 +124,13 @@ class SegmentationDataset(Sequence):
         samples: Sequence[Sample],
         classes: Sequence[str],
         *,
-        ignore_index: int = IGNORE_INDEX,
+        ignore_index: int = UNKNOWN,
         reduce_zero_label: bool = False,
         root: str | os.PathLike | None = None,
     ) -> None:
         self.name = name
         self.samples = list(samples)
-        self.classes = _check_class_names(classes, source=f"dataset {name!r}")
+        self.classes = check_class_names(classes, source=f"dataset {name!r}")
         self.ignore_index = int(ignore_index)
         self.reduce_zero_label = bool(reduce_zero_label)
         self.root = Path(root) if root is not None else None
@@ -195,7 +182,7 @@ class FolderDataset(SegmentationDataset):
         masks_dir: str | os.PathLike,
         class_names: Sequence[str] | str | os.PathLike,
         *,
-        ignore_index: int = IGNORE_INDEX,
+        ignore_index: int = UNKNOWN,
         reduce_zero_label: bool = False,
         name: str = "folder",
     ) -> None:
@@ -207,7 +194,7 @@ class FolderDataset(SegmentationDataset):
                 raise DatasetError(f"{what} not found: expected {folder}")
         masks = _files_by_stem(masks_dir, MASK_EXTENSIONS)
         samples = []
-        for stem, image_path in _files_by_stem(images_dir, IMAGE_EXTENSIONS).items():
+        for stem, image_path in _files_by_stem(images_dir, IMAGE_SUFFIXES).items():
             if stem not in masks:
                 raise DatasetError(
                     f"image {image_path} has no mask: expected {masks_dir / (stem + '.png')}"
@@ -215,7 +202,7 @@ class FolderDataset(SegmentationDataset):
             samples.append(Sample(stem, image_path, masks[stem], reduce_zero_label))
         if not samples:
             raise DatasetError(
-                f"no images found in {images_dir} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+                f"no images found in {images_dir} (extensions: {', '.join(IMAGE_SUFFIXES)})"
             )
         super().__init__(
             name,
@@ -242,49 +229,6 @@ def _files_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]
 
 # ---------------------------------------------------------------------------------------------
 # Class names
-
-
-def load_class_names(path: str | os.PathLike) -> list[str]:
-    """Read a class-name file: one class per line, ``;`` between synonyms.
-
-    Blank lines and lines starting with ``#`` are skipped; names are stripped.
-
-    Raises:
-        DatasetError: The file does not exist.
-        ClassNamesError: The file holds no names, or empty or duplicate names.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"class-name file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClassNamesError(f"cannot read class-name file {path}: {exc}") from exc
-    names = [line.strip() for line in lines]
-    names = [
-        ";".join(s.strip() for s in name.split(";"))
-        for name in names
-        if name and not name.startswith("#")
-    ]
-    return _check_class_names(names, source=f"class-name file {path}")
-
-
-def _check_class_names(names: Sequence[str], *, source: str) -> list[str]:
-    if isinstance(names, str) or not isinstance(names, Sequence):
-        raise TypeError(f"class_names must be a list of strings, got {type(names).__name__}")
-    out = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise TypeError(f"class_names[{i}] must be a str, got {type(name).__name__}")
-        if not all(s.strip() for s in name.split(";")):
-            raise ClassNamesError(f"{source}: class {i} ({name!r}) has an empty name or synonym")
-        out.append(name)  # kept verbatim (ADE20K's list has "bed " as published)
-    if not out:
-        raise ClassNamesError(f"{source}: no class names")
-    duplicates = sorted({n for n in out if out.count(n) > 1})
-    if duplicates:
-        raise ClassNamesError(f"{source}: duplicate class names {duplicates}")
-    return out
 
 
 def benchmark_classes(name: str) -> list[str]:

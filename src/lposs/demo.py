@@ -10,7 +10,6 @@ or LPOSS+) or the propagation settings never re-runs the encoders.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import math
 import os
@@ -185,7 +184,7 @@ class DemoBackend:
         if classes is None or not classes.strip(" ,;\n\t"):
             raise ClassNamesError("no class names: type some, comma-separated, e.g. "
                                   "'sky, grass;lawn, house' (';' joins synonyms)")
-        from .segmenter import parse_class_names
+        from .vocab import parse_class_names
 
         names = parse_class_names(classes)
         if unknown_threshold is not None and not math.isfinite(unknown_threshold):
@@ -198,7 +197,7 @@ class DemoBackend:
             result = segmenter.predict(names, unknown_threshold=unknown_threshold)
             result.timings = {**result.timings, "encode": 0.0 if reused else encoded.encode_s}
             files = self._save(result, Path(image).stem)
-        from .io import UNKNOWN_COLOR
+        from .drawing import UNKNOWN_COLOR
 
         overlay = result.overlay(encoded.image)
         colors = [tuple(int(v) for v in c) for c in result.colors()]
@@ -240,9 +239,11 @@ class DemoBackend:
     def _encode(self, segmenter, path: Path):
         """The encoded image, from the cache when this content was encoded with these
         encoders and windows before. Returns ``(EncodedImage, reused)``."""
+        from .files import file_sha256
+
         cfg = segmenter.config
         try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = file_sha256(path)
         except OSError as err:
             raise ImageError(f"cannot read the uploaded file: {err.strerror or err}") from None
         key = (digest, cfg.clip, cfg.clip_pretrained, cfg.dino if cfg.patch_stage else None,
@@ -250,7 +251,7 @@ class DemoBackend:
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key], True
-        from .io import load_image
+        from .images import load_image
 
         try:
             image = load_image(path, max_pixels=self.max_pixels)
@@ -335,7 +336,7 @@ def build_demo(backend: DemoBackend, *, method: str = "LPOSS+"):
     def run(image, classes, method_name, preset, threshold):
         # Raw inputs (preprocess=False): Gradio's own image preprocessing would open the
         # upload with Pillow and fail with a stack trace on a file that is not an image;
-        # io.load_image checks it instead. Gradio still keeps uploads to its cache folder.
+        # images.load_image checks it instead. Gradio still keeps uploads to its cache folder.
         if isinstance(image, dict):
             image = image.get("path")
         try:

@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
-from . import io
 from .datasets import SegmentationDataset, paper_reference
 from .errors import ConfigError, DatasetError, LpossError
+from .files import atomic_write, file_sha256, write_json
 from .metrics import SegmentationMetrics, oracle_labels
 from .segmenter import EncodedImage, Segmenter
 
@@ -624,21 +624,13 @@ def _claim_run_dir(run_dir: Path, settings: dict, rank: int, group: _Group) -> N
         try:
             (run_dir / "records").mkdir(parents=True, exist_ok=True)
             if existing is None:
-                io.write_json(path, {"digest": settings_digest(settings), "settings": settings})
+                write_json(path, {"digest": settings_digest(settings), "settings": settings})
         except OSError as err:
             raise LpossError(f"cannot write to run folder {run_dir}: {err}") from None
     group.barrier()
 
 
 # ------------------------------------------------------------------------ evaluation
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _encode(segmenter: Segmenter, sample_id: str, image_path: Path, cache: Path | None) -> bool:
     """Encodes the image into the segmenter, through the cache; returns whether it hit.
 
@@ -648,7 +640,7 @@ def _encode(segmenter: Segmenter, sample_id: str, image_path: Path, cache: Path 
     path = None
     if cache is not None:
         try:
-            path = cache / f"{_file_name(sample_id)}-{_file_digest(image_path)[:16]}.pt"
+            path = cache / f"{_file_name(sample_id)}-{file_sha256(image_path)[:16]}.pt"
         except OSError as err:
             raise DatasetError(f"cannot read image {image_path}: {err}") from None
         if path.is_file():
@@ -795,8 +787,8 @@ def evaluate(
                         bool(boundary), settings, paper_reference(dataset.name, method), stats,
                         run_dir)
     if run_dir is not None and rank == 0:
-        io.write_json(run_dir / "results.json", result.to_dict())
-        io.atomic_write(run_dir / "results.md", lambda f: f.write(result.to_markdown().encode()))
+        write_json(run_dir / "results.json", result.to_dict())
+        atomic_write(run_dir / "results.md", lambda f: f.write(result.to_markdown().encode()))
     return result
 
 
@@ -844,7 +836,7 @@ def _evaluate_share(dataset, segmenter, samples, names, run_dir, cache, spec, me
                 memory[sample.id] = _record_state(record, sample.id, spec)
             else:
                 data = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-                io.atomic_write(path, lambda f, data=data: f.write(data))
+                atomic_write(path, lambda f, data=data: f.write(data))
             if bar is not None:
                 bar.update(1)
             if callback is not None:
@@ -931,6 +923,6 @@ def sweep(
             rows.append((values, result))
     out = SweepResult([name for name, _ in items], rows)
     if run_dir is not None and rank == 0:
-        io.write_json(run_dir / "sweep.json", out.to_dict())
-        io.atomic_write(run_dir / "sweep.md", lambda f: f.write(out.to_markdown().encode()))
+        write_json(run_dir / "sweep.json", out.to_dict())
+        atomic_write(run_dir / "sweep.md", lambda f: f.write(out.to_markdown().encode()))
     return out

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import UNKNOWN
+
 __all__ = [
     "SegmentationMetrics",
     "confusion_matrix",
@@ -90,7 +92,7 @@ def _valid_gt(gt: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Te
 
 
 def confusion_matrix(
-    pred: Any, gt: Any, num_classes: int, *, ignore_index: int = 255
+    pred: Any, gt: Any, num_classes: int, *, ignore_index: int = UNKNOWN
 ) -> torch.Tensor:
     """Confusion matrix of one label map, with a column for missed pixels.
 
@@ -190,7 +192,7 @@ def mask_boundary(mask: Any, dilation: int) -> torch.Tensor:
 
 
 def boundary_counts(
-    pred: Any, gt: Any, num_classes: int, *, ignore_index: int = 255,
+    pred: Any, gt: Any, num_classes: int, *, ignore_index: int = UNKNOWN,
     dilation_ratio: float = 0.02,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class Boundary IoU intersection and union of one image.
@@ -252,7 +254,7 @@ class SegmentationMetrics:
     _TENSORS = ("confusion", "boundary_intersection", "boundary_union")
 
     def __init__(
-        self, num_classes: int, *, ignore_index: int = 255, boundary: bool = True,
+        self, num_classes: int, *, ignore_index: int = UNKNOWN, boundary: bool = True,
         dilation_ratio: float = 0.02, device: torch.device | str | None = None,
     ) -> None:
         _check_classes(num_classes, ignore_index)
@@ -395,7 +397,7 @@ def _evaluate(preds: Any, gts: Any, num_classes: int, ignore_index: int, boundar
     return metrics.compute()
 
 
-def mean_iou(preds: Any, gts: Any, num_classes: int, ignore_index: int = 255) -> float:
+def mean_iou(preds: Any, gts: Any, num_classes: int, ignore_index: int = UNKNOWN) -> float:
     """mIoU of one or several label maps (one confusion matrix over all of them).
 
     Args:
@@ -411,7 +413,7 @@ def mean_iou(preds: Any, gts: Any, num_classes: int, ignore_index: int = 255) ->
 
 
 def boundary_iou(
-    preds: Any, gts: Any, num_classes: int, *, ignore_index: int = 255,
+    preds: Any, gts: Any, num_classes: int, *, ignore_index: int = UNKNOWN,
     dilation_ratio: float = 0.02,
 ) -> float:
     """Boundary IoU (Cheng et al. 2021) of one or several label maps, averaged over classes.
@@ -430,7 +432,7 @@ def boundary_iou(
     return result["boundary_miou"]
 
 
-def oracle_labels(gt: Any, *, patch_size: int = 16, ignore_index: int = 255) -> torch.Tensor:
+def oracle_labels(gt: Any, *, patch_size: int = 16, ignore_index: int = UNKNOWN) -> torch.Tensor:
     """Ground truth seen at patch resolution (the paper's oracle row).
 
     One-hot encodes every label value present (``ignore_index`` included, as a label of

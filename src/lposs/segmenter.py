@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import io
-from .config import LPOSSConfig, get_preset
-from .errors import ClassNamesError
-from .propagation import PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
+from .config import UNKNOWN, LPOSSConfig, get_preset
+from .drawing import class_shares, overlay, palette
+from .files import atomic_write, save_label_png, save_overlay, save_scores, write_json
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
+from .vocab import parse_class_names
 from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
 from .windows import working_size as working_size_of
 
@@ -28,47 +30,8 @@ __all__ = [
     "refine_scores",
 ]
 
-UNKNOWN = 255
-"""Label value of pixels whose best score is below the abstain threshold (also a miss in
-the metrics, like the ignore value)."""
-
 # Floor for the propagated all-ones column that puts scores back on the cosine scale.
 _MIN_NORMALISER = 1e-6
-
-
-def parse_class_names(classes: str | Sequence[str]) -> list[str]:
-    """Validate a vocabulary.
-
-    Args:
-        classes: a comma-separated string or a sequence of names; a name may hold
-            ``;``-separated synonyms ("grass;lawn").
-
-    Returns:
-        The names, whitespace around names and synonyms stripped.
-
-    Raises:
-        ClassNamesError: the list is empty, a name or synonym is empty, or a name repeats.
-    """
-    if isinstance(classes, str):
-        classes = classes.split(",")
-    names = []
-    for raw in classes:
-        if not isinstance(raw, str):
-            raise ClassNamesError(f"class names must be strings, got {type(raw).__name__}")
-        synonyms = [s.strip() for s in raw.split(";")]
-        if not all(synonyms):
-            raise ClassNamesError(f"empty class name in {raw!r}")
-        names.append(";".join(synonyms))
-    if not names:
-        raise ClassNamesError("the class list is empty: give at least one class name")
-    seen = set()
-    for name in names:
-        if name.lower() in seen:
-            raise ClassNamesError(f"duplicate class name {name!r}")
-        seen.add(name.lower())
-    if len(names) >= UNKNOWN:
-        raise ClassNamesError(f"at most {UNKNOWN - 1} classes are supported, got {len(names)}")
-    return names
 
 
 @dataclass
@@ -84,6 +47,10 @@ class Segmentation:
         classes: the C class names, in label order.
         timings: seconds per stage.
         settings: the configuration that produced it.
+        convergence: per propagation stage that ran (``"patch"``, ``"pixel"``), the
+            conjugate-gradient report ``{"iterations": most iterations of any column,
+            "max_relative_residual": worst column's ||r|| / ||b||}`` (the worst over
+            window setups for the patch stage).
     """
 
     labels: torch.Tensor
@@ -91,23 +58,28 @@ class Segmentation:
     classes: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    convergence: dict[str, dict[str, int | float]] = field(default_factory=dict)
 
     def colors(self):
         """`(C, 3)` uint8 colour per class (the palette of the saved PNG)."""
-        return io.palette(len(self.classes))
+        return palette(len(self.classes))
 
     def class_shares(self) -> dict[str, float]:
         """Share of pixels per class name (and "unknown" when present)."""
-        shares = io.class_shares(self.labels, len(self.classes))
+        shares = class_shares(self.labels, len(self.classes))
         named = dict(zip(self.classes, shares))
         if len(shares) > len(self.classes) and shares[-1] > 0:
             named["unknown"] = shares[-1]
         return named
 
     def summary(self) -> dict:
-        """A JSON-ready summary: classes, colours, pixel shares, timings, settings."""
-        colors = self.colors().tolist()
-        shares = io.class_shares(self.labels, len(self.classes))  # C + 1: unknown last
+        """A JSON-ready summary: classes, colours, pixel shares, timings, settings and the
+        solver's convergence per stage."""
+        return self._summary(self.colors(), class_shares(self.labels, len(self.classes)))
+
+    def _summary(self, colors, shares: list[float]) -> dict:
+        """:meth:`summary` from the `(C, 3)` colours and the C + 1 shares (unknown last)."""
+        colors = colors.tolist()
         return {
             "size": list(self.labels.shape),
             "classes": [
@@ -117,35 +89,52 @@ class Segmentation:
             "unknown": {"index": UNKNOWN, "share": shares[-1]},
             "timings_s": self.timings,
             "settings": self.settings,
+            "convergence": self.convergence,
         }
 
     def overlay(self, image):
         """The image blended with the class colours, with a legend (a PIL image).
 
         Args:
-            image: what ``io.load_image`` accepts, at the labels' size.
+            image: the `(3, H, W)` image in [0, 1] already in memory (e.g.
+                ``Segmenter.image``), or anything ``lposs.images.load_image`` accepts, at
+                the labels' size.
         """
-        return io.overlay(io.load_image(image, max_pixels=None), self.labels, self.classes,
-                          self.colors())
+        return overlay(image, self.labels, self.classes, self.colors())
 
     def save(
         self, out_dir: str | Path, stem: str, image=None, *, scores: bool = False
     ) -> list[Path]:
         """Write ``<stem>.png`` (palette label map), ``<stem>.json`` and, given the image,
         ``<stem>_overlay.png``; ``<stem>_scores.npy`` when ``scores``. Each file is
-        written atomically. Returns the written paths."""
+        written atomically; the palette and the pixel shares are computed once.
+
+        Args:
+            out_dir: Output folder (created if missing).
+            stem: File name stem.
+            image: For the overlay: the `(3, H, W)` image in [0, 1] already in memory
+                (``Segmenter.image``; not decoded again), or anything
+                ``lposs.images.load_image`` accepts; None writes no overlay.
+            scores: Also write the `(C, H, W)` float32 scores.
+
+        Returns:
+            The written paths.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        colors = self.colors()
+        shares = class_shares(self.labels, len(self.classes))  # C + 1: unknown last
         written = [out_dir / f"{stem}.png"]
-        io.save_label_png(written[-1], self.labels, self.colors())
+        save_label_png(written[-1], self.labels, colors)
         if image is not None:
             written.append(out_dir / f"{stem}_overlay.png")
-            io.save_overlay(written[-1], self.overlay(image))
+            save_overlay(written[-1], overlay(image, self.labels, self.classes, colors,
+                                              shares=shares))
         if scores:
             written.append(out_dir / f"{stem}_scores.npy")
-            io.save_scores(written[-1], self.scores)
+            save_scores(written[-1], self.scores)
         written.append(out_dir / f"{stem}.json")
-        io.write_json(written[-1], self.summary())
+        write_json(written[-1], self._summary(colors, shares))
         return written
 
 
@@ -188,7 +177,7 @@ class EncodedImage:
                   for s in self.setups]
         payload = {"image": self.image.cpu(), "working": self.working.cpu(), "setups": setups,
                    "encode_s": self.encode_s}
-        io.atomic_write(path, lambda f: torch.save(payload, f))
+        atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> EncodedImage:
@@ -274,10 +263,17 @@ class Segmenter:
     def device(self) -> torch.device:
         return next(self.clip.parameters()).device
 
+    @property
+    def image(self) -> torch.Tensor | None:
+        """`(3, H, W)` float32 the image set by ``set_image``/``set_encoded``, in [0, 1] on
+        the CPU (None before one is set): pass it to ``Segmentation.save`` to draw the
+        overlay without decoding the file again."""
+        return None if self._state is None else self._state.image
+
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
     def set_image(
-        self, image, *, max_pixels: int | None = io.DEFAULT_MAX_PIXELS
+        self, image, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     ) -> EncodedImage:
         """Encode an image (every window through CLIP and DINO, once) and build its graphs.
 
@@ -290,7 +286,7 @@ class Segmenter:
         """
         start = time.perf_counter()
         cfg = self.config
-        image = io.load_image(image, max_pixels=max_pixels)
+        image = load_image(image, max_pixels=max_pixels)
         height, width = image.shape[-2:]
         working = resize_image(image.to(self.device), working_size_of(height, width,
                                                                       cfg.short_side))
@@ -374,14 +370,21 @@ class Segmenter:
         start = time.perf_counter()
         working_hw = tuple(state.working.shape[-2:])
         combined = 0.0
+        patch_reports = []
         for setup, graph in zip(state.setups, graphs.patch):
-            combined = combined + self._patch_scores(setup, graph, text, working_hw)
+            stitched, info = self._patch_scores(setup, graph, text, working_hw)
+            combined = combined + stitched
+            if info is not None:
+                patch_reports.append(info.summary())
         combined = combined / len(state.setups)  # (C' + 1, h, w)
         timings["patch_lp"] = time.perf_counter() - start
+        convergence = {"patch": _worst(patch_reports)} if patch_reports else {}
 
         start = time.perf_counter()
         if graphs.pixel is not None:
-            combined = graphs.pixel.propagate(combined, tol=cfg.tol, max_iter=cfg.max_iter)
+            combined, info = graphs.pixel.propagate(combined, tol=cfg.tol, max_iter=cfg.max_iter,
+                                                    return_info=True)
+            convergence["pixel"] = info.summary()
         timings["pixel_lp"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -389,27 +392,32 @@ class Segmenter:
                                   tuple(state.image.shape[-2:]))
         labels = _labels_from_scores(scores, unknown_threshold)
         timings["resize_argmax"] = time.perf_counter() - start
-        return Segmentation(labels, scores, classes, timings, _settings(cfg, unknown_threshold))
+        return Segmentation(labels, scores, classes, timings, _settings(cfg, unknown_threshold),
+                            convergence)
 
     def _patch_scores(self, setup: WindowSetup, graph: PatchGraph | None, text: torch.Tensor,
-                      working_hw) -> torch.Tensor:
+                      working_hw) -> tuple[torch.Tensor, CGInfo | None]:
         """Initial scores of one window setup, propagated over its patches and stitched.
 
         Returns:
-            `(C' + 1, h, w)`: one row per synonym, then the all-ones row that keeps the
-            normaliser of the propagation.
+            ``(scores, info)``: `(C' + 1, h, w)` scores, one row per synonym, then the
+            all-ones row that keeps the normaliser of the propagation; the solver's report
+            (None without the patch stage).
         """
         cfg = self.config
         n, _, gh, gw = setup.clip.shape
         scores = torch.einsum("nehw,ce->nhwc", setup.clip, text).reshape(n * gh * gw, -1)
         scores = torch.cat([scores, scores.new_ones(scores.shape[0], 1)], dim=1)
+        info = None
         if graph is not None:
-            scores = graph.propagate(scores, tol=cfg.tol, max_iter=cfg.max_iter)
+            scores, info = graph.propagate(scores, tol=cfg.tol, max_iter=cfg.max_iter,
+                                           return_info=True)
         grids = scores.reshape(n, gh, gw, -1).permute(0, 3, 1, 2)
-        return stitch_windows(grids, setup.boxes, *working_hw, patch_size=setup.patch_size)
+        return stitch_windows(grids, setup.boxes, *working_hw,
+                              patch_size=setup.patch_size), info
 
     def __call__(self, image, classes, *, unknown_threshold: float | None = None,
-                 max_pixels: int | None = io.DEFAULT_MAX_PIXELS) -> Segmentation:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Segmentation:
         """``set_image(image)`` then ``predict(classes)``."""
         self.set_image(image, max_pixels=max_pixels)
         return self.predict(classes, unknown_threshold=unknown_threshold)
@@ -447,6 +455,12 @@ def _labels_from_scores(scores: torch.Tensor, unknown_threshold: float | None) -
     return labels
 
 
+def _worst(reports: list[dict[str, int | float]]) -> dict[str, int | float]:
+    """One convergence report from several solves: the most iterations, the worst residual."""
+    return {"iterations": max(r["iterations"] for r in reports),
+            "max_relative_residual": max(r["max_relative_residual"] for r in reports)}
+
+
 def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
     return {**asdict(cfg), "unknown_threshold": unknown_threshold}
 
@@ -454,7 +468,7 @@ def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
 @torch.inference_mode()
 def refine_scores(
     image, scores: torch.Tensor, config: LPOSSConfig | None = None, *,
-    max_pixels: int | None = io.DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
     """LPOSS+ as a standalone post-processor for any segmenter's scores.
 
@@ -462,7 +476,7 @@ def refine_scores(
     ``config.short_side``), propagated over the pixel graph, and resized back.
 
     Args:
-        image: what ``io.load_image`` accepts, `(3, H, W)` once loaded.
+        image: what ``lposs.images.load_image`` accepts, `(3, H, W)` once loaded.
         scores: `(C, h, w)` scores (any size; resized to the image).
         config: r, tau, alpha, tol, max_iter and short_side are used.
 
@@ -470,7 +484,7 @@ def refine_scores(
         `(C, H, W)` float32 refined scores at the image's size.
     """
     cfg = config or LPOSSConfig()
-    image = io.load_image(image, max_pixels=max_pixels)
+    image = load_image(image, max_pixels=max_pixels)
     if scores.ndim != 3 or scores.shape[0] < 1:
         raise ValueError(f"scores must have shape (C, H, W), got {tuple(scores.shape)}")
     height, width = image.shape[-2:]

@@ -16,6 +16,7 @@ __all__ = [
     "resize_image",
     "window_grid",
     "crop_windows",
+    "pad_to_multiple",
     "patch_positions",
     "stitch_windows",
 ]
@@ -153,12 +154,26 @@ def crop_windows(image: Tensor, boxes: Tensor, *, multiple: int) -> Tensor:
     _, height, width = image.shape
     if any(y2 > height or x2 > width for _, _, y2, x2 in box_list):
         raise ValueError(f"boxes reach outside the {height}x{width} image")
-    h_pad = -(-h // multiple) * multiple
-    w_pad = -(-w // multiple) * multiple
-    out = image.new_zeros((len(box_list), image.shape[0], h_pad, w_pad))
-    for k, (y1, x1, y2, x2) in enumerate(box_list):
-        out[k, :, :h, :w] = image[:, y1:y2, x1:x2]
-    return out
+    crops = torch.stack([image[:, y1:y2, x1:x2] for y1, x1, y2, x2 in box_list])
+    return pad_to_multiple(crops, multiple)
+
+
+def pad_to_multiple(windows: Tensor, multiple: int) -> Tensor:
+    """Zero-pad at the bottom/right so that height and width are multiples of ``multiple``:
+    the one window padding (crops for the encoders, the encoders' patch grid).
+
+    Args:
+        windows: ``(..., h, w)`` tensor.
+        multiple: The padded height and width are multiples of this (the patch size).
+
+    Returns:
+        ``(..., ceil(h / m) * m, ceil(w / m) * m)``, same dtype and device (``windows``
+        itself when no padding is needed).
+    """
+    h, w = windows.shape[-2:]
+    if h % multiple == 0 and w % multiple == 0:
+        return windows
+    return F.pad(windows, (0, -w % multiple, 0, -h % multiple), value=0.0)
 
 
 def patch_positions(boxes: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClassNamesError, ConfigError, WeightsNotFoundError
-from ..io import atomic_write
+from ..files import atomic_write
+from ..vocab import split_synonyms
 from .common import DenseEncoder, chunks, resolve_device, resolve_precision
 from .weights import (
     WEIGHTS_ENV,
@@ -179,6 +180,10 @@ class ClipEncoder(DenseEncoder):
         Returns:
             ``(embeddings, class_index)``: ``(C', E)`` float32 unit vectors on the model's
             device and ``(C',)`` int64, the position in ``names`` of each row's class.
+
+        Raises:
+            ClassNamesError: ``names`` is empty or not a list, or a name or synonym is
+                empty (``"a;"``; see :func:`lposs.vocab.split_synonyms`).
         """
         if isinstance(names, str) or not isinstance(names, Sequence):
             raise ClassNamesError("names must be a sequence of class-name strings, not one string")
@@ -188,9 +193,10 @@ class ClipEncoder(DenseEncoder):
         for position, name in enumerate(names):
             if not isinstance(name, str):
                 raise ClassNamesError(f"names[{position}] must be a str, got {type(name).__name__}")
-            synonyms = [s.strip() for s in name.split(";") if s.strip()]
-            if not synonyms:
-                raise ClassNamesError(f"names[{position}] ({name!r}) is empty")
+            try:
+                synonyms = split_synonyms(name)
+            except ClassNamesError as err:
+                raise ClassNamesError(f"names[{position}]: {err}") from None
             rows += synonyms
             index += [position] * len(synonyms)
         missing = [s for s in dict.fromkeys(rows) if s not in self._cached(s)]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..windows import pad_to_multiple
 
 __all__ = [
     "DenseEncoder",
@@ -84,8 +85,7 @@ def normalize_and_pad(
         ``(B, 3, ceil(h/P)*P, ceil(w/P)*P)`` float32, ``(x - mean) / std`` (padding
         is 0 before normalisation, so ``-mean / std`` after).
     """
-    h, w = windows.shape[-2:]
-    x = F.pad(windows.float(), (0, -w % patch_size, 0, -h % patch_size), value=0.0)
+    x = pad_to_multiple(windows.float(), patch_size)
     return (x - mean.float().view(1, 3, 1, 1)) / std.float().view(1, 3, 1, 1)
 
 

@@ -124,7 +124,7 @@ def _kernel():
     """The compiled kernel, or None when numba is not installed or does not load (imported
     on first use; a broken install warns once and the torch stencil takes over)."""
     try:
-        from lposs._stencil_kernel import stencil_tiles
+        from lposs.propagation._stencil_kernel import stencil_tiles
     except ImportError:
         return None
     except Exception as err:  # e.g. llvmlite present but its library does not load

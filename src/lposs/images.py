@@ -1,0 +1,329 @@
+"""Reading images: decoding with checks, finding image files, and reading label maps.
+
+No model code. Errors a user can cause (missing, unreadable or oversized images) raise
+:class:`lposs.errors.ImageError` with one message naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import ImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "load_image",
+    "find_images",
+    "load_label_map",
+]
+
+#: Largest image (height x width) :func:`load_image` decodes unless told otherwise:
+#: 100 megapixels (about 1.2 GB as float32 RGB), a guard against decompression bombs.
+#: Raise it with ``max_pixels=N`` (CLI: ``--max-pixels N``); ``None`` disables it.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+#: File suffixes of images: what :func:`find_images` collects from folders and glob
+#: patterns, and what a folder dataset takes as its images.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+#: Pillow modes of a label map: palette (indices, not colours), grey, 16/32-bit, bilevel.
+_LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "1")
+
+_PILLOW_CAP_LOCK = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- loading
+def _cap_message(pixels: int, max_pixels: int, what: str) -> str:
+    return (
+        f"{what} has {pixels:,} pixels, more than the limit of {max_pixels:,}; "
+        "if you trust it, raise the limit with --max-pixels N (or max_pixels=N / None "
+        "in Python)"
+    )
+
+
+def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageError(f"{what} is empty ({height}x{width} pixels)")
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageError(_cap_message(height * width, max_pixels, what))
+
+
+@contextlib.contextmanager
+def _without_pillow_cap() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off (we apply ``max_pixels`` from the header).
+
+    Pillow's limit is a process-wide global: it is changed under a lock (so concurrent
+    :func:`load_image` calls decode one at a time) and restored on exit. Other threads
+    that call Pillow directly meanwhile see no Pillow limit.
+    """
+    with _PILLOW_CAP_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
+    """Any Pillow mode to ``(3, H, W)`` float32 RGB in [0, 1]; alpha is dropped."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit data (PNG/TIFF) scaled by 1/65535, not clipped to 8 bits
+        arr = np.asarray(im).astype(np.float32)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageError(f"{what}: 32-bit integer pixels outside 0..65535 are not supported")
+        rgb = np.repeat((arr / 65535.0)[..., None], 3, axis=2)
+    elif mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ImageError(f"{what}: float pixels must be finite and in [0, 1]")
+        rgb = np.repeat(arr[..., None], 3, axis=2)
+    else:
+        if mode in ("P", "PA"):
+            im = im.convert("RGBA")  # applies palette transparency without Pillow's warning
+        try:
+            im = im.convert("RGB")  # L, 1, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
+        except (ValueError, OSError) as exc:
+            raise ImageError(f"{what}: unsupported image mode {mode!r} ({exc})") from exc
+        rgb = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
+
+
+def _decode(im: Image.Image, what: str, max_pixels: int | None) -> Image.Image:
+    """Check the header size, decode the pixels and apply the EXIF orientation."""
+    width, height = im.size  # from the header: Image.open does not decode pixels
+    _check_pixels(height, width, max_pixels, what)
+    try:
+        im.load()
+        return ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot decode {what}: the file is truncated or corrupt ({exc})") from exc
+
+
+def _from_array(arr: np.ndarray, max_pixels: int | None) -> Tensor:
+    if arr.dtype == np.uint8:
+        scale = 1.0 / 255.0
+    elif arr.dtype.kind == "f":
+        scale = 1.0
+    else:
+        raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageError(
+            f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}"
+        )
+    _check_pixels(arr.shape[0], arr.shape[1], max_pixels, "image array")
+    arr = arr[..., :3] if arr.shape[2] == 4 else arr  # RGBA: alpha dropped
+    out = torch.from_numpy(np.array(arr, dtype=np.float32)) * scale  # always a copy
+    if scale == 1.0:
+        _check_float_range(out, "image array")
+    return out.permute(2, 0, 1).expand(3, -1, -1).contiguous()
+
+
+def _check_float_range(t: Tensor, what: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ImageError(f"{what} contains NaN or infinite values")
+    if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
+        raise ImageError(
+            f"{what} values must be in [0, 1], got [{float(t.min()):.4g}, {float(t.max()):.4g}]"
+        )
+
+
+def _from_tensor(t: Tensor, max_pixels: int | None) -> Tensor:
+    if t.dtype != torch.uint8 and not t.dtype.is_floating_point:
+        raise TypeError(f"image tensor must be float in [0, 1] or uint8, got {t.dtype}")
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise ImageError(
+            f"image tensor must have shape (3, H, W) (channels first), got {tuple(t.shape)}"
+        )
+    _check_pixels(t.shape[1], t.shape[2], max_pixels, "image tensor")
+    if t.dtype == torch.uint8:
+        t = t.float() / 255.0
+    else:
+        t = t.to(torch.float32, copy=True)
+        _check_float_range(t, "image tensor")
+    return t.expand(3, -1, -1).contiguous()
+
+
+def load_image(
+    source: str | os.PathLike | Image.Image | np.ndarray | Tensor,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Tensor:
+    """Load an image as RGB float32 in [0, 1].
+
+    Accepted sources:
+
+    * a file path: any format Pillow reads; the size is checked against ``max_pixels``
+      from the header before any pixel is decoded; EXIF orientation is applied;
+    * a PIL image (EXIF orientation applied too);
+    * a numpy array ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``, uint8 or float in [0, 1];
+    * a tensor ``(3, H, W)`` (or ``(1, H, W)``/``(H, W)`` grey), float in [0, 1] or
+      uint8; the result stays on the tensor's device.
+
+    Conversions: grey and palette images become RGB; alpha (RGBA, LA, palette
+    transparency, 4-channel arrays) is dropped, keeping the stored colours, as
+    OpenCV/mmseg loaders do; CMYK uses Pillow's conversion; 16-bit images (``I;16``,
+    ``I``) are scaled by 1/65535 rather than clipped. Multi-frame files give their
+    first frame.
+
+    Args:
+        source: The image, see above.
+        max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
+
+    Returns:
+        ``(3, H, W)`` float32 tensor in [0, 1].
+
+    Raises:
+        ImageError: Missing, unreadable, truncated or too large image, or an array of
+            the wrong shape or value range.
+        TypeError: An unsupported source type or dtype.
+    """
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                   or max_pixels <= 0):
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        what = f"image {str(path)!r}"
+        if not path.exists():
+            raise ImageError(f"image file not found: {str(path)!r}")
+        if path.is_dir():
+            raise ImageError(f"{what} is a folder, not an image file")
+        with _without_pillow_cap():
+            try:
+                with Image.open(path) as im:
+                    decoded = _decode(im, what, max_pixels)
+            except UnidentifiedImageError as exc:
+                raise ImageError(f"{what} is not an image file Pillow can read") from exc
+            except OSError as exc:  # permission denied, I/O errors
+                raise ImageError(f"cannot read {what}: {exc.strerror or exc}") from exc
+        return _pil_to_tensor(decoded, what)
+    if isinstance(source, Image.Image):
+        name = getattr(source, "filename", "") or ""
+        what = f"image {name!r}" if name else "PIL image"
+        with _without_pillow_cap():
+            decoded = _decode(source, what, max_pixels)
+        return _pil_to_tensor(decoded, what)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    if isinstance(source, Tensor):
+        return _from_tensor(source, max_pixels)
+    raise TypeError(
+        "image must be a path, PIL image, numpy array or torch tensor, "
+        f"got {type(source).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- finding
+def _image_files_under(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(Path(root) / name)
+    return sorted(found)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Expand files, folders and glob patterns into a list of image files.
+
+    A file is taken as given (whatever its suffix). A folder is searched recursively for
+    files ending in :data:`IMAGE_SUFFIXES` (case-insensitive; hidden files and folders
+    skipped), sorted. A glob pattern (``*``, ``?``, ``[``; ``**`` recurses) keeps its
+    image files and expands the folders it matches. Duplicates (same resolved path) are
+    dropped, first occurrence kept.
+
+    Args:
+        inputs: Paths or patterns, e.g. the CLI's positional arguments.
+
+    Returns:
+        ``(found, missing)``: the image paths in order, and the inputs that matched no
+        image (a missing path, a folder without images, a pattern matching nothing).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        raise TypeError("inputs must be a sequence of paths, not a single path")
+    found: list[Path] = []
+    missing: list[str] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = _image_files_under(path)
+        elif any(c in text for c in "*?["):
+            matches = []
+            for hit in sorted(glob.glob(text, recursive=True)):
+                hit_path = Path(hit)
+                if hit_path.is_dir():
+                    matches.extend(_image_files_under(hit_path))
+                elif hit_path.is_file() and hit.lower().endswith(IMAGE_SUFFIXES):
+                    matches.append(hit_path)
+        else:
+            matches = []
+        if not matches:
+            missing.append(text)
+        for match in matches:
+            key = match.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(match)
+    return found, missing
+
+
+# ----------------------------------------------------------------------------- label maps
+def load_label_map(path: str | os.PathLike) -> Tensor:
+    """Read a label map: the one reader of label PNGs (saved predictions, ground truth).
+
+    Palette images give their pixel indices (not colours), grey, 16-bit and bilevel images
+    their values; 255 keeps its meaning (unknown / ignore, :data:`lposs.config.UNKNOWN`).
+    Reads what :func:`lposs.files.save_label_png` writes, and every benchmark's labels.
+
+    Args:
+        path: Label image file.
+
+    Returns:
+        ``(H, W)`` int64 labels.
+
+    Raises:
+        ImageError: Missing or unreadable file, or a colour (RGB) image, whose colours
+            cannot be mapped to labels without a palette.
+    """
+    path = Path(path)
+    what = f"label map {str(path)!r}"
+    if not path.is_file():
+        raise ImageError(f"{what} not found" if not path.exists() else f"{what} is not a file")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in _LABEL_MODES:
+                raise ImageError(
+                    f"{what} has mode {im.mode!r}; expected a single-channel (palette or grey) "
+                    "label map of class indices"
+                )
+            arr = np.array(im, dtype=np.int64)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"cannot read {what}: not an image file Pillow can read") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot read {what}: {exc}") from exc
+    return torch.from_numpy(arr)
