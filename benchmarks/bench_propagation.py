@@ -128,7 +128,7 @@ def baseline_pixel(image, scores, r, tau=0.01, alpha=0.95):
     import scipy.sparse as sp
     from scipy.sparse.linalg import cg
 
-    from lposs.propagation import rgb_to_lab
+    from lposs.propagation.color import rgb_to_lab
 
     lab = (rgb_to_lab(image) / torch.tensor([100.0, 128.0, 128.0])[:, None, None]).numpy()
     _, h, w = lab.shape
@@ -187,8 +187,9 @@ def _memory_mb(field: str) -> float:
 
 def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> dict:
     """Time one implementation on one case (in this process) and save its output."""
-    from lposs.propagation import patch_propagation, pixel_propagation
-    from lposs.stencil import stencil_backend, stencil_product
+    from lposs.propagation.patch_graph import patch_propagation
+    from lposs.propagation.pixel_graph import pixel_propagation
+    from lposs.propagation.stencil import stencil_backend, stencil_product
 
     stage, settings, _ = {**FULL_CASES, **QUICK_CASES}[name]
     if stage == "patch":

@@ -1,4 +1,4 @@
-"""Tests for lposs.stencil: both backends against a dense matrix product written here."""
+"""Tests for lposs.propagation.stencil: both backends against a dense product written here."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lposs import stencil
-from lposs.stencil import stencil_backend, stencil_product
+from lposs.propagation import stencil
+from lposs.propagation.stencil import stencil_backend, stencil_product
 
 BACKENDS = ["torch", "numba"] + (
     ["cuda"] if torch.cuda.is_available() else [])
@@ -131,18 +131,19 @@ def test_stencil_product_writes_into_a_given_buffer(backend):
 
 @pytest.mark.parametrize("failure", ["missing", "broken"])
 def test_without_a_working_numba_cpu_falls_back_to_torch(monkeypatch, failure):
-    from lposs.propagation import pixel_propagation
+    from lposs.propagation.pixel_graph import pixel_propagation
 
     image = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(5))
     scores = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(6))
     with_numba = pixel_propagation(image, scores, r=5, tau=0.1)
     if failure == "missing":
-        monkeypatch.setitem(sys.modules, "lposs._stencil_kernel", None)  # import -> ImportError
+        # import -> ImportError
+        monkeypatch.setitem(sys.modules, "lposs.propagation._stencil_kernel", None)
     else:
         class Broken:
             def __getattr__(self, name):
                 raise OSError("libllvmlite.so: cannot open shared object file")
-        monkeypatch.setitem(sys.modules, "lposs._stencil_kernel", Broken())
+        monkeypatch.setitem(sys.modules, "lposs.propagation._stencil_kernel", Broken())
     stencil._kernel.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -229,8 +229,8 @@ def _run_refine(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .images import load_image, load_label_map
     from .config import UNKNOWN
+    from .images import load_image, load_label_map
     from .segmenter import Segmentation, refine_scores
     from .vocab import parse_class_names
 

@@ -116,7 +116,8 @@ def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
 
 
 def save_overlay(path: str | os.PathLike, image: Image.Image) -> None:
-    """Save an image made by :func:`lposs.drawing.overlay` atomically, in the format of ``path``'s suffix.
+    """Save an image made by :func:`lposs.drawing.overlay` atomically, in the format of
+    ``path``'s suffix.
 
     Args:
         path: Output file; an unknown suffix is written as PNG.

@@ -1,4 +1,5 @@
-"""The compiled CPU kernel of :mod:`lposs.propagation.stencil` (numba; compiled once, cached on disk)."""
+"""The compiled CPU kernel of :mod:`lposs.propagation.stencil` (numba; compiled once, cached
+on disk)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 @numba.njit(nogil=True, fastmath=True, boundscheck=False, cache=True)
 def stencil_tiles(x, w, shifts, start, stop, out, tile):
-    """``out[:, start:stop] = x - S x`` (see :mod:`lposs.propagation.stencil`), ``tile`` pixels at a time.
+    """``out[:, start:stop] = x - S x`` (see :mod:`.stencil`), ``tile`` pixels at a time.
 
     Args: ``x`` ``(C, Np)``, ``w`` ``(O, Np)``, ``shifts`` ``(O,)`` int64, ``out`` ``(C, Np)``;
     the weights of a tile (``O x tile``) and its accumulators (``C x tile``) stay in cache.

@@ -2,9 +2,10 @@
 
 Tensor in, tensor out, on the device of the inputs. Each pixel is joined to the pixels of
 its ``r x r`` neighbourhood by a Lab colour affinity; ``W`` is never formed, its product
-is a stencil (:mod:`lposs.propagation.stencil`). The propagation solves ``(I - alpha * S) X = Y`` with
-``S = D^-1/2 W D^-1/2`` for every class map of ``Y`` by a conjugate-gradient solve truncated
-at ``max_iter`` iterations (:mod:`lposs.propagation.solver`; see ``METHOD.md``).
+is a stencil (:mod:`lposs.propagation.stencil`). The propagation solves
+``(I - alpha * S) X = Y`` with ``S = D^-1/2 W D^-1/2`` for every class map of ``Y`` by a
+conjugate-gradient solve truncated at ``max_iter`` iterations (:mod:`lposs.propagation.solver`;
+see ``METHOD.md``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-import json
-import os
+"""Tests for lposs.images: decoding with checks, finding image files, reading label maps."""
+
 import warnings
 
 import numpy as np
@@ -8,20 +8,7 @@ import torch
 from PIL import Image
 
 from lposs.errors import ImageError
-from lposs.io import (
-    UNKNOWN_COLOR,
-    atomic_write,
-    class_shares,
-    find_images,
-    load_image,
-    load_label_map,
-    overlay,
-    palette,
-    save_label_png,
-    save_overlay,
-    save_scores,
-    write_json,
-)
+from lposs.images import IMAGE_SUFFIXES, find_images, load_image, load_label_map
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -173,6 +160,8 @@ def test_tensors():
 
 
 # ----------------------------------------------------------------------------- find_images
+
+
 def test_find_images(tmp_path):
     (tmp_path / "a" / "sub").mkdir(parents=True)
     (tmp_path / "a" / ".hidden").mkdir()
@@ -194,47 +183,23 @@ def test_find_images(tmp_path):
         find_images(str(tmp_path))
 
 
-# ----------------------------------------------------------------------------- writing
-def test_palette():
-    colors = palette(256)
-    assert colors.dtype == np.uint8 and colors.shape == (256, 3)
-    assert colors[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0],
-                                   [0, 0, 128]]
-    assert colors[15].tolist() == [192, 128, 128] and colors[20].tolist() == [0, 64, 128]
-    assert tuple(colors[255]) == UNKNOWN_COLOR
-    big = palette(5000)
-    assert len({tuple(c) for c in big.tolist()}) == 5000
-    np.testing.assert_array_equal(big[:256], colors)
+def test_image_suffixes_are_the_folder_dataset_images(tmp_path):
+    from lposs.datasets import FolderDataset
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i, suffix in enumerate(IMAGE_SUFFIXES):
+        Image.fromarray(RGB).save(images / f"s{i}{suffix}")
+        Image.fromarray(RGB[..., 0]).save(masks / f"s{i}.png")
+    (images / "notes.txt").write_text("x")
+    dataset = FolderDataset(images, masks, ["a"])
+    assert sorted(s.image_path.suffix for s in dataset) == sorted(IMAGE_SUFFIXES)
+    found, _ = find_images([images])
+    assert sorted(p.suffix for p in found) == sorted(IMAGE_SUFFIXES)
 
 
-def test_label_png_round_trip(tmp_path):
-    n = 5
-    labels = RNG.integers(0, n + 1, (20, 30))  # n = unknown
-    labels[0, 0] = 255
-    save_label_png(tmp_path / "l.png", torch.from_numpy(labels), palette(n))
-    with Image.open(tmp_path / "l.png") as im:
-        assert im.mode == "P"
-        values = np.asarray(im)
-        table = np.array(im.getpalette()).reshape(-1, 3)
-    np.testing.assert_array_equal(values, np.where(labels >= n, 255, labels))
-    np.testing.assert_array_equal(table[:n], palette(n))
-    assert tuple(table[255]) == UNKNOWN_COLOR
-    read = load_label_map(tmp_path / "l.png")
-    assert read.dtype == torch.int64
-    np.testing.assert_array_equal(read.numpy(), values)
-    with pytest.raises(ValueError, match="labels"):
-        save_label_png(tmp_path / "bad.png", np.full((2, 2), 7), palette(n))
-
-
-def test_label_png_many_classes_is_16_bit(tmp_path):
-    n = 300
-    labels = RNG.integers(0, n + 1, (10, 12))
-    save_label_png(tmp_path / "l.png", labels, palette(n))
-    with Image.open(tmp_path / "l.png") as im:
-        np.testing.assert_array_equal(np.asarray(im).astype(np.int64), labels)
-    np.testing.assert_array_equal(load_label_map(tmp_path / "l.png").numpy(), labels)
-
-
+# ----------------------------------------------------------------------------- label maps
 def test_load_label_map_errors(tmp_path):
     Image.fromarray(RGB).save(tmp_path / "rgb.png")
     with pytest.raises(ImageError, match="mode 'RGB'"):
@@ -249,88 +214,15 @@ def test_load_label_map_errors(tmp_path):
     np.testing.assert_array_equal(load_label_map(tmp_path / "g.png").numpy(), grey)
 
 
-def test_overlay_blend_and_legend(tmp_path):
-    image = torch.rand(3, 40, 60)
-    labels = np.zeros((40, 60), dtype=np.int64)
-    labels[:, 40:] = 2  # class 2: a third
-    labels[:5, :5] = 3  # unknown (3 classes)
-    colors = palette(3)
-    colors[0] = (10, 200, 30)  # a colour that cannot come from the blend by accident
-    out = overlay(image, labels, ["sky", "tree", "road"], colors, alpha=0.4)
-    assert out.mode == "RGB" and out.width > 60 and out.height >= 40
-    canvas = np.asarray(out).astype(np.int64)
-    table = np.concatenate([colors, [UNKNOWN_COLOR]]).astype(np.float64)
-    expected = 0.6 * as_hwc(image).astype(np.float64) * 255 + 0.4 * table[labels]
-    assert np.abs(canvas[:40, :60] - expected).max() <= 1
-
-    panel = canvas[:, 60:]
-
-    def first_row(color):
-        rows = np.nonzero((panel == np.array(color)).all(axis=2).any(axis=1))[0]
-        return rows[0] if len(rows) else None
-
-    rows = [first_row(colors[0]), first_row(colors[2]), first_row(UNKNOWN_COLOR)]
-    assert None not in rows and rows == sorted(rows)  # ordered by share
-    assert first_row(colors[1]) is None  # absent classes are not listed
-
-    save_overlay(tmp_path / "o.png", out)
-    with Image.open(tmp_path / "o.png") as im:
-        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(out))
-
-
-def test_class_shares():
-    labels = np.array([[0, 0, 1, 5], [255, 1, 1, 0]])
-    shares = class_shares(torch.from_numpy(labels), 3)
-    assert shares == pytest.approx([3 / 8, 3 / 8, 0.0, 2 / 8])
-
-
-def test_atomic_write(tmp_path):
-    target = tmp_path / "out.bin"
-    atomic_write(target, lambda f: f.write(b"hello"))
-    assert target.read_bytes() == b"hello"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-
-    def broken(f):
-        f.write(b"half")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_write(target, broken)
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_write(tmp_path / "new.bin", broken)
-    assert sorted(os.listdir(tmp_path)) == ["out.bin"]  # old content kept, no temp files
-    assert target.read_bytes() == b"hello"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        atomic_write(tmp_path / "nofolder" / "x.bin", lambda f: None)
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
-def test_atomic_write_read_only_folder(tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        with pytest.raises(PermissionError, match="not writable"):
-            write_json(folder / "x.json", {"a": 1})
-    finally:
-        folder.chmod(0o755)
-
-
-def test_write_json_and_scores(tmp_path):
-    obj = {"name": "café ☕", "miou": float("nan"), "n": np.int64(3), "v": torch.tensor([1.5])}
-    write_json(tmp_path / "r.json", obj)
-    text = (tmp_path / "r.json").read_text(encoding="utf-8")
-    assert "café ☕" in text and '\n  "miou": null' in text
-    assert json.loads(text) == {"name": "café ☕", "miou": None, "n": 3, "v": [1.5]}
-    with pytest.raises(TypeError):
-        write_json(tmp_path / "bad.json", {"x": object()})
-    assert not (tmp_path / "bad.json").exists()
-
-    scores = torch.randn(4, 5, 6, dtype=torch.float64)
-    save_scores(tmp_path / "s.npy", scores)
-    loaded = np.load(tmp_path / "s.npy")
-    assert loaded.dtype == np.float32
-    np.testing.assert_allclose(loaded, scores.numpy().astype(np.float32))
-    assert sorted(os.listdir(tmp_path)) == ["r.json", "s.npy"]
+def test_load_label_map_reads_palette_indices_bilevel_and_16_bit(tmp_path):
+    values = RNG.integers(0, 256, (7, 9), dtype=np.uint8)
+    indexed = Image.frombytes("P", (9, 7), values.tobytes())  # colours differ from indices
+    indexed.putpalette(list(range(255, -1, -1)) * 3)
+    indexed.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_label_map(tmp_path / "p.png").numpy(), values)
+    bits = RNG.integers(0, 2, (7, 9)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "b.png")
+    np.testing.assert_array_equal(load_label_map(tmp_path / "b.png").numpy(), bits.astype(int))
+    wide = RNG.integers(0, 65535, (7, 9)).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "w.png")
+    np.testing.assert_array_equal(load_label_map(tmp_path / "w.png").numpy(), wide)
