@@ -1,0 +1,196 @@
+"""Tests for lposs.propagation.patch_graph against independent numpy computations."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from reference_propagation import (
+    DEVICES,
+    as_numpy,
+    random_patch_problem,
+    reference_adjacency,
+    reference_knn_weights,
+    reference_solve_columns,
+)
+
+from lposs.propagation.patch_graph import (
+    knn_affinity,
+    normalized_adjacency,
+    patch_graph,
+    patch_propagation,
+)
+
+# the module (``lposs.propagation.patch_graph`` as an attribute is the function)
+patch_graph_module = importlib.import_module("lposs.propagation.patch_graph")
+
+
+@pytest.mark.parametrize("k,gamma,sigma,power", [(12, 3.0, 0.01, 1.0), (40, 7.0, 0.002, 2.0)])
+def test_knn_affinity_matches_explicit_loop(k, gamma, sigma, power):
+    features, positions, _ = random_patch_problem()
+    w = knn_affinity(features, positions, k=k, gamma=gamma, sigma=sigma, distance_power=power)
+    assert w.layout == torch.sparse_csr
+    expected = reference_knn_weights(as_numpy(features), as_numpy(positions), k, gamma, sigma,
+                                     power)
+    np.testing.assert_allclose(as_numpy(w.to_dense()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_knn_affinity_in_blocks_equals_explicit_loop(monkeypatch, cache):
+    features, positions, _ = random_patch_problem(n=97)
+    expected = reference_knn_weights(as_numpy(features), as_numpy(positions), 9)
+    monkeypatch.setattr(patch_graph_module, "_GRAM_MIN_BLOCK", 10)
+    monkeypatch.setattr(patch_graph_module, "_GRAM_BLOCK_ELEMENTS", 97 * 10)  # 10 rows at a time
+    if not cache:
+        monkeypatch.setattr(patch_graph_module, "_GRAM_CACHE_ELEMENTS", 0)  # never N x N at once
+    w = knn_affinity(features, positions, k=9)
+    np.testing.assert_allclose(as_numpy(w.to_dense()), expected, atol=1e-5)
+
+
+def test_knn_affinity_clamps_negative_similarity_and_keeps_self_out():
+    features = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.9, 0.2]])
+    positions = torch.zeros(3, 2)
+    w = knn_affinity(features, positions, k=3, gamma=1.0, sigma=0.0).to_dense()
+    assert torch.all(w.diagonal() == 0)
+    assert w[0, 1] == 0 and w[1, 2] == 0  # opposite directions: clamped to 0
+    cos = torch.nn.functional.cosine_similarity(features[0], features[2], dim=0)
+    assert w[0, 2] == pytest.approx(2 * cos.item(), rel=1e-6)  # each in the other's list
+
+
+@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
+def test_normalized_adjacency_and_laplacian(layout):
+    rng = np.random.default_rng(1)
+    w = rng.random((8, 8)) * (rng.random((8, 8)) < 0.5)
+    w = w + w.T
+    np.fill_diagonal(w, 0)
+    w[3, :] = w[:, 3] = 0  # an isolated node: degree 0 -> 1
+    dense = torch.tensor(w)
+    matrix = {"dense": dense, "coo": dense.to_sparse(), "csr": dense.to_sparse_csr()}[layout]
+    s = normalized_adjacency(matrix)
+    assert s.layout == matrix.layout
+    s = as_numpy(s.to_dense())
+    np.testing.assert_allclose(s, reference_adjacency(w), atol=1e-12)
+    laplacian = np.eye(8) - 0.95 * s
+    np.testing.assert_allclose(laplacian, laplacian.T, atol=1e-12)
+    np.testing.assert_allclose(np.diag(laplacian), 1.0)
+    assert np.all(s[3] == 0) and np.all(np.linalg.eigvalsh(laplacian) > 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_patch_propagation_equals_per_column_cg(device, dtype):
+    features, positions, scores = random_patch_problem(n=180, c=5, dtype=dtype)
+    scores[:, 3] = 0
+    out = patch_propagation(features.to(device), positions.to(device), scores.to(device),
+                            k=25)
+    assert out.device.type == device and out.dtype == dtype and out.shape == scores.shape
+    w = reference_knn_weights(as_numpy(features), as_numpy(positions), 25)
+    laplacian = np.eye(180) - 0.95 * reference_adjacency(w)
+    expected = reference_solve_columns(laplacian, as_numpy(scores))
+    assert np.abs(as_numpy(out) - expected).max() <= 1e-4 * np.abs(as_numpy(scores)).max()
+    assert torch.all(out[:, 3] == 0)
+
+
+def test_patch_propagation_converged_equals_direct_solve():
+    features, positions, scores = random_patch_problem(n=90, c=3, dtype=torch.float64)
+    out = patch_propagation(features, positions, scores, k=15, gamma=2.0, alpha=0.9,
+                            tol=1e-12, max_iter=500)
+    w = reference_knn_weights(as_numpy(features), as_numpy(positions), 15, gamma=2.0)
+    laplacian = np.eye(90) - 0.9 * reference_adjacency(w)
+    np.testing.assert_allclose(out.numpy(), np.linalg.solve(laplacian, scores.numpy()),
+                               atol=1e-9)
+
+
+def test_patch_propagation_small_graphs_stay_finite():
+    features, positions, scores = random_patch_problem(n=7, c=1)
+    out = patch_propagation(features, positions, scores)  # k = 400 > N = 7
+    w = reference_knn_weights(as_numpy(features), as_numpy(positions), 7)
+    expected = reference_solve_columns(np.eye(7) - 0.95 * reference_adjacency(w),
+                                       as_numpy(scores))
+    np.testing.assert_allclose(as_numpy(out), expected, atol=1e-5)
+    one = patch_propagation(features[:1], positions[:1], scores[:1])
+    torch.testing.assert_close(one, scores[:1])  # no edges: L = I
+    zero = patch_propagation(features, positions, torch.zeros(7, 3))
+    assert torch.all(zero == 0)
+
+
+def test_patch_propagation_fixes_flipped_labels():
+    g = torch.Generator().manual_seed(3)
+    n_classes, per_class = 4, 60
+    centres = torch.randn(n_classes, 32, generator=g) * 3
+    truth = torch.arange(n_classes).repeat_interleave(per_class)
+    features = centres[truth] + torch.randn(len(truth), 32, generator=g)
+    positions = torch.rand(len(truth), 2, generator=g) * 50
+    noisy = truth.clone()
+    flipped = torch.rand(len(truth), generator=g) < 0.2
+    noisy[flipped] = (truth[flipped] + 1) % n_classes
+    scores = torch.nn.functional.one_hot(noisy, n_classes).float()
+    out = patch_propagation(features, positions, scores, k=20)
+    fixed = (out.argmax(1) == truth)[flipped].float().mean()
+    assert fixed > 0.9
+    assert (out.argmax(1) == truth).float().mean() > 0.97
+
+
+def test_one_patch_graph_answers_several_score_sets():
+    features, positions, scores = random_patch_problem(n=60, c=3, seed=9, dtype=torch.float64)
+    other = torch.randn(60, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    graph = patch_graph(features, positions, k=12, alpha=0.9)
+    assert graph.num_nodes == 60
+    w = reference_knn_weights(features.numpy(), positions.numpy(), 12)
+    laplacian = np.eye(60) - 0.9 * reference_adjacency(w)
+    for y in (scores, other, scores):  # no state is carried from one answer to the next
+        expected = reference_solve_columns(laplacian, y.numpy())
+        np.testing.assert_allclose(graph.propagate(y).numpy(), expected, atol=1e-9)
+    with pytest.raises(ValueError, match="scores"):
+        graph.propagate(scores[:59])
+
+
+def test_patch_graph_reports_convergence():
+    features, positions, scores = random_patch_problem(n=60, c=3, seed=9, dtype=torch.float64)
+    graph = patch_graph(features, positions, k=12, alpha=0.9)
+    out, info = graph.propagate(scores, max_iter=5, return_info=True)
+    torch.testing.assert_close(out, graph.propagate(scores, max_iter=5))
+    laplacian = np.eye(60) - 0.9 * reference_adjacency(
+        reference_knn_weights(features.numpy(), positions.numpy(), 12))
+    residual = np.linalg.norm(scores.numpy() - laplacian @ out.numpy(), axis=0)
+    np.testing.assert_allclose(info.residual.numpy(),
+                               residual / np.linalg.norm(scores.numpy(), axis=0), rtol=1e-6)
+    assert info.iterations.tolist() == [5, 5, 5] and not bool(info.converged.any())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _patch_inputs():
+    return random_patch_problem(n=10, c=2)
+
+
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        (lambda f, p, s: (f, p[:5], s), "positions"),
+        (lambda f, p, s: (f, p, s[:5]), "scores"),
+        (lambda f, p, s: (f[:, None], p, s), "features"),
+        (lambda f, p, s: (f.index_fill(0, torch.tensor([1]), float("nan")), p, s), "features"),
+        (lambda f, p, s: (f, p.index_fill(0, torch.tensor([1]), float("inf")), s), "positions"),
+        (lambda f, p, s: (f, p, s.index_fill(0, torch.tensor([1]), float("nan"))), "scores"),
+        (lambda f, p, s: (f[:0], p[:0], s[:0]), "features"),
+        (lambda f, p, s: (f, p, s[:, :0]), "scores"),
+    ],
+)
+def test_patch_propagation_rejects_bad_tensors(change, name):
+    with pytest.raises(ValueError, match=name):
+        patch_propagation(*change(*_patch_inputs()))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"k": 0}, "k"), ({"alpha": 1.0}, "alpha"), ({"alpha": 0.0}, "alpha"),
+     ({"gamma": 0.0}, "gamma"), ({"sigma": -1.0}, "sigma"), ({"tol": 0.0}, "tol"),
+     ({"max_iter": 0}, "max_iter"), ({"distance_power": 0.0}, "distance_power")],
+)
+def test_patch_propagation_rejects_bad_settings(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        patch_propagation(*_patch_inputs(), **kwargs)
