@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from PIL import Image
 
 import lposs
 from lposs.config import LPOSSConfig
-from lposs.segmenter import UNKNOWN, Segmenter, parse_class_names, refine_scores
+from lposs.segmenter import UNKNOWN, Segmenter, refine_scores
 
 # Small graphs keep these tests fast; the math is the same at the paper's k.
 FAST = LPOSSConfig(k=30, short_side=224)
@@ -150,16 +152,33 @@ def test_predict_before_set_image_is_an_error(segmenter):
         segmenter.predict(["a"])
 
 
-@pytest.mark.parametrize(
-    "bad", [[], "", ["cat", ""], ["cat", "Cat"], ["a;"], " , dog", [3]],
-)
-def test_bad_vocabularies_raise_class_names_error(bad):
-    with pytest.raises((lposs.ClassNamesError, TypeError)):
-        parse_class_names(bad)
+def test_convergence_of_each_stage_that_ran_is_reported(tiny_clip, tiny_dino):
+    image = _image(seed=3)
+    result = Segmenter(tiny_clip, tiny_dino, FAST.replace(max_iter=2))(image, ["a", "b"])
+    assert set(result.convergence) == {"patch", "pixel"}
+    for report in result.convergence.values():
+        assert report["iterations"] == 2  # truncated at max_iter, as the paper's solve
+        assert 0 < report["max_relative_residual"] < 1
+    assert result.summary()["convergence"] == result.convergence
+    lposs_only = Segmenter(tiny_clip, tiny_dino, FAST.replace(pixel_stage=False))(image, ["a"])
+    assert set(lposs_only.convergence) == {"patch"}
+    maskclip = Segmenter(tiny_clip, None, FAST.replace(patch_stage=False, pixel_stage=False))
+    assert maskclip(image, ["a"]).convergence == {}
 
 
-def test_class_names_are_cleaned():
-    assert parse_class_names(" cat , grass ; lawn ") == ["cat", "grass;lawn"]
+def test_save_draws_the_image_in_memory(segmenter, tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(_image(seed=4)).save(path)
+    result = segmenter(path, ["a", "b"])
+    from_file = result.save(tmp_path / "file", "x", path)
+    path.unlink()  # the in-memory image needs no file
+    in_memory = result.save(tmp_path / "mem", "x", segmenter.image)
+    assert [p.name for p in from_file] == [p.name for p in in_memory]
+    for a, b in zip(from_file, in_memory):
+        assert a.read_bytes() == b.read_bytes()
+    summary = json.loads((tmp_path / "mem" / "x.json").read_text())
+    assert summary["convergence"] == result.convergence
+    assert summary["unknown"]["index"] == UNKNOWN == lposs.UNKNOWN == 255
 
 
 def test_refine_scores_sharpens_a_blocky_label_map():

@@ -203,3 +203,14 @@ def test_stitch_keeps_half_dtype_and_validates():
         stitch_windows(scores, boxes[:1], 224, 336, patch_size=16)
     with pytest.raises(ValueError, match="patch grid"):
         stitch_windows(scores, boxes, 224, 336, patch_size=8)
+
+
+def test_pad_to_multiple_pads_bottom_right_with_zeros():
+    from lposs.windows import pad_to_multiple
+
+    x = torch.rand(2, 3, 5, 7) + 1
+    out = pad_to_multiple(x, 4)
+    assert out.shape == (2, 3, 8, 8)
+    assert torch.equal(out[..., :5, :7], x) and out[..., 5:, :].abs().sum() == 0
+    assert out[..., :, 7:].abs().sum() == 0
+    assert pad_to_multiple(x[..., :4, :4], 4) is not None and pad_to_multiple(x, 1) is x

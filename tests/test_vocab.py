@@ -1,0 +1,62 @@
+"""Tests for lposs.vocab: the rules for class names and synonyms, in one place."""
+
+import pytest
+
+import lposs
+from lposs import segmenter
+from lposs.errors import ClassNamesError, DatasetError
+from lposs.vocab import check_class_names, load_class_names, parse_class_names, split_synonyms
+
+
+@pytest.mark.parametrize(
+    "bad", [[], "", ["cat", ""], ["cat", "Cat"], ["a;"], " , dog", [3]],
+)
+def test_bad_vocabularies_raise_class_names_error(bad):
+    with pytest.raises((lposs.ClassNamesError, TypeError)):
+        parse_class_names(bad)
+
+
+def test_class_names_are_cleaned():
+    assert parse_class_names(" cat , grass ; lawn ") == ["cat", "grass;lawn"]
+
+
+def test_too_many_classes_for_the_unknown_label():
+    assert len(parse_class_names([f"c{i}" for i in range(254)])) == 254
+    with pytest.raises(ClassNamesError, match="at most 254"):
+        parse_class_names([f"c{i}" for i in range(255)])
+
+
+@pytest.mark.parametrize("name,expected", [("cat", ["cat"]), (" grass ; lawn", ["grass", "lawn"])])
+def test_split_synonyms(name, expected):
+    assert split_synonyms(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", " ", "a;", ";a", "a; ;b"])
+def test_split_synonyms_never_drops_an_empty_one(name):
+    with pytest.raises(ClassNamesError, match="empty"):
+        split_synonyms(name)
+
+
+def test_empty_synonym_is_an_error_in_the_text_encoder(tiny_clip):
+    with pytest.raises(ClassNamesError, match=r"names\[0\]"):
+        tiny_clip.encode_classes(["cat;;kitten"])
+
+
+def test_benchmark_lists_are_kept_verbatim():
+    assert check_class_names(["bed ", "Bed"], source="x") == ["bed ", "Bed"]
+    with pytest.raises(ClassNamesError, match="x: class 1"):
+        check_class_names(["a", "b;"], source="x")
+
+
+def test_class_file(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("# comment\n cat \n\ngrass ; lawn\n", encoding="utf-8")
+    assert load_class_names(path) == ["cat", "grass;lawn"]
+    assert lposs.load_class_names is load_class_names
+    with pytest.raises(DatasetError, match="not found"):
+        load_class_names(tmp_path / "missing.txt")
+
+
+def test_old_import_paths_still_work():
+    assert segmenter.parse_class_names is parse_class_names
+    assert segmenter.UNKNOWN == lposs.UNKNOWN == 255
