@@ -167,8 +167,23 @@ def save_scores(path: str | os.PathLike, scores: Any) -> None:
 
     Args:
         path: Output file (no suffix is added).
-        scores: ``(C, H, W)`` scores, numpy array or tensor.
+        scores: ``(C, H, W)`` scores, numpy array or tensor; or an object with ``shape``
+            ``(C, H, W)`` and ``class_scores(c)`` giving one ``(H, W)`` map at a time
+            (``segmenter.ScoreMaps``), written class by class so that the whole array
+            never sits in memory.
     """
+    if hasattr(scores, "class_scores"):
+        shape = tuple(scores.shape)
+
+        def write(f: BinaryIO) -> None:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                      "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_2_0(f, header)
+            for c in range(shape[0]):
+                f.write(_as_numpy(scores.class_scores(c), "scores").astype(np.float32).tobytes())
+
+        atomic_write(path, write)
+        return
     arr = _as_numpy(scores, "scores")
     if arr.ndim != 3:
         raise ValueError(f"scores must have shape (C, H, W), got {arr.shape}")
