@@ -353,6 +353,13 @@ def load_clip(
     source = weights if isinstance(weights, WeightsSource) else resolve_clip_weights(
         name, pretrained, weights=weights, cache_dir=cache_dir)
     schema, identifier = parse_model_name(name)  # local-dir: / hf-hub: carry their own weights
+    loaded_by_open_clip = (
+        (schema == "local-dir" and source.path == local_dir_weights(identifier))
+        or (schema == "hf-hub" and source.source == "hub")
+    )
+    state_dict = None
+    if source.path is not None and not loaded_by_open_clip:
+        state_dict = read_checkpoint(source.path)  # before building: a bad file fails fast
     with _quiet_root_logger():
         model = open_clip.create_model(
             name,
@@ -361,12 +368,7 @@ def load_clip(
             cache_dir=None if cache_dir is None else str(cache_dir),
             **model_kwargs,
         )
-    loaded_by_open_clip = (
-        (schema == "local-dir" and source.path == local_dir_weights(identifier))
-        or (schema == "hf-hub" and source.source == "hub")
-    )
-    if source.path is not None and not loaded_by_open_clip:
-        state_dict = read_checkpoint(source.path)
+    if state_dict is not None:
         try:
             from open_clip.convert import convert_state_dict
 

@@ -141,11 +141,13 @@ def load_dino(
     dtype = PRECISIONS[resolve_precision(precision, device)]
     source = weights if isinstance(weights, WeightsSource) else resolve_dino_weights(
         name, weights=weights, pretrained=pretrained, cache_dir=cache_dir)
+    path = source.path
+    state_dict = None
+    if path is not None:  # read before building the model: a bad file fails fast
+        state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs}
     model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    if source.path is not None:
-        path = source.path
-        state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
+    if state_dict is not None:
         try:
             state_dict = checkpoint_filter_fn(state_dict, model)
         except Exception as err:  # noqa: BLE001 - timm's key mapping fails on foreign files
