@@ -79,8 +79,8 @@ _OTHER_VALUES = {"k": 5, "gamma": 2.0, "sigma": 0.05, "distance_power": 2.0, "r"
 def test_sweepable_fields_are_the_propagation_settings():
     assert LPOSSConfig.sweepable_fields() == tuple(_OTHER_VALUES)
     encoder_fields = {name for name, _ in LPOSSConfig().encoder_key()}
-    assert encoder_fields == {"clip", "clip_pretrained", "dino", "short_side", "windows",
-                              "patch_stage"}
+    assert encoder_fields == {"clip", "clip_pretrained", "dino", "short_side", "long_side",
+                              "windows", "patch_stage"}
 
 
 def _blocks(height=48, width=64):
@@ -119,8 +119,8 @@ def test_a_sweepable_field_keeps_the_encoding_and_rebuilds_the_graphs(field, tin
     assert not torch.equal(after, before)
 
 
-@pytest.mark.parametrize("changes", [{"short_side": 48}, {"windows": ((48, 32),)},
-                                     {"patch_stage": False}])
+@pytest.mark.parametrize("changes", [{"short_side": 48}, {"long_side": 48},
+                                     {"windows": ((48, 32),)}, {"patch_stage": False}])
 def test_an_encoder_field_changes_the_encoding_and_its_key(changes, tiny_clip, tiny_dino):
     from lposs.segmenter import Segmenter
 

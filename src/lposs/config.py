@@ -28,7 +28,8 @@ METHODS: dict[str, Stages] = {
 
 # Fields that decide the encoder outputs of an image (``Segmenter.set_image``): the models,
 # the working size, the windows and whether DINO runs at all (it runs for the patch stage).
-_ENCODER_FIELDS = ("clip", "clip_pretrained", "dino", "short_side", "windows", "patch_stage")
+_ENCODER_FIELDS = ("clip", "clip_pretrained", "dino", "short_side", "long_side", "windows",
+                   "patch_stage")
 # Fields that decide the graphs built from those outputs (``Segmenter._graphs``).
 _GRAPH_FIELDS = ("patch_stage", "k", "gamma", "sigma", "distance_power", "pixel_stage", "r",
                  "tau", "alpha")
