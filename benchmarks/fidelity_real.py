@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_propagation import baseline_patch, baseline_pixel  # noqa: E402
 
 import lposs  # noqa: E402
-from lposs.segmenter import parse_class_names  # noqa: E402
+from lposs.vocab import parse_class_names  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 RESULTS = Path(__file__).resolve().parent / "results" / "fidelity_real.json"

@@ -183,3 +183,47 @@ def test_bad_device_is_a_one_line_error(tmp_path, model_args, device, capsys):
     err = capsys.readouterr().err
     assert code == 1 and len(_error_lines(err)) == 1 and "Traceback" not in err
     assert "device" in err
+
+
+_MODULES_AFTER = """\
+import sys
+from lposs.cli import main
+try:
+    main({argv!r})
+except SystemExit as exit_info:
+    assert exit_info.code == 0, exit_info.code
+print("MODULES", *sorted(sys.modules))
+"""
+
+
+def _modules_after(argv: list[str]) -> set[str]:
+    """The modules a fresh interpreter holds after ``lposs.cli.main(argv)``."""
+    proc = subprocess.run([sys.executable, "-c", _MODULES_AFTER.format(argv=argv)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.splitlines()[-1].split()[1:])
+
+
+def test_segment_help_imports_neither_datasets_nor_demo():
+    loaded = _modules_after(["segment", "--help"])
+    assert "lposs.cli.segment" in loaded
+    assert not {"gradio", "lposs.datasets", "lposs.demo", "lposs.evaluation"} & loaded
+    # The check sees imports: the eval command's options name the benchmarks.
+    assert "lposs.datasets" in _modules_after(["eval", "--help"])
+
+
+def test_segment_help_shows_only_meaningful_defaults(capsys):
+    from lposs.images import DEFAULT_MAX_PIXELS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    options = text[text.index("options:"):]  # past the usage line
+    assert "(default: None)" not in options and "(default: False)" not in options
+    assert "DEFAULT_MAX_PIXELS" not in options
+    assert f"0 disables the cap (default: {DEFAULT_MAX_PIXELS})" in options
+    device = options[options.index("--device DEVICE"):options.index("--precision {")]
+    assert device.count("default") == 1 and "(default: cpu)" in device
+    assert "(default: lposs+)" in options and "(default: fp32)" in options
+    assert "--k K neighbours per patch (paper: 400) --gamma" in options

@@ -1,6 +1,8 @@
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 
 import lposs
 from lposs.config import PRESETS, LPOSSConfig, get_preset
@@ -52,3 +54,81 @@ def test_unknown_names_raise_config_error():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         LPOSSConfig().k = 3
+
+
+def test_methods_set_their_stages_and_are_read_back():
+    from lposs.config import METHODS
+
+    assert {name: tuple(stages) for name, stages in METHODS.items()} == {
+        "lposs+": (True, True), "lposs": (True, False), "maskclip": (False, False)}
+    dino_b8 = get_preset("dino-b8")
+    for name in METHODS:
+        cfg = dino_b8.with_method(name)
+        assert cfg.method == name and (cfg.dino, cfg.k) == ("dino_vitb8", 800)
+    assert get_preset("lposs").method == "lposs" and get_preset("maskclip").method == "maskclip"
+    assert LPOSSConfig(patch_stage=False, pixel_stage=True).method is None
+    with pytest.raises(lposs.ConfigError, match="unknown method"):
+        LPOSSConfig().with_method("oracle")
+
+
+# A value other than the default for every field a sweep may vary.
+_OTHER_VALUES = {"k": 5, "gamma": 2.0, "sigma": 0.05, "distance_power": 2.0, "r": 3,
+                 "tau": 0.05, "alpha": 0.5, "tol": 1e-2, "max_iter": 2}
+
+
+def test_sweepable_fields_are_the_propagation_settings():
+    assert LPOSSConfig.sweepable_fields() == tuple(_OTHER_VALUES)
+    encoder_fields = {name for name, _ in LPOSSConfig().encoder_key()}
+    assert encoder_fields == {"clip", "clip_pretrained", "dino", "short_side", "long_side",
+                              "windows", "patch_stage"}
+
+
+def _blocks(height=48, width=64):
+    """A uint8 RGB image (H, W, 3): two coloured halves with seeded noise."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, : width // 2] = (200, 40, 30)
+    img[:, width // 2 :] = (30, 160, 60)
+    return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+def _assert_same_encoding(a, b):
+    torch.testing.assert_close(a.working, b.working, rtol=0, atol=0)
+    for x, y in zip(a.setups, b.setups, strict=True):
+        for name in ("boxes", "clip", "dino", "positions"):
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field", list(_OTHER_VALUES))
+def test_a_sweepable_field_keeps_the_encoding_and_rebuilds_the_graphs(field, tiny_clip,
+                                                                      tiny_dino):
+    from lposs.segmenter import Segmenter
+
+    base = LPOSSConfig(k=10, r=5, short_side=64, windows=((64, 32),))
+    changed = base.replace(**{field: _OTHER_VALUES[field]})
+    assert changed.encoder_key() == base.encoder_key()
+    image = _blocks()
+    segmenter = Segmenter(tiny_clip, tiny_dino, base)
+    encoded = segmenter.set_image(image)
+    before = segmenter.predict(["a", "b"]).scores
+    fresh = Segmenter(tiny_clip, tiny_dino, changed)
+    _assert_same_encoding(encoded, fresh.set_image(image))  # the encoding does not depend on it
+    segmenter.config = changed  # keeps the encoding; the graphs follow graph_key
+    after = segmenter.predict(["a", "b"]).scores
+    torch.testing.assert_close(after, fresh.predict(["a", "b"]).scores)
+    assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("changes", [{"short_side": 48}, {"long_side": 48},
+                                     {"windows": ((48, 32),)}, {"patch_stage": False}])
+def test_an_encoder_field_changes_the_encoding_and_its_key(changes, tiny_clip, tiny_dino):
+    from lposs.segmenter import Segmenter
+
+    base = LPOSSConfig(k=10, r=5, short_side=64, windows=((64, 32),))
+    changed = base.replace(**changes)
+    assert changed.encoder_key() != base.encoder_key()
+    assert changed.sweepable_fields() == base.sweepable_fields()
+    first = Segmenter(tiny_clip, tiny_dino, base).set_image(_blocks())
+    second = Segmenter(tiny_clip, tiny_dino, changed).set_image(_blocks())
+    with pytest.raises(AssertionError):
+        _assert_same_encoding(first, second)

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from lposs.cli_eval import add_eval_parser, parse_sweep
+from lposs.cli.eval import add_parser as add_eval_parser
+from lposs.cli.eval import parse_sweep
 from lposs.config import LPOSSConfig
 from lposs.datasets import FolderDataset
 from lposs.errors import ConfigError, LpossError

@@ -1,19 +1,46 @@
-"""The one settings dataclass, with the paper's defaults, and the named presets."""
+"""The one settings dataclass, with the paper's defaults, the methods and the named presets."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
-__all__ = ["LPOSSConfig", "PRESETS", "get_preset", "UNKNOWN"]
+__all__ = ["LPOSSConfig", "Stages", "METHODS", "PRESETS", "get_preset", "UNKNOWN"]
 
 UNKNOWN = 255
 """Label value of "unknown" pixels (below the abstain threshold) and of ignored ground-truth
 pixels (VOC's "void"): the one definition of 255 that the segmenter, the saved PNGs, the
 datasets and the metrics share."""
+
+
+class Stages(NamedTuple):
+    """Which label propagations a method runs."""
+
+    patch_stage: bool  # over patches (LPOSS)
+    pixel_stage: bool  # over pixels (LPOSS+)
+
+
+METHODS: dict[str, Stages] = {
+    "lposs+": Stages(patch_stage=True, pixel_stage=True),
+    "lposs": Stages(patch_stage=True, pixel_stage=False),
+    "maskclip": Stages(patch_stage=False, pixel_stage=False),  # no propagation: the baseline
+}
+"""Method name -> the stages it runs (the one place that says so)."""
+
+# Fields that decide the encoder outputs of an image (``Segmenter.set_image``): the models,
+# the working size, the windows and whether DINO runs at all (it runs for the patch stage).
+_ENCODER_FIELDS = ("clip", "clip_pretrained", "dino", "short_side", "long_side", "windows",
+                   "patch_stage")
+# Fields that decide the graphs built from those outputs (``Segmenter._graphs``).
+_GRAPH_FIELDS = ("patch_stage", "k", "gamma", "sigma", "distance_power", "pixel_stage", "r",
+                 "tau", "alpha")
+# Fields that change neither the encoders' outputs nor the propagation's settings: how many
+# windows go through an encoder at once, and the stages (chosen by the method, not swept).
+_NOT_SWEPT = ("batch_size", "pixel_stage")
 
 
 @dataclass(frozen=True)
@@ -81,13 +108,49 @@ class LPOSSConfig:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
 
+    def with_method(self, method: str) -> LPOSSConfig:
+        """A copy running the stages of ``method`` (a key of ``METHODS``).
+
+        Raises:
+            ConfigError: an unknown method name.
+        """
+        try:
+            stages = METHODS[method]
+        except (KeyError, TypeError):
+            raise ConfigError(f"unknown method {method!r}; choose one of: "
+                              f"{', '.join(METHODS)}") from None
+        return self.replace(**stages._asdict())
+
+    @property
+    def method(self) -> str | None:
+        """The name of the method whose stages this config runs (None for pixel stage only)."""
+        stages = Stages(self.patch_stage, self.pixel_stage)
+        return next((name for name, s in METHODS.items() if s == stages), None)
+
+    def encoder_key(self) -> tuple[tuple[str, Any], ...]:
+        """``(field, value)`` pairs that decide an image's encoder outputs: two configs with
+        the same key can share an ``EncodedImage``."""
+        return tuple((name, getattr(self, name)) for name in _ENCODER_FIELDS)
+
+    def graph_key(self) -> tuple:
+        """The values that decide an encoded image's graphs: two configs with the same key
+        build the same graphs from the same ``EncodedImage``."""
+        return tuple(getattr(self, name) for name in _GRAPH_FIELDS)
+
+    @classmethod
+    def sweepable_fields(cls) -> tuple[str, ...]:
+        """The fields a sweep may vary over one set of encoder outputs: every field but the
+        encoder fields, ``batch_size`` and the stages, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.name not in _ENCODER_FIELDS and f.name not in _NOT_SWEPT)
+
 
 _DEFAULT = LPOSSConfig()
 
 PRESETS: dict[str, LPOSSConfig] = {
     "lposs+": _DEFAULT,
-    "lposs": _DEFAULT.replace(pixel_stage=False),
-    "maskclip": _DEFAULT.replace(patch_stage=False, pixel_stage=False),
+    "lposs": _DEFAULT.with_method("lposs"),
+    "maskclip": _DEFAULT.with_method("maskclip"),
     "ensemble": _DEFAULT.replace(windows=((224, 112), (448, 224))),
     "dino-b16": _DEFAULT,
     "dino-b8": _DEFAULT.replace(dino="dino_vitb8", k=800),

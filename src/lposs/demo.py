@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .config import METHODS as _METHOD_STAGES
 from .config import LPOSSConfig
 from .errors import ClassNamesError, ImageError, LpossError
 
@@ -48,7 +49,7 @@ DEFAULT_MAX_PIXELS = 16_000_000
 #: Largest upload Gradio accepts.
 DEFAULT_MAX_FILE_SIZE = "25mb"
 #: The method choice: the name shown -> whether the pixel stage (LPOSS+) runs.
-METHODS = {"LPOSS+": True, "LPOSS": False}
+METHODS = {name.upper(): _METHOD_STAGES[name].pixel_stage for name in ("lposs+", "lposs")}
 #: Bundled example images (drawn procedurally for lposs) and suggested class names.
 EXAMPLES = {
     "house.png": "sky, grass;lawn, house;wall, roof, door, window, sun",
@@ -246,8 +247,7 @@ class DemoBackend:
             digest = file_sha256(path)
         except OSError as err:
             raise ImageError(f"cannot read the uploaded file: {err.strerror or err}") from None
-        key = (digest, cfg.clip, cfg.clip_pretrained, cfg.dino if cfg.patch_stage else None,
-               cfg.short_side, cfg.windows)
+        key = (digest, cfg.encoder_key())
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key], True

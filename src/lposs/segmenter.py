@@ -282,7 +282,7 @@ class EncodedImage:
 class _ImageGraphs:
     """The graphs of one image under one set of graph settings (no class enters them)."""
 
-    settings: tuple  # what they were built with (see Segmenter._graphs)
+    settings: tuple  # what they were built with (``LPOSSConfig.graph_key``)
     patch: list[PatchGraph | None]  # one per window setup; None without the patch stage
     pixel: PixelGraph | None  # None without the pixel stage
     seconds: float  # how long building them took
@@ -404,8 +404,7 @@ class Segmenter:
     def _graphs(self) -> _ImageGraphs:
         """The set image's graphs under the current config, built once and then reused."""
         cfg, state = self.config, self._state
-        settings = (cfg.patch_stage, cfg.k, cfg.gamma, cfg.sigma, cfg.distance_power,
-                    cfg.pixel_stage, cfg.r, cfg.tau, cfg.alpha)
+        settings = cfg.graph_key()
         if self._image_graphs is None or self._image_graphs.settings != settings:
             start = time.perf_counter()
             patch = [patch_graph(s.dino, s.positions, k=cfg.k, gamma=cfg.gamma, sigma=cfg.sigma,

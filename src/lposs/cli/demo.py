@@ -1,24 +1,26 @@
-"""``lposs demo``: serve the web demo (Gradio, the optional ``lposs[demo]`` extra)."""
+"""``lposs demo``: serve the web demo (Gradio, the optional ``lposs[demo]`` extra, imported
+only when this command runs)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 
-from .cli import _add_model_options, _add_propagation_options, _config_from, _Formatter
-from .config import PRESETS
-from .errors import LpossError
+from ..config import PRESETS
+from ..errors import LpossError
+from .options import HelpFormatter, add_model_options, add_propagation_options, config_from
 
-__all__ = ["add_demo_parser"]
+__all__ = ["SUMMARY", "add_parser", "run"]
+
+SUMMARY = "web page to try LPOSS on your own images (needs lposs[demo])"
 
 
-def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``demo`` command to the ``lposs`` sub-command parsers."""
-    from .demo import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``demo`` command to ``subparsers`` (from ``add_subparsers``)."""
+    from ..demo import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
 
     p = subparsers.add_parser(
-        "demo", formatter_class=_Formatter,
-        help="web page to try LPOSS on your own images (needs lposs[demo])",
+        "demo", formatter_class=HelpFormatter, help=SUMMARY,
         description="Serve a web page where you upload an image, type class names and see "
                     "the segmentation,\nthe share of each class and the timings, and download "
                     "the label PNG and JSON summary.\nNeeds Gradio: pip install "
@@ -38,14 +40,16 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    help="working resolution: the image's shorter side is resized to N pixels "
                         "(default: the preset's, 448 as in the paper; smaller is faster on a "
                         "CPU, and coarser)")
-    _add_model_options(p)
-    _add_propagation_options(p, patch=True)
-    p.set_defaults(run=_run_demo)
+    add_model_options(p)
+    add_propagation_options(p, patch=True)
+    p.set_defaults(run=run)
     return p
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoBackend, launch, require_gradio
+def run(args: argparse.Namespace) -> int:
+    """Run ``lposs demo`` from parsed arguments (serves until interrupted); returns the exit
+    status."""
+    from ..demo import DemoBackend, launch, require_gradio
 
     require_gradio()  # before loading any model: a missing extra is one line, at once
     if not 1 <= args.port <= 65535:
@@ -61,7 +65,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     short_side = getattr(args, "short_side", None)
     if short_side is not None and short_side < 1:
         raise LpossError(f"--short-side must be >= 1, got {short_side}")
-    presets = {name: _config_from(args, preset) for name, preset in PRESETS.items()}
+    presets = {name: config_from(args, preset) for name, preset in PRESETS.items()}
     if short_side is not None:
         presets = {name: c.replace(short_side=short_side) for name, c in presets.items()}
     backend = DemoBackend(presets, args.preset, clip_weights=args.clip_weights,

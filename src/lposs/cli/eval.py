@@ -1,7 +1,7 @@
 """``lposs eval``: evaluate on a benchmark or a labelled folder (mIoU, Boundary IoU).
 
-Registered by ``lposs.cli.build_parser`` through ``add_eval_parser``; the work is done by
-:mod:`lposs.evaluation`.
+The work is done by :mod:`lposs.evaluation`, imported (with the datasets) only when this
+command's options are built or run.
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import _add_model_options, _add_propagation_options, _config_from, _Formatter
-from .config import UNKNOWN
-from .errors import ConfigError, LpossError
+from ..config import UNKNOWN, LPOSSConfig
+from ..errors import ConfigError, LpossError
+from .options import HelpFormatter, add_model_options, add_propagation_options, config_from
 
-__all__ = ["add_eval_parser", "run_eval", "parse_sweep"]
+__all__ = ["SUMMARY", "add_parser", "run", "parse_sweep"]
 
-_METHODS = ("lposs+", "lposs", "maskclip", "oracle")  # = lposs.evaluation.METHODS
-_STAGES = {"lposs+": (True, True), "lposs": (True, False), "maskclip": (False, False)}
-_INT_FIELDS = ("k", "r", "max_iter")
+SUMMARY = "evaluate on a benchmark or a labelled folder (mIoU, Boundary IoU)"
 
 _DESCRIPTION = """\
 Evaluate LPOSS+, LPOSS, the MaskCLIP baseline or the patch-resolution oracle on one of
@@ -39,14 +37,13 @@ default RUN_DIR/cache):
   lposs eval --dataset voc --data-root data --sweep k=200,400 --sweep tau=0.01,0.05"""
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``eval`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from .datasets import DATASETS
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to ``subparsers`` (from ``add_subparsers``)."""
+    from ..datasets import DATASETS
+    from ..evaluation import METHODS
 
-    p = subparsers.add_parser(
-        "eval", formatter_class=_Formatter, description=_DESCRIPTION,
-        help="evaluate on a benchmark or a labelled folder (mIoU, Boundary IoU)",
-    )
+    p = subparsers.add_parser("eval", formatter_class=HelpFormatter, description=_DESCRIPTION,
+                              help=SUMMARY)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", required=True, choices=[*DATASETS, "folder"],
                       help="a benchmark, or 'folder' for --images/--masks/--class-file")
@@ -63,23 +60,24 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                       help="folder dataset: ignored label value")
     data.add_argument("--reduce-zero-label", action="store_true",
                       help="folder dataset: label 0 is ignored, the others shift down by one")
-    p.add_argument("--method", default="lposs+", choices=_METHODS,
+    p.add_argument("--method", default="lposs+", choices=METHODS,
                    help="what to evaluate (oracle: ground truth at patch resolution, no model)")
     p.add_argument("--boundary", action="store_true", help="also compute Boundary IoU")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate only the first N images")
     p.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
-                   help="run folder: records, settings.json, results.{json,md}")
+                   help="run folder: records, settings.json, results.{json,md} (default: "
+                        "runs/eval/<dataset>-<method>-<settings digest>)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                   help="keep encoder outputs here (large: several MB per image)")
+                   help="keep encoder outputs here (large: several MB per image; default: "
+                        "RUN_DIR/cache with --sweep, else none)")
     p.add_argument("--sweep", action="append", default=None, metavar="NAME=V1,V2",
                    help="evaluate every combination of these propagation settings "
-                        "(repeatable; k, gamma, sigma, distance_power, r, tau, alpha, tol, "
-                        "max_iter)")
+                        f"(repeatable; {', '.join(LPOSSConfig.sweepable_fields())})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_options(p)
-    _add_propagation_options(p, patch=True)
-    p.set_defaults(run=run_eval)
+    add_model_options(p)
+    add_propagation_options(p, patch=True)
+    p.set_defaults(run=run)
     return p
 
 
@@ -89,20 +87,20 @@ def parse_sweep(specs: list[str] | None) -> dict[str, list]:
     Raises:
         ConfigError: a malformed spec, an unknown or repeated name, or a bad number.
     """
-    from .evaluation import SWEEPABLE
-
+    sweepable = LPOSSConfig.sweepable_fields()
+    defaults = LPOSSConfig()
     grid: dict[str, list] = {}
     for spec in specs or []:
         name, sep, values = spec.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ConfigError(f"--sweep {spec!r}: expected NAME=V1,V2,...")
-        if name not in SWEEPABLE:
+        if name not in sweepable:
             raise ConfigError(f"--sweep {spec!r}: cannot sweep {name!r}; choose from "
-                              f"{', '.join(SWEEPABLE)}")
+                              f"{', '.join(sweepable)}")
         if name in grid:
             raise ConfigError(f"--sweep {name} given twice")
-        kind = int if name in _INT_FIELDS else float
+        kind = type(getattr(defaults, name))  # int or float, as the field
         try:
             grid[name] = [kind(v) for v in values.split(",")]
         except ValueError:
@@ -112,7 +110,7 @@ def parse_sweep(specs: list[str] | None) -> dict[str, list]:
 
 
 def _dataset(args: argparse.Namespace):
-    from .datasets import FolderDataset, get_dataset
+    from ..datasets import FolderDataset, get_dataset
 
     if args.dataset == "folder":
         missing = [flag for flag, value in (("--images", args.images), ("--masks", args.masks),
@@ -131,12 +129,10 @@ def _dataset(args: argparse.Namespace):
 
 
 def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
-    from .config import get_preset
-    from .segmenter import Segmenter
+    from ..config import get_preset
+    from ..segmenter import Segmenter
 
-    patch, pixel = _STAGES[args.method]
-    config = _config_from(args, get_preset(args.preset).replace(patch_stage=patch,
-                                                               pixel_stage=pixel))
+    config = config_from(args, get_preset(args.preset).with_method(args.method))
     device = args.device
     if world > 1 and device == "cuda":  # torchrun: one GPU per process
         device = f"cuda:{local_rank}"
@@ -145,9 +141,9 @@ def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
                                      precision=args.precision)
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``lposs eval`` from parsed arguments; returns the exit status."""
-    from .evaluation import distributed_context, evaluate, run_settings, settings_digest, sweep
+    from ..evaluation import distributed_context, evaluate, run_settings, settings_digest, sweep
 
     if args.limit is not None and args.limit < 1:
         raise LpossError(f"--limit must be a positive number, got {args.limit}")

@@ -1,0 +1,130 @@
+"""What the ``lposs`` commands share: the help layout, the model and propagation option
+groups, their mapping onto ``LPOSSConfig``, exit codes and the one-line error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import PRESETS, LPOSSConfig
+from ..errors import LpossError
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "HelpFormatter",
+    "fail",
+    "add_model_options",
+    "add_propagation_options",
+    "config_from",
+    "ensure_writable",
+]
+
+EXIT_FAILED = 1  # some input failed (others may have succeeded)
+EXIT_USAGE = 2  # the command line itself is wrong (argparse's exit status)
+
+# Option dest -> LPOSSConfig field, for the options of the two groups below.
+_CONFIG_FIELDS = {"k": "k", "gamma": "gamma", "sigma": "sigma", "r": "r", "tau": "tau",
+                  "alpha": "alpha", "clip_model": "clip", "clip_pretrained": "clip_pretrained",
+                  "dino_model": "dino"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and adds "(default: X)" to an option's help only
+    when X tells the user something: not for an unset option (None), an off switch (False)
+    or help that states its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def fail(message: str) -> None:
+    """Print ``message`` as one ``lposs: error:`` line on stderr."""
+    print(f"lposs: error: {message}", file=sys.stderr)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The ``models`` group: preset, device, precision, model names and local weights."""
+    group = parser.add_argument_group("models")
+    group.add_argument("--preset", default="lposs+", choices=list(PRESETS),
+                       help="named settings (lposs: no pixel stage; ensemble: 224/112 + "
+                            "448/224 windows; dino-b8 / dinov2-b14: other vision models)")
+    group.add_argument("--device", default=None,
+                       help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
+                            "(default: cpu)")
+    group.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                       help="encoder precision: fp16 on GPU only; auto: fp16 on CUDA, bf16 on "
+                            "CPUs with native bf16, else fp32")
+    group.add_argument("--clip-model", default=None, metavar="NAME",
+                       help="OpenCLIP model name, or local-dir:/path to an OpenCLIP folder "
+                            "(default: the preset's, ViT-B-16)")
+    group.add_argument("--clip-pretrained", default=None, metavar="TAG",
+                       help="OpenCLIP pretrained tag (default: the preset's, laion2b_s34b_b88k)")
+    group.add_argument("--dino-model", default=None, metavar="NAME",
+                       help="dino_vitb16, dino_vitb8, dinov2_vitb14 or a timm ViT name "
+                            "(default: the preset's)")
+    group.add_argument("--clip-weights", type=Path, default=None, metavar="FILE",
+                       help="local CLIP checkpoint (.safetensors, .pt, .bin) instead of the "
+                            "OpenCLIP cache/download")
+    group.add_argument("--dino-weights", type=Path, default=None, metavar="FILE",
+                       help="local DINO checkpoint (.safetensors, .pt, .bin) instead of the "
+                            "timm cache/download")
+
+
+def add_propagation_options(parser: argparse.ArgumentParser, *, patch: bool,
+                            preset: bool = True) -> None:
+    """The ``propagation`` group: the pixel graph's settings and alpha, and with ``patch``
+    the patch graph's. Unset options keep the ``--preset``'s values, or without ``preset``
+    (a command with no ``--preset``) the paper's."""
+    defaults = LPOSSConfig()
+    group = parser.add_argument_group(
+        "propagation (default: the preset's value; the paper's in brackets)" if preset
+        else "propagation (default: the paper's value, in brackets)")
+    if patch:
+        group.add_argument("--k", type=int, default=None,
+                           help=f"neighbours per patch (paper: {defaults.k})")
+        group.add_argument("--gamma", type=float, default=None,
+                           help=f"appearance power (paper: {defaults.gamma})")
+        group.add_argument("--sigma", type=float, default=None,
+                           help=f"spatial decay per pixel (paper: {defaults.sigma})")
+    group.add_argument("--r", type=int, default=None,
+                       help=f"pixel neighbourhood side, odd (paper: {defaults.r})")
+    group.add_argument("--tau", type=float, default=None,
+                       help=f"colour affinity temperature (paper: {defaults.tau})")
+    group.add_argument("--alpha", type=float, default=None,
+                       help=f"propagation strength in (0, 1) (paper: {defaults.alpha})")
+
+
+def config_from(args: argparse.Namespace, base: LPOSSConfig) -> LPOSSConfig:
+    """``base`` with the options the user gave (and ``--no-refine``) applied.
+
+    Raises:
+        ConfigError: a value out of range.
+    """
+    changes = {field: getattr(args, dest) for dest, field in _CONFIG_FIELDS.items()
+               if getattr(args, dest, None) is not None}
+    if getattr(args, "no_refine", False):
+        changes["pixel_stage"] = False
+    return base.replace(**changes)
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and check that a file can be written there.
+
+    Raises:
+        LpossError: it cannot.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".lposs-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise LpossError(f"cannot write to output folder {folder}: "
+                         f"{err.strerror or err}") from None
