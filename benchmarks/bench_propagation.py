@@ -185,8 +185,13 @@ def _memory_mb(field: str) -> float:
     return float("nan")
 
 
-def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> dict:
-    """Time one implementation on one case (in this process) and save its output."""
+def run_one(name: str, impl: str, device: str, repeats: int, output: Path,
+            dtype: torch.dtype = torch.float32) -> dict:
+    """Time one implementation on one case (in this process) and save its output.
+
+    ``dtype`` is the dtype our implementation is given its features, image and scores in
+    (patch positions stay float32); the baseline always runs in float32.
+    """
     from lposs.propagation import patch_propagation, pixel_propagation
     from lposs.stencil import stencil_backend, stencil_product
 
@@ -194,7 +199,8 @@ def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> di
     if stage == "patch":
         inputs = patch_inputs(settings)
         if impl == "ours":
-            args = [t.to(device) for t in inputs]
+            features, positions, scores = inputs
+            args = [features.to(device, dtype), positions.to(device), scores.to(device, dtype)]
             def call():
                 return patch_propagation(*args, k=settings["k"])
         else:
@@ -203,7 +209,7 @@ def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> di
     else:
         inputs = pixel_inputs(settings)
         if impl == "ours":
-            args = [t.to(device) for t in inputs]
+            args = [t.to(device, dtype) for t in inputs]
             def call():
                 return pixel_propagation(*args, r=settings["r"])
         else:
