@@ -58,9 +58,10 @@ def _flops(encoder, window: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Throughput of a ViT-B-sized matrix product now: what the machine gives at this moment."""
-    a = torch.randn(16 * 197, 768, device=device, dtype=dtype)
+def gemm_gflops(device: torch.device, dtype: torch.dtype, tokens: int = 16 * 197) -> float:
+    """Throughput of a ViT-B-sized matrix product now: what the machine gives at this moment
+    (``tokens`` rows: a batch of 16 windows by default)."""
+    a = torch.randn(tokens, 768, device=device, dtype=dtype)
     b = torch.randn(768, 3072, device=device, dtype=dtype)
     times = _time(lambda: a @ b, device, repeats=5)
     return 2 * a.shape[0] * 768 * 3072 / statistics.median(times) / 1e9

@@ -43,6 +43,11 @@ QUICK_CASES = {
     "pixel-small": ("pixel", {"height": 224, "width": 298, "classes": 21, "r": 13},
                     ("ours", "baseline")),
 }
+SMOKE_CASES = {  # the smallest inputs on every code path (device_check.py --quick)
+    "patch-smoke": ("patch", {"height": 112, "width": 112, "dim": 64, "classes": 5, "k": 50},
+                    ("ours",)),
+    "pixel-smoke": ("pixel", {"height": 48, "width": 64, "classes": 5, "r": 13}, ("ours",)),
+}
 TARGETS = {  # seconds, speed-up over the baseline, extra memory in MB (METHOD sizes only)
     "patch-voc": {"seconds": 0.3, "speedup": 4.0},
     "pixel-voc": {"seconds": 2.5, "speedup": 8.0, "memory_mb": 250},
@@ -195,7 +200,7 @@ def run_one(name: str, impl: str, device: str, repeats: int, output: Path,
     from lposs.propagation import patch_propagation, pixel_propagation
     from lposs.stencil import stencil_backend, stencil_product
 
-    stage, settings, _ = {**FULL_CASES, **QUICK_CASES}[name]
+    stage, settings, _ = {**FULL_CASES, **QUICK_CASES, **SMOKE_CASES}[name]
     if stage == "patch":
         inputs = patch_inputs(settings)
         if impl == "ours":
