@@ -100,9 +100,10 @@ def _markdown(report: dict) -> list[str]:
     gpu = hw["gpu"] or {}
     flags = ", ".join(flag for flag, present in hw["cpu_flags"].items() if present) or "-"
     lines = ["# lposs device check", "",
-             f"- device: {report['device']} {gpu.get('name', '')} (capability "
-             f"{gpu.get('capability', '-')}, {num(gpu.get('memory_gib'), '.0f')} GiB, driver "
-             f"{gpu.get('driver', '-')}); torch {hw['versions']['torch']}, CUDA "
+             f"- device: {report['device']}" + (
+                 f" {gpu['name']} (capability {gpu['capability']}, "
+                 f"{gpu['memory_gib']:.0f} GiB, driver {gpu['driver']})" if gpu else "")
+             + f"; torch {hw['versions']['torch']}, CUDA "
              f"{hw['torch_cuda']}, cuDNN {hw['cudnn']}, TF32 {hw['tf32']}",
              f"- CPU: {hw['cpu_model']}, {hw['cpus_usable']} usable cores; flags: {flags}",
              f"- {hw['date']}, commit {hw['git_commit']}{' (dirty)' if hw['git_dirty'] else ''}"
