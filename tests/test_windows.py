@@ -84,6 +84,19 @@ def test_working_size():
         working_size(0, 5)
 
 
+def test_working_size_caps_the_long_side_like_mmseg():
+    # scale = min(2048 / long, 448 / short); sides int(side * scale + 0.5), worked by hand
+    assert working_size(300, 1500) == (410, 2048)  # 2048/1500: 300 * 1.36533 = 409.6
+    assert working_size(1500, 300) == (2048, 410)
+    assert working_size(2, 5000) == (1, 2048)  # 2 * 0.4096 = 0.82 -> 1
+    assert working_size(5000, 2) == (2048, 1)
+    assert working_size(1, 100_000) == (1, 2048)  # 0.02 would round to 0: kept at 1 pixel
+    assert working_size(448, 2048) == (448, 2048)  # exactly at the ratio: both limits agree
+    assert working_size(100, 500, short_side=224, long_side=1000) == (200, 1000)
+    # below the ratio 2048 / 448 the cap changes nothing
+    assert working_size(375, 1700) == (448, int(1700 * 448 / 375 + 0.5))
+
+
 def test_resize_image_matches_interpolate_and_keeps_dtype():
     image = torch.rand(3, 37, 53)
     out = resize_image(image, (20, 30))
@@ -94,6 +107,24 @@ def test_resize_image_matches_interpolate_and_keeps_dtype():
     torch.testing.assert_close(half.float(), ref, atol=2e-3, rtol=0)
     with pytest.raises(ValueError):
         resize_image(torch.rand(37, 53), (5, 5))
+
+
+def test_resize_image_of_uint8_is_opencv_bilinear_over_255():
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(61, 97, 3), dtype=np.uint8)
+    for size in [(40, 63), (448, 712), (61, 97), (1, 30)]:
+        out = resize_image(torch.from_numpy(pixels).permute(2, 0, 1), size)
+        ref = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        assert out.dtype == torch.float32 and out.shape == (3, *size)
+        expected = torch.from_numpy(ref.reshape(*size, 3)).permute(2, 0, 1).float() / 255
+        assert torch.equal(out, expected)
+    # fixed-point OpenCV is not the rounded float resize (why the uint8 path exists)
+    as_float = resize_image(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, (40, 63))
+    as_uint8 = resize_image(torch.from_numpy(pixels).permute(2, 0, 1), (40, 63))
+    assert not torch.equal((as_float * 255).round(), as_uint8 * 255)
 
 
 def test_crop_windows_content_and_zero_padding():
@@ -177,19 +208,22 @@ def test_stitch_random_windows_in_any_order_equal_resize_and_add(height, width, 
     total = torch.zeros(3, height, width, dtype=torch.float64)
     count = torch.zeros(height, width, dtype=torch.float64)
     for grid, (y1, x1, y2, x2) in zip(scores, boxes.tolist(), strict=True):
-        up = F.interpolate(grid[None], size=(size, size), mode="bilinear",
+        up = F.interpolate(grid[None], size=(y2 - y1, x2 - x1), mode="bilinear",
                            align_corners=False)[0]
-        total[:, y1:y2, x1:x2] += up[:, :y2 - y1, :x2 - x1]
+        total[:, y1:y2, x1:x2] += up
         count[y1:y2, x1:x2] += 1
     torch.testing.assert_close(out, total / count, rtol=0, atol=1e-12)
 
 
-def test_stitch_small_image_crops_padded_upsampling():
-    # a 20x30 image is one window padded to 32x32 (2x2 patches of 16): resize, then crop
+def test_stitch_small_image_resizes_the_grid_straight_to_the_window():
+    # a 20x30 image is one window padded to 32x32 (2x2 patches of 16); as the paper's code,
+    # the 2x2 grid is resized to the window's 20x30 pixels, not to 32x32 and then cropped
     grid = torch.randn(3, 2, 2)
     out = stitch_windows(grid[None], window_grid(20, 30), 20, 30, patch_size=16)
-    ref = F.interpolate(grid[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(out, ref[:, :20, :30])
+    ref = F.interpolate(grid[None], size=(20, 30), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(out, ref)
+    cropped = F.interpolate(grid[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    assert not torch.allclose(out, cropped[:, :20, :30])
 
 
 def test_stitch_keeps_half_dtype_and_validates():

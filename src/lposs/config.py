@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -20,6 +21,7 @@ class LPOSSConfig:
     dino: str = "dino_vitb16"  # vision model for the graph: dino_vitb16, dino_vitb8, dinov2_vitb14
     # Pre-processing and windows.
     short_side: int = 448  # the image is resized so that its shorter side has this many pixels
+    long_side: int = 2048  # ... unless that makes the longer side exceed this (mmseg's cap)
     windows: tuple[tuple[int, int], ...] = ((224, 112),)  # (window size, stride) setups, averaged
     batch_size: int = 16  # windows per encoder forward pass
     # LPOSS: patch graph.
@@ -38,6 +40,16 @@ class LPOSSConfig:
     max_iter: int = 10  # conjugate-gradient iterations (the paper's truncated solve)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or (f.type == "int" and not isinstance(value, int))
+            ):
+                raise ConfigError(f"{f.name} must be {'an int' if f.type == 'int' else 'a number'}"
+                                  f", got {value!r}")
+            if f.type == "float" and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"alpha must lie in (0, 1), got {self.alpha}")
         if self.k < 1:
@@ -46,8 +58,10 @@ class LPOSSConfig:
             raise ConfigError(f"r must be odd and >= 3, got {self.r}")
         if self.tau <= 0 or self.sigma < 0 or self.gamma <= 0:
             raise ConfigError("tau and gamma must be > 0 and sigma >= 0")
-        if self.short_side < 1 or self.batch_size < 1 or self.max_iter < 1 or self.tol <= 0:
-            raise ConfigError("short_side, batch_size, max_iter must be >= 1 and tol > 0")
+        if (self.short_side < 1 or self.long_side < 1 or self.batch_size < 1
+                or self.max_iter < 1 or self.tol <= 0):
+            raise ConfigError("short_side, long_side, batch_size, max_iter must be >= 1 "
+                              "and tol > 0")
         if not self.windows:
             raise ConfigError("windows must hold at least one (size, stride) pair")
         for size, stride in self.windows:

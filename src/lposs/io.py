@@ -33,6 +33,8 @@ __all__ = [
     "UNKNOWN_COLOR",
     "UNKNOWN_VALUE",
     "load_image",
+    "read_image",
+    "as_float",
     "find_images",
     "palette",
     "atomic_write",
@@ -96,7 +98,8 @@ def _without_pillow_cap() -> Iterator[None]:
 
 
 def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
-    """Any Pillow mode to ``(3, H, W)`` float32 RGB in [0, 1]; alpha is dropped."""
+    """Any Pillow mode to ``(3, H, W)`` RGB: uint8 for 8-bit modes, float32 in [0, 1] for
+    16-bit and float ones; alpha is dropped."""
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         # 16-bit data (PNG/TIFF) scaled by 1/65535, not clipped to 8 bits
@@ -116,7 +119,7 @@ def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
             im = im.convert("RGB")  # L, 1, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
         except (ValueError, OSError) as exc:
             raise ImageError(f"{what}: unsupported image mode {mode!r} ({exc})") from exc
-        rgb = np.asarray(im, dtype=np.float32) / 255.0
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
 
 
@@ -132,11 +135,7 @@ def _decode(im: Image.Image, what: str, max_pixels: int | None) -> Image.Image:
 
 
 def _from_array(arr: np.ndarray, max_pixels: int | None) -> Tensor:
-    if arr.dtype == np.uint8:
-        scale = 1.0 / 255.0
-    elif arr.dtype.kind == "f":
-        scale = 1.0
-    else:
+    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
         raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -146,8 +145,9 @@ def _from_array(arr: np.ndarray, max_pixels: int | None) -> Tensor:
         )
     _check_pixels(arr.shape[0], arr.shape[1], max_pixels, "image array")
     arr = arr[..., :3] if arr.shape[2] == 4 else arr  # RGBA: alpha dropped
-    out = torch.from_numpy(np.array(arr, dtype=np.float32)) * scale  # always a copy
-    if scale == 1.0:
+    out = torch.from_numpy(np.array(arr, dtype=np.uint8 if arr.dtype == np.uint8
+                                    else np.float32))  # always a copy
+    if out.dtype != torch.uint8:
         _check_float_range(out, "image array")
     return out.permute(2, 0, 1).expand(3, -1, -1).contiguous()
 
@@ -172,7 +172,7 @@ def _from_tensor(t: Tensor, max_pixels: int | None) -> Tensor:
         )
     _check_pixels(t.shape[1], t.shape[2], max_pixels, "image tensor")
     if t.dtype == torch.uint8:
-        t = t.float() / 255.0
+        t = t.clone()
     else:
         t = t.to(torch.float32, copy=True)
         _check_float_range(t, "image tensor")
@@ -184,7 +184,34 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Tensor:
-    """Load an image as RGB float32 in [0, 1].
+    """Load an image as RGB float32 in [0, 1] (:func:`read_image`, then scaled).
+
+    Args:
+        source: What :func:`read_image` accepts.
+        max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
+
+    Returns:
+        ``(3, H, W)`` float32 tensor in [0, 1].
+    """
+    return as_float(read_image(source, max_pixels=max_pixels))
+
+
+def as_float(image: Tensor) -> Tensor:
+    """``(3, H, W)`` uint8 or float image -> float32 in [0, 1] (8-bit values / 255)."""
+    return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+
+
+def read_image(
+    source: str | os.PathLike | Image.Image | np.ndarray | Tensor,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Tensor:
+    """Read an image as RGB, keeping 8-bit images 8-bit.
+
+    8-bit sources (most files, 8-bit PIL images, uint8 arrays and tensors) give uint8, so
+    that the working-size resize can be the paper's (OpenCV on uint8 pixels, see
+    ``windows.resize_image``); 16-bit files and float arrays or tensors give float32 in
+    [0, 1].
 
     Accepted sources:
 
@@ -206,7 +233,7 @@ def load_image(
         max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
 
     Returns:
-        ``(3, H, W)`` float32 tensor in [0, 1].
+        ``(3, H, W)`` tensor: uint8, or float32 in [0, 1].
 
     Raises:
         ImageError: Missing, unreadable, truncated or too large image, or an array of
@@ -646,8 +673,23 @@ def save_scores(path: str | os.PathLike, scores: Any) -> None:
 
     Args:
         path: Output file (no suffix is added).
-        scores: ``(C, H, W)`` scores, numpy array or tensor.
+        scores: ``(C, H, W)`` scores, numpy array or tensor; or an object with ``shape``
+            ``(C, H, W)`` and ``class_scores(c)`` giving one ``(H, W)`` map at a time
+            (``segmenter.ScoreMaps``), written class by class so that the whole array
+            never sits in memory.
     """
+    if hasattr(scores, "class_scores"):
+        shape = tuple(scores.shape)
+
+        def write(f: BinaryIO) -> None:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                      "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_2_0(f, header)
+            for c in range(shape[0]):
+                f.write(_as_numpy(scores.class_scores(c), "scores").astype(np.float32).tobytes())
+
+        atomic_write(path, write)
+        return
     arr = _as_numpy(scores, "scores")
     if arr.ndim != 3:
         raise ValueError(f"scores must have shape (C, H, W), got {arr.shape}")

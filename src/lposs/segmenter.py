@@ -8,6 +8,8 @@ LPOSS+ over pixels, resize back, synonyms reduced by max, argmax).
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,13 +20,14 @@ import torch.nn.functional as F
 
 from . import io
 from .config import LPOSSConfig, get_preset
-from .errors import ClassNamesError
+from .errors import ClassNamesError, ConfigError
 from .propagation import PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
 from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
 from .windows import working_size as working_size_of
 
 __all__ = [
-    "Segmenter", "Segmentation", "EncodedImage", "WindowSetup", "UNKNOWN", "parse_class_names",
+    "Segmenter", "Segmentation", "ScoreMaps", "EncodedImage", "WindowSetup", "UNKNOWN",
+    "parse_class_names",
     "refine_scores",
 ]
 
@@ -71,6 +74,82 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
     return names
 
 
+class ScoreMaps:
+    """Per-class scores at the original size, resized from the working size on demand.
+
+    The paper's output order (METHOD.md, Output): the raw propagated scores are reduced
+    over each class's synonyms at working size (``raw``), then resized bilinearly
+    (``align_corners=False``) to the original size, where their argmax gives the labels.
+    The scores reported divide the resized raw scores by the resized propagated
+    all-ones column (``weight``), which puts them on the cosine scale without changing
+    the argmax. One class is resized at a time, so no ``(C, H, W)`` array is needed to
+    label an image.
+
+    Args:
+        raw: ``(C, h, w)`` float scores at the working size.
+        weight: ``(h, w)`` the propagated all-ones column, or None (scores as they are).
+        size: ``(H, W)`` the original size.
+    """
+
+    def __init__(self, raw: torch.Tensor, weight: torch.Tensor | None, size: tuple[int, int]):
+        self.raw = raw
+        self.weight = weight
+        self.size = (int(size[0]), int(size[1]))
+        self._weight_full: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)``."""
+        return (self.raw.shape[0], *self.size)
+
+    def _resized(self, plane: torch.Tensor) -> torch.Tensor:
+        """``(h, w)`` -> ``(H, W)`` float32, on the plane's device."""
+        plane = plane.float()
+        if tuple(plane.shape) == self.size:
+            return plane
+        return F.interpolate(plane[None, None], size=self.size, mode="bilinear",
+                             align_corners=False)[0, 0]
+
+    def _weight(self) -> torch.Tensor | None:
+        if self.weight is not None and self._weight_full is None:
+            self._weight_full = self._resized(self.weight).clamp_min(_MIN_NORMALISER)
+        return self._weight_full
+
+    @torch.inference_mode()
+    def class_scores(self, c: int) -> torch.Tensor:
+        """``(H, W)`` float32 scores of class ``c`` on the CPU (cosine scale)."""
+        plane = self._resized(self.raw[c])
+        weight = self._weight()
+        return (plane if weight is None else plane / weight).cpu()
+
+    @torch.inference_mode()
+    def full(self) -> torch.Tensor:
+        """``(C, H, W)`` float32 scores of every class on the CPU."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        for c in range(self.shape[0]):
+            out[c] = self.class_scores(c)
+        return out
+
+    @torch.inference_mode()
+    def labels(self, unknown_threshold: float | None = None) -> torch.Tensor:
+        """``(H, W)`` int64 argmax over classes at the original size (first class on ties),
+        ``UNKNOWN`` where the best score (cosine scale) is below ``unknown_threshold``."""
+        best = self._resized(self.raw[0]).clone()
+        labels = torch.zeros(self.size, dtype=torch.int64, device=best.device)
+        for c in range(1, self.shape[0]):
+            plane = self._resized(self.raw[c])
+            better = plane > best
+            labels.masked_fill_(better, c)
+            torch.maximum(best, plane, out=best)
+            del plane, better
+        if unknown_threshold is not None:
+            weight = self._weight()
+            if weight is not None:
+                best /= weight
+            labels.masked_fill_(best < unknown_threshold, UNKNOWN)
+        return labels.cpu()
+
+
 @dataclass
 class Segmentation:
     """The result of one prediction.
@@ -78,19 +157,30 @@ class Segmentation:
     Attributes:
         labels: `(H, W)` int64 class index per pixel at the original size; ``UNKNOWN``
             (255) where the abstain threshold rejected every class.
-        scores: `(C, H, W)` float32 per-class scores at the original size, on the scale
-            of CLIP cosine similarity (propagation-weighted averages of the initial
-            patch-text similarities; the synonym maximum for ``;`` names).
+        score_maps: the per-class scores, resized to the original size on demand (a
+            ``(C, H, W)`` tensor given here is wrapped as it is).
         classes: the C class names, in label order.
         timings: seconds per stage.
         settings: the configuration that produced it.
     """
 
     labels: torch.Tensor
-    scores: torch.Tensor
+    score_maps: ScoreMaps
     classes: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.score_maps, torch.Tensor):
+            self.score_maps = ScoreMaps(self.score_maps, None, tuple(self.score_maps.shape[-2:]))
+
+    @functools.cached_property
+    def scores(self) -> torch.Tensor:
+        """`(C, H, W)` float32 per-class scores at the original size, on the scale of CLIP
+        cosine similarity (propagation-weighted averages of the initial patch-text
+        similarities; the synonym maximum for ``;`` names). Computed on first access:
+        for a large image this is C full-size float maps."""
+        return self.score_maps.full()
 
     def colors(self):
         """`(C, 3)` uint8 colour per class (the palette of the saved PNG)."""
@@ -143,7 +233,7 @@ class Segmentation:
             io.save_overlay(written[-1], self.overlay(image))
         if scores:
             written.append(out_dir / f"{stem}_scores.npy")
-            io.save_scores(written[-1], self.scores)
+            io.save_scores(written[-1], self.score_maps)
         written.append(out_dir / f"{stem}.json")
         io.write_json(written[-1], self.summary())
         return written
@@ -176,7 +266,7 @@ class EncodedImage:
     propagation settings); ``Segmenter.set_encoded`` takes it back.
     """
 
-    image: torch.Tensor  # (3, H, W) the original image in [0, 1], on the CPU
+    image: torch.Tensor  # (3, H, W) the original image (uint8, or float in [0, 1]), on the CPU
     working: torch.Tensor  # (3, h, w) at the working size, on the model's device
     setups: list[WindowSetup]
     encode_s: float  # seconds the encoders took
@@ -290,10 +380,9 @@ class Segmenter:
         """
         start = time.perf_counter()
         cfg = self.config
-        image = io.load_image(image, max_pixels=max_pixels)
-        height, width = image.shape[-2:]
-        working = resize_image(image.to(self.device), working_size_of(height, width,
-                                                                      cfg.short_side))
+        image = io.read_image(image, max_pixels=max_pixels)  # uint8 for 8-bit sources
+        working = _working_image(image, cfg).to(self.device)
+        image = image.cpu()
         setups = [self._encode_windows(working, size, stride) for size, stride in cfg.windows]
         self._state = EncodedImage(image, working, setups, time.perf_counter() - start)
         self._state_source = self._state
@@ -361,6 +450,7 @@ class Segmenter:
         """
         if self._state is None:
             raise RuntimeError("call set_image(image) before predict(classes)")
+        _check_threshold(unknown_threshold)
         classes = parse_class_names(classes)
         cfg, state = self.config, self._state
         graphs = self._graphs()
@@ -385,11 +475,11 @@ class Segmenter:
         timings["pixel_lp"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        scores = _to_class_scores(combined, class_index.to(combined.device), len(classes),
-                                  tuple(state.image.shape[-2:]))
-        labels = _labels_from_scores(scores, unknown_threshold)
+        raw = _reduce_synonyms(combined[:-1], class_index.to(combined.device), len(classes))
+        maps = ScoreMaps(raw, combined[-1], tuple(state.image.shape[-2:]))
+        labels = maps.labels(unknown_threshold)
         timings["resize_argmax"] = time.perf_counter() - start
-        return Segmentation(labels, scores, classes, timings, _settings(cfg, unknown_threshold))
+        return Segmentation(labels, maps, classes, timings, _settings(cfg, unknown_threshold))
 
     def _patch_scores(self, setup: WindowSetup, graph: PatchGraph | None, text: torch.Tensor,
                       working_hw) -> torch.Tensor:
@@ -415,36 +505,31 @@ class Segmenter:
         return self.predict(classes, unknown_threshold=unknown_threshold)
 
 
-def _to_class_scores(
-    propagated: torch.Tensor, class_index: torch.Tensor, n_classes: int, size: tuple[int, int]
+def _reduce_synonyms(
+    synonyms: torch.Tensor, class_index: torch.Tensor, n_classes: int
 ) -> torch.Tensor:
-    """Normalise, resize to the original size and take the max over each class's synonyms.
-
-    Args:
-        propagated: `(C' + 1, h, w)` synonym scores then the propagated all-ones row.
-        class_index: `(C',)` the class of each synonym row.
-        n_classes: C.
-        size: (H, W).
-
-    Returns:
-        `(C, H, W)` float32 on the CPU.
-    """
-    normaliser = propagated[-1:].clamp_min(_MIN_NORMALISER)
-    synonyms = propagated[:-1] / normaliser
-    out = torch.empty(n_classes, *size, dtype=torch.float32)
-    for c in range(n_classes):  # one class at a time bounds memory at the original size
-        rows = synonyms[class_index == c][None]
-        resized = F.interpolate(rows, size=size, mode="bilinear", align_corners=False)[0]
-        out[c] = resized.amax(dim=0).float().cpu()
-    return out
+    """`(C', h, w)` propagated synonym scores -> `(C, h, w)`: each class's max over its
+    synonyms (``class_index``: `(C',)` the class of each row), at the working size."""
+    if synonyms.shape[0] == n_classes:  # no synonyms: rows are classes, in order
+        return synonyms
+    return torch.stack([synonyms[class_index == c].amax(dim=0) for c in range(n_classes)])
 
 
-def _labels_from_scores(scores: torch.Tensor, unknown_threshold: float | None) -> torch.Tensor:
-    """`(C, H, W)` scores -> `(H, W)` int64 argmax, ``UNKNOWN`` below the threshold."""
-    best, labels = scores.max(dim=0)
-    if unknown_threshold is not None:
-        labels[best < unknown_threshold] = UNKNOWN
-    return labels
+def _check_threshold(unknown_threshold: float | None) -> None:
+    if unknown_threshold is None:
+        return
+    if isinstance(unknown_threshold, bool) or not isinstance(unknown_threshold, (int, float)):
+        raise ConfigError(f"unknown_threshold must be a number or None, got "
+                          f"{unknown_threshold!r}")
+    if not math.isfinite(unknown_threshold):
+        raise ConfigError(f"unknown_threshold must be a finite number, got {unknown_threshold}")
+
+
+def _working_image(image: torch.Tensor, cfg: LPOSSConfig) -> torch.Tensor:
+    """`(3, H, W)` uint8 or float image -> `(3, h, w)` float32 in [0, 1] at the working size
+    (short side ``cfg.short_side``, long side at most ``cfg.long_side``)."""
+    size = working_size_of(*image.shape[-2:], cfg.short_side, cfg.long_side)
+    return resize_image(image, size).float()
 
 
 def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
@@ -470,11 +555,11 @@ def refine_scores(
         `(C, H, W)` float32 refined scores at the image's size.
     """
     cfg = config or LPOSSConfig()
-    image = io.load_image(image, max_pixels=max_pixels)
+    image = io.read_image(image, max_pixels=max_pixels)
     if scores.ndim != 3 or scores.shape[0] < 1:
         raise ValueError(f"scores must have shape (C, H, W), got {tuple(scores.shape)}")
     height, width = image.shape[-2:]
-    working = resize_image(image, working_size_of(height, width, cfg.short_side))
+    working = _working_image(image, cfg)
     y = F.interpolate(scores.float()[None], size=working.shape[-2:], mode="bilinear",
                       align_corners=False)[0]
     refined = pixel_propagation(working, y, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha, tol=cfg.tol,

@@ -7,6 +7,7 @@ grid, crop padding, patch centres and the overlap-averaging stitch follow
 
 from __future__ import annotations
 
+import cv2
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,17 +42,22 @@ def _check_boxes(boxes: Tensor) -> None:
         raise ValueError("boxes must be (y1, x1, y2, x2) with 0 <= y1 < y2 and 0 <= x1 < x2")
 
 
-def working_size(height: int, width: int, short_side: int = 448) -> tuple[int, int]:
-    """The size at which LPOSS runs: the shorter side becomes ``short_side``, aspect kept.
+def working_size(
+    height: int, width: int, short_side: int = 448, long_side: int = 2048
+) -> tuple[int, int]:
+    """The size at which LPOSS runs, as the paper's test pipeline computes it.
 
-    The longer side is rounded half up, ``int(long * (short_side / short) + 0.5)``, as
-    mmcv's ``rescale_size`` does for mmseg's ``Resize(keep_ratio=True)`` (the pipeline
-    that produced the paper's tables). A square image becomes ``short_side`` square.
+    mmseg's ``Resize(keep_ratio=True)`` with ``img_scale=(long_side, short_side)``
+    (mmcv's ``rescale_size``): ``scale = min(long_side / long, short_side / short)`` and
+    each side becomes ``int(side * scale + 0.5)``. So the shorter side becomes
+    ``short_side`` unless the aspect ratio exceeds ``long_side / short_side``, where the
+    longer side is capped at ``long_side``. A side is never below 1 pixel.
 
     Args:
         height: Original image height in pixels.
         width: Original image width in pixels.
         short_side: Target length of the shorter side.
+        long_side: Cap on the length of the longer side.
 
     Returns:
         ``(h, w)``, the working height and width.
@@ -59,35 +65,44 @@ def working_size(height: int, width: int, short_side: int = 448) -> tuple[int, i
     height = _positive_int(height, "height")
     width = _positive_int(width, "width")
     short_side = _positive_int(short_side, "short_side")
-    scale = short_side / min(height, width)
-    if height <= width:
-        return short_side, max(int(width * scale + 0.5), short_side)
-    return max(int(height * scale + 0.5), short_side), short_side
+    long_side = _positive_int(long_side, "long_side")
+    scale = min(long_side / max(height, width), short_side / min(height, width))
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize (``align_corners=False``, no antialiasing) of a ``(C, H, W)`` image.
 
-    Interpolation runs in float32 (or float64 for float64 input) and the result is cast
-    back to the input's dtype.
+    An 8-bit image (``uint8``) is resized as the paper's pipeline does it: OpenCV's
+    ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` on the uint8 pixels (fixed-point
+    weights, a uint8 result), then divided by 255; this runs on the CPU and the result
+    goes back to the input's device. A floating-point image is interpolated in float32
+    (float64 for float64 input) with ``F.interpolate`` and cast back to its dtype.
 
     Args:
-        image: ``(C, H, W)`` floating-point image, e.g. RGB in [0, 1].
+        image: ``(C, H, W)`` uint8 image, or floating-point image (e.g. RGB in [0, 1]).
         size: ``(h, w)`` output size.
 
     Returns:
-        ``(C, h, w)`` resized image, same dtype and device.
+        ``(C, h, w)`` resized image on the input's device: float32 in [0, 1] for uint8
+        input, the input's dtype otherwise.
     """
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if image.ndim != 3 or image.numel() == 0:
         raise ValueError(f"image must have shape (C, H, W), got {tuple(image.shape)}")
-    if not image.dtype.is_floating_point:
-        raise TypeError(f"image must be floating point, got {image.dtype}")
+    if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
+        raise TypeError(f"image must be uint8 or floating point, got {image.dtype}")
     if len(size) != 2:
         raise ValueError(f"size must be (h, w), got {size!r}")
     h = _positive_int(size[0], "size[0]")
     w = _positive_int(size[1], "size[1]")
+    if image.dtype == torch.uint8:
+        pixels = image.permute(1, 2, 0).cpu().numpy()  # (H, W, C), OpenCV's layout
+        resized = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_LINEAR)
+        resized = resized.reshape(h, w, image.shape[0])  # OpenCV drops a single channel axis
+        out = torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0
+        return out.to(image.device)
     work = image if image.dtype == torch.float64 else image.float()
     out = F.interpolate(work[None], size=(h, w), mode="bilinear", align_corners=False,
                         antialias=False)[0]
@@ -197,11 +212,12 @@ def stitch_windows(
 ) -> Tensor:
     """Per-window patch scores back to one image, averaging where windows overlap.
 
-    Each ``(C, gh, gw)`` grid is resized bilinearly (``align_corners=False``) to the
-    window's padded size ``(gh * P, gw * P)``, cropped to the window's own size
-    ``(y2 - y1, x2 - x1)``, added into place, and the sum divided per pixel by the
-    number of windows covering it (computed as matrix products, without the resized
-    windows themselves).
+    Each ``(C, gh, gw)`` grid is resized bilinearly (``align_corners=False``) straight to
+    the window's own size ``(y2 - y1, x2 - x1)`` (as the paper's code does; for a window
+    that is not a multiple of the patch size this differs from resizing to the padded
+    size and cropping), added into place, and the sum divided per pixel by the number of
+    windows covering it (computed as matrix products, without the resized windows
+    themselves).
 
     Args:
         window_scores: ``(n, C, gh, gw)`` scores per window patch.
@@ -242,8 +258,8 @@ def stitch_windows(
     acc_dtype = torch.float64 if window_scores.dtype == torch.float64 else torch.float32
     dev = window_scores.device
     scores = window_scores.to(acc_dtype)
-    up_rows = _upsampling_matrix(gh, patch_size, acc_dtype, dev)  # (gh * P, gh)
-    up_cols = _upsampling_matrix(gw, patch_size, acc_dtype, dev)  # (gw * P, gw)
+    up_rows: dict[int, Tensor] = {}  # window height -> (height, gh) resize matrix
+    up_cols: dict[int, Tensor] = {}  # window width -> (width, gw) resize matrix
     bands: dict[tuple[int, int], list[int]] = {}
     for k, (y1, _, y2, _) in enumerate(box_list):
         bands.setdefault((y1, y2), []).append(k)
@@ -254,18 +270,23 @@ def stitch_windows(
         covered = torch.zeros(width, dtype=acc_dtype, device=dev)
         for k in members:
             _, x1, _, x2 = box_list[k]
-            band[:, :, x1:x2] += scores[k] @ up_cols[: x2 - x1].T
+            if x2 - x1 not in up_cols:
+                up_cols[x2 - x1] = _resize_matrix(gw, x2 - x1, acc_dtype, dev)
+            band[:, :, x1:x2] += scores[k] @ up_cols[x2 - x1].T
             covered[x1:x2] += 1
-        total[:, y1:y2].baddbmm_(up_rows[: y2 - y1].expand(channels, -1, -1), band)
+        if y2 - y1 not in up_rows:
+            up_rows[y2 - y1] = _resize_matrix(gh, y2 - y1, acc_dtype, dev)
+        total[:, y1:y2].baddbmm_(up_rows[y2 - y1].expand(channels, -1, -1), band)
         count[y1:y2] += covered
     if bool((count == 0).any()):
         raise ValueError(f"boxes leave part of the {height}x{width} image uncovered")
     return (total / count).to(window_scores.dtype)
 
 
-def _upsampling_matrix(cells: int, patch_size: int, dtype: torch.dtype,
-                       device: torch.device) -> Tensor:
-    """``(cells * P, cells)``: bilinear upsampling by ``P`` along one axis as a matrix, taken
-    from ``F.interpolate`` itself (``align_corners=False``, clamped at the borders)."""
+def _resize_matrix(cells: int, length: int, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """``(length, cells)``: bilinear resizing of ``cells`` values to ``length`` along one
+    axis as a matrix, taken from ``F.interpolate`` itself (``align_corners=False``,
+    clamped at the borders)."""
     eye = torch.eye(cells, dtype=dtype, device=device)[None]
-    return F.interpolate(eye, size=cells * patch_size, mode="linear", align_corners=False)[0].T
+    return F.interpolate(eye, size=length, mode="linear", align_corners=False)[0].T
