@@ -24,7 +24,8 @@ broken CUDA context stops that step only and what it finished before is kept:
    CPU's; then the CPU's encoded image predicted on the device, patch stage alone and
    LPOSS+, its scores to 1e-4.
 
-After ``--budget-s`` seconds the steps left are recorded as skipped. Exit status: 0 when
+After ``--budget-s`` seconds the steps left are recorded as skipped; ``--steps`` runs
+only some of them (e.g. again, with the device time left). Exit status: 0 when
 every step ran and every check with a tolerance passed, 1 otherwise (the report is
 written either way), 2 for a device that is not there (one line on stderr).
 """
