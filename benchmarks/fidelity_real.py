@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_propagation import baseline_patch, baseline_pixel  # noqa: E402
 
 import lposs  # noqa: E402
+from lposs.segmenter import parse_class_names  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 RESULTS = Path(__file__).resolve().parent / "results" / "fidelity_real.json"
@@ -99,7 +100,7 @@ def main() -> int:
         print(f"no photos under {PHOTOS}", file=sys.stderr)
         return 1
     photos = photos[: args.limit]
-    classes = lposs.segmenter.parse_class_names(args.classes)
+    classes = parse_class_names(args.classes)
     torch.manual_seed(0)
     clip = lposs.load_clip("ViT-B-16", pretrained=None)
     dino = lposs.load_dino("dino_vitb16", weights=None, pretrained=False)

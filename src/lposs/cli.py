@@ -35,8 +35,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None,
                        help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
                             "(default: cpu)")
-    group.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                       help="encoder precision (fp16/bf16 on GPU)")
+    group.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                       help="encoder precision: fp16 on GPU only; auto: fp16 on CUDA, bf16 on "
+                            "CPUs with native bf16, else fp32")
     group.add_argument("--clip-model", default=None, metavar="NAME",
                        help="OpenCLIP model name, or local-dir:/path to an OpenCLIP folder "
                             "(default: the preset's, ViT-B-16)")

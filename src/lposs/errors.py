@@ -24,7 +24,13 @@ class ClassNamesError(LpossError, ValueError):
 
 
 class WeightsNotFoundError(LpossError, FileNotFoundError):
-    """Model weights could not be found locally or fetched; the message says how to provide them."""
+    """Model weights could not be found, fetched or read.
+
+    Raised for weights missing everywhere (the message says how to provide them, for
+    every model missing at once) and for a weight file that is unreadable, not a
+    checkpoint, or not one of the model (the message names the file and what was
+    expected).
+    """
 
 
 class UnsafeCheckpointError(LpossError, ValueError):

@@ -342,21 +342,24 @@ class Segmenter:
             clip_weights: a local CLIP checkpoint instead of the OpenCLIP download/cache.
             dino_weights: a local DINO checkpoint instead of the timm download/cache.
             device: where the models run (default: CPU).
-            precision: "fp32", "fp16" or "bf16" for the encoders.
+            precision: "fp32", "bf16", "fp16" (GPU) or "auto" for the encoders.
             **overrides: config fields to change, e.g. ``k=800``.
 
         Raises:
             WeightsNotFoundError: weights neither cached, downloadable nor given.
         """
-        from .encoders import load_clip, load_dino
+        from .encoders import load_clip, load_dino, resolve_weights
 
         config = get_preset(preset) if isinstance(preset, str) else preset
         config = config.replace(**overrides) if overrides else config
-        clip = load_clip(config.clip, config.clip_pretrained, weights=clip_weights,
+        clip_source, dino_source = resolve_weights(  # every missing model reported at once
+            clip=config.clip, clip_pretrained=config.clip_pretrained, clip_weights=clip_weights,
+            dino=config.dino if config.patch_stage else None, dino_weights=dino_weights)
+        clip = load_clip(config.clip, config.clip_pretrained, weights=clip_source,
                          device=device, precision=precision)
         dino = None
         if config.patch_stage:
-            dino = load_dino(config.dino, weights=dino_weights, device=device,
+            dino = load_dino(config.dino, weights=dino_source, device=device,
                              precision=precision)
         return cls(clip, dino, config)
 

@@ -22,23 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ClassNamesError, ConfigError, WeightsNotFoundError
+from ..errors import ClassNamesError
 from ..io import atomic_write
-from .common import DenseEncoder, chunks, resolve_device, resolve_precision
-from .weights import (
-    WEIGHTS_ENV,
-    find_in_hub,
-    find_in_weights_dir,
-    load_strict,
-    read_checkpoint,
-)
+from .cache import CACHE_ENV, cache_root
+from .common import DenseEncoder, chunks
+from .device import PRECISIONS, resolve_device, resolve_precision
+from .sources import OPEN_CLIP_FILES, clip_tag_config, local_dir_weights, resolve_clip_weights
+from .weights import WeightsSource, hub_cached, load_strict, read_checkpoint
 
-__all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_STD"]
+__all__ = [
+    "ClipEncoder",
+    "load_clip",
+    "resolve_clip_weights",
+    "imagenet_templates",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CACHE_ENV",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel mean (RGB)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP pixel std (RGB)
 _TEXT_BATCH = 640  # prompts per text-encoder forward pass
-CACHE_ENV = "LPOSS_CACHE"  # folder for caches kept across runs (default ~/.cache/lposs)
+# Version of the text-embedding computation; bump it when the numbers it gives change, so
+# that embeddings cached on disk by an older version are not reused.
+TEXT_EMBEDDING_VERSION = 2
 
 
 @lru_cache(maxsize=1)
@@ -71,7 +78,9 @@ class ClipEncoder(DenseEncoder):
         templates: prompt templates with one ``{}``; default: the 80 ImageNet templates.
         text_cache_dir: a folder that keeps text embeddings across processes; it must
             belong to these exact weights (``load_clip`` chooses one per model and
-            weights). None: keep them in memory only.
+            weights digest). Each file in it is keyed by the synonym, the templates, the
+            model dtype, the tokenizer and its context length, and
+            ``TEXT_EMBEDDING_VERSION``. None: keep them in memory only.
 
     Attributes:
         model: the wrapped OpenCLIP model.
@@ -205,7 +214,17 @@ class ClipEncoder(DenseEncoder):
     def _disk_path(self, synonym: str) -> Path | None:
         if self.text_cache_dir is None:
             return None
-        key = "\n".join([str(self._dtype()), *self.templates, synonym]).encode()
+        tokenizer = type(self.tokenizer)
+        parts = [
+            f"text-embedding-v{TEXT_EMBEDDING_VERSION}",
+            str(self._dtype()),
+            f"{tokenizer.__module__}.{tokenizer.__qualname__}",
+            f"context_length={getattr(self.tokenizer, 'context_length', None)}",
+            f"model_context_length={getattr(self.model, 'context_length', None)}",
+            json.dumps(self.templates),
+            synonym,
+        ]
+        key = "\n".join(parts).encode()
         return self.text_cache_dir / f"{hashlib.sha256(key).hexdigest()[:40]}.pt"
 
     def _cached(self, synonym: str) -> dict[str, torch.Tensor]:
@@ -242,7 +261,6 @@ class ClipEncoder(DenseEncoder):
                 feats[rows] = self._encode_tokens(tokens[rows]).float()
         feats = F.normalize(feats, dim=-1).view(len(synonyms), len(self.templates), -1)
         return F.normalize(feats.mean(dim=1), dim=-1)
-
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``model.encode_text`` over only the first L token positions, L = the longest
@@ -283,7 +301,7 @@ def load_clip(
     name: str = "ViT-B-16",
     pretrained: str | None = "laion2b_s34b_b88k",
     *,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | WeightsSource | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
     cache_dir: str | os.PathLike | None = None,
@@ -296,114 +314,88 @@ def load_clip(
     e.g. ``ViT-B-16-laion2b_s34b_b88k.safetensors``; the Hugging Face Hub cache of
     OpenCLIP's tag; a Hub download when the Hub answers.
 
+    Text embeddings of pretrained weights persist in ``$LPOSS_CACHE/text`` (default
+    ``~/.cache/lposs``), in a folder keyed by the model, its architecture overrides and
+    the sha256 of the weight file read (see :func:`lposs.encoders.cache.file_sha256`), so
+    a file replaced under the same name gets fresh embeddings.
+
     Args:
         name: OpenCLIP model name (``open_clip.list_models()``), a plain ViT.
         pretrained: OpenCLIP pretrained tag (or, as in OpenCLIP, a checkpoint file);
             None (and no ``weights``): random weights.
         weights: a local checkpoint of the full CLIP model (state dict, possibly nested
-            under ``"state_dict"`` / ``"model"``).
+            under ``"state_dict"`` / ``"model"``), or a source found by
+            :func:`resolve_clip_weights`.
         device: where the model runs (default: CPU).
-        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the model is cast; features are
-            returned as float32).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (GPU only) or ``"auto"`` (see
+            :func:`lposs.encoders.resolve_precision`); the model is cast, features are
+            returned as float32. The encoder's ``precision`` says which one runs.
         cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
         **model_kwargs: architecture overrides passed to ``open_clip.create_model``
             (e.g. ``embed_dim``, ``vision_cfg``), for small test models.
 
     Returns:
-        The encoder, in eval mode with gradients off.
+        The encoder, in eval mode with gradients off; ``weights_info`` says where its
+        weights came from.
 
     Raises:
-        ValueError: unknown model name, pretrained tag or precision.
-        WeightsNotFoundError: no weights found; the message lists how to provide them.
+        ConfigError: unknown model name, pretrained tag, precision or device.
+        WeightsNotFoundError: no weights found, or a file that is not a checkpoint of
+            this model; the message names the file or lists how to provide them.
         UnsafeCheckpointError: the checkpoint holds pickled objects.
     """
     import open_clip
     from open_clip.factory import parse_model_name
 
-    if not isinstance(name, str) or open_clip.get_model_config(name) is None:
-        raise ConfigError(f"{name!r} is not an OpenCLIP model name (see "
-                          "open_clip.list_models()) nor a local-dir:/path OpenCLIP folder")
-    if parse_model_name(name)[0] is not None:  # local-dir: / hf-hub: carry their own weights
-        pretrained = None
-    dtype = resolve_precision(precision)
+    tag_cfg = clip_tag_config(name, pretrained, weights)
     device = resolve_device(device)
-    if weights is None and pretrained is not None and os.path.isfile(pretrained):
-        weights, pretrained = pretrained, None  # OpenCLIP also accepts a file as `pretrained`
-    tag_cfg = {}
-    if pretrained is not None:
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
-        if not tag_cfg and weights is None:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise ConfigError(f"pretrained {pretrained!r} is not a tag of {name}; known: {tags}")
-    path = weights
-    if path is None and pretrained is not None:
-        path = _find_clip_weights(name, pretrained, tag_cfg, cache_dir)
+    dtype = PRECISIONS[resolve_precision(precision, device)]
+    source = weights if isinstance(weights, WeightsSource) else resolve_clip_weights(
+        name, pretrained, weights=weights, cache_dir=cache_dir)
+    schema, identifier = parse_model_name(name)  # local-dir: / hf-hub: carry their own weights
+    loaded_by_open_clip = (
+        (schema == "local-dir" and source.path == local_dir_weights(identifier))
+        or (schema == "hf-hub" and source.source == "hub")
+    )
+    state_dict = None
+    if source.path is not None and not loaded_by_open_clip:
+        state_dict = read_checkpoint(source.path)  # before building: a bad file fails fast
     with _quiet_root_logger():
         model = open_clip.create_model(
             name,
             pretrained=None,
             force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            cache_dir=None if cache_dir is None else str(cache_dir),
             **model_kwargs,
         )
-    if path is not None:
-        state_dict = read_checkpoint(path)
+    if state_dict is not None:
         try:
             from open_clip.convert import convert_state_dict
 
             state_dict = convert_state_dict(model, state_dict)
         except ImportError:
             pass
-        load_strict(model, state_dict, path, name)
+        load_strict(model, state_dict, source.path, name)
     model = model.to(device=device, dtype=dtype)
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"),
-                       text_cache_dir=_text_cache_dir(name, pretrained, weights, model_kwargs))
+    if schema == "hf-hub" and source.path is None:  # open_clip has downloaded it by now
+        source = hub_cached(source.repo, OPEN_CLIP_FILES, cache_dir=cache_dir) or source
+    info = source.info()
+    text_cache_dir = _text_cache_dir(name, model_kwargs, info) if schema is None else None
+    encoder = ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"),
+                          text_cache_dir=text_cache_dir)
+    encoder.weights_info = info
+    return encoder
 
 
-def _text_cache_dir(name: str, pretrained: str | None, weights, model_kwargs: dict) -> Path | None:
-    """Where text embeddings of these weights persist: ``$LPOSS_CACHE/text/<key>`` (default
-    ``~/.cache/lposs``); None for random weights."""
-    if model_kwargs:  # architecture overrides are part of the model's identity
-        overrides = json.dumps(model_kwargs, sort_keys=True).encode()
-        name += "-" + hashlib.sha256(overrides).hexdigest()[:8]
-    if weights is not None:
-        stat = Path(weights).stat()
-        identity = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        key = f"{name}-file-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-    elif pretrained is not None:
-        key = f"{name}-{pretrained}"
-    else:
+def _text_cache_dir(name: str, model_kwargs: dict, weights_info: dict) -> Path | None:
+    """Where text embeddings of these weights persist: ``<cache>/text/<model>-<key>``, the
+    key a digest of the model name, its architecture overrides and the weights' identity
+    (content sha256; Hub repository, revision and file); None for random weights."""
+    if "sha256" not in weights_info:
         return None
-    root = os.environ.get(CACHE_ENV) or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lposs"
-    return Path(root) / "text" / key.replace("/", "_")
-
-
-def _find_clip_weights(name: str, pretrained: str, tag_cfg: dict, cache_dir) -> os.PathLike:
-    local = find_in_weights_dir([f"{name}-{pretrained}", name])
-    if local is not None:
-        return local
-    repo_and_file = tag_cfg.get("hf_hub", "")
-    reason = "the pretrained tag has no Hugging Face Hub copy"
-    if repo_and_file:
-        if repo_and_file.endswith("/"):  # a repository holding OpenCLIP's default file names
-            repo_id = repo_and_file.rstrip("/")
-            files = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        else:  # "org/repo/filename"
-            repo_id, filename = os.path.split(repo_and_file)
-            stem = filename.rsplit(".", 1)[0]
-            files = [f"{stem}.safetensors", filename] if filename.endswith(".bin") else [filename]
-        found, reason = find_in_hub(repo_id, files, cache_dir=cache_dir)
-        if found is not None:
-            return found
-        hub_hint = f"`hf download {repo_id} {files[0]}`"
-    else:
-        hub_hint = "OpenCLIP while online"
-    raise WeightsNotFoundError(
-        f"no weights for CLIP model {name!r} (pretrained={pretrained!r}): {reason}. Provide "
-        f"them in one of these ways: pass a local checkpoint with --clip-weights PATH (command "
-        f"line) or load_clip(..., weights=PATH) (.safetensors, .pt, .pth, .bin); or put "
-        f"'{name}-{pretrained}.safetensors' (or .pt/.pth/.bin) in the folder named by the "
-        f"{WEIGHTS_ENV} environment variable; or download them once while online "
-        f"({hub_hint}) so the Hugging Face Hub cache holds them."
-    )
+    identity = {k: weights_info.get(k) for k in ("sha256", "repo", "revision", "file")}
+    key = json.dumps({"model": name, "overrides": model_kwargs, "weights": identity},
+                     sort_keys=True, default=str).encode()
+    label = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+    return cache_root() / "text" / f"{label}-{hashlib.sha256(key).hexdigest()[:24]}"

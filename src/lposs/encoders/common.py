@@ -1,4 +1,4 @@
-"""Helpers shared by the CLIP and DINO encoders: device, precision, input checks, padding."""
+"""Helpers shared by the CLIP and DINO encoders: the encoder base class, input checks, padding."""
 
 from __future__ import annotations
 
@@ -8,48 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from .device import PRECISIONS
 
 __all__ = [
     "DenseEncoder",
-    "PRECISIONS",
-    "resolve_device",
-    "resolve_precision",
     "check_windows",
     "check_batch_size",
     "normalize_and_pad",
     "chunks",
 ]
-
-# Precision names accepted by the factories, and the dtype the model is cast to.
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device a model goes to: ``device`` as given, or the CPU when it is None."""
-    if device is None:
-        return torch.device("cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(
-            f"device must be a str, a torch.device or None, got {type(device).__name__}"
-        )
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"device {device!r} is not a valid torch device: {err}") from err
-    try:
-        torch.empty(0, device=resolved)  # fails early when the device is absent here
-    except (RuntimeError, AssertionError) as err:
-        raise ConfigError(f"device {device!r} is not available on this machine: {err}") from err
-    return resolved
-
-
-def resolve_precision(precision: str) -> torch.dtype:
-    """The model dtype for a precision name (``fp32``, ``fp16`` or ``bf16``)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
 
 def check_windows(windows: torch.Tensor) -> None:
     """Raise unless ``windows`` is a floating ``(B, 3, h, w)`` batch with B, h, w > 0."""
@@ -100,9 +67,26 @@ class DenseEncoder(nn.Module):
 
     Subclasses set ``patch_size`` and implement ``_features`` and ``_dtype``; this class
     holds the pixel normalisation, the batching and the padding they share.
+
+    Attributes:
+        weights_info: where the weights came from, for provenance records:
+            ``{"source": "file", "path", "sha256"}``, ``{"source": "hub", "repo",
+            "revision", "file", "path", "sha256"}``, ``{"source": "random"}`` (set by
+            ``load_clip`` / ``load_dino``), or ``{"source": "unknown"}`` for a model
+            wrapped directly.
     """
 
     patch_size: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights_info: dict = {"source": "unknown"}
+
+    @property
+    def precision(self) -> str:
+        """The precision the model computes in: ``"fp32"``, ``"fp16"`` or ``"bf16"``."""
+        dtype = self._dtype()
+        return next((name for name, d in PRECISIONS.items() if d == dtype), str(dtype))
 
     def _set_normalization(self, mean: Sequence[float], std: Sequence[float],
                            device: torch.device) -> None:

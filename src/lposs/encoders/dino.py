@@ -14,24 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, WeightsNotFoundError
-from .common import DenseEncoder, resolve_device, resolve_precision
-from .weights import (
-    WEIGHTS_ENV,
-    find_in_hub,
-    find_in_weights_dir,
-    load_strict,
-    read_checkpoint,
-)
+from ..errors import WeightsNotFoundError
+from .common import DenseEncoder
+from .device import PRECISIONS, resolve_device, resolve_precision
+from .sources import DINO_MODELS, resolve_dino_weights, timm_name_and_config
+from .weights import WeightsSource, load_strict, read_checkpoint
 
-__all__ = ["DinoEncoder", "load_dino", "DINO_MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "DinoEncoder",
+    "load_dino",
+    "resolve_dino_weights",
+    "DINO_MODELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
-# lposs names of the vision models -> timm model names (architecture.pretrained_tag).
-DINO_MODELS = {
-    "dino_vitb16": "vit_base_patch16_224.dino",
-    "dino_vitb8": "vit_base_patch8_224.dino",
-    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
-}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet pixel mean (RGB)
 IMAGENET_STD = (0.229, 0.224, 0.225)  # ImageNet pixel std (RGB)
 
@@ -95,7 +92,7 @@ class DinoEncoder(DenseEncoder):
 def load_dino(
     name: str = "dino_vitb16",
     *,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | WeightsSource | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
     pretrained: bool = True,
@@ -116,71 +113,51 @@ def load_dino(
         name: ``dino_vitb16``, ``dino_vitb8``, ``dinov2_vitb14`` (see ``DINO_MODELS``), or
             a timm ViT name with its pretrained tag, e.g. ``vit_base_patch14_reg4_dinov2.lvd142m``.
         weights: a local checkpoint (state dict, possibly nested under ``"state_dict"`` /
-            ``"model"``).
+            ``"model"``), or a source found by :func:`resolve_dino_weights`.
         device: where the model runs (default: CPU).
-        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the model is cast; features are
-            returned as float32).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (GPU only) or ``"auto"`` (see
+            :func:`lposs.encoders.resolve_precision`); the model is cast, features are
+            returned as float32. The encoder's ``precision`` says which one runs.
         pretrained: False (and no ``weights``): random weights.
         cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
         **model_kwargs: architecture overrides passed to ``timm.create_model`` (e.g.
             ``embed_dim``, ``depth``), for small test models.
 
     Returns:
-        The encoder, in eval mode with gradients off.
+        The encoder, in eval mode with gradients off; ``weights_info`` says where its
+        weights came from.
 
     Raises:
-        ValueError: unknown model name or precision.
-        WeightsNotFoundError: no weights found; the message lists how to provide them.
+        ConfigError: unknown model name, precision or device.
+        WeightsNotFoundError: no weights found, or a file that is not a checkpoint of
+            this model; the message names the file or lists how to provide them.
         UnsafeCheckpointError: the checkpoint holds pickled objects.
     """
     import timm
-    from timm.models import get_pretrained_cfg
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    timm_name = DINO_MODELS.get(name, name)
-    if not timm.is_model(timm_name) or not timm_name.startswith("vit_"):
-        raise ConfigError(f"name {name!r} is not one of {sorted(DINO_MODELS)} nor a timm ViT name")
-    dtype = resolve_precision(precision)
+    timm_name, cfg = timm_name_and_config(name)
     device = resolve_device(device)
-    try:
-        cfg = get_pretrained_cfg(timm_name)
-    except RuntimeError as err:  # an unknown pretrained tag
-        raise ConfigError(f"name {name!r}: {err}") from err
-    cfg = cfg.to_dict() if cfg is not None else {}
-    path = weights
-    if path is None and pretrained:
-        path = _find_dino_weights(name, timm_name, cfg, cache_dir)
+    dtype = PRECISIONS[resolve_precision(precision, device)]
+    source = weights if isinstance(weights, WeightsSource) else resolve_dino_weights(
+        name, weights=weights, pretrained=pretrained, cache_dir=cache_dir)
+    path = source.path
+    state_dict = None
+    if path is not None:  # read before building the model: a bad file fails fast
+        state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs}
     model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    if path is not None:
-        state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
-        state_dict = checkpoint_filter_fn(state_dict, model)
+    if state_dict is not None:
+        try:
+            state_dict = checkpoint_filter_fn(state_dict, model)
+        except Exception as err:  # noqa: BLE001 - timm's key mapping fails on foreign files
+            raise WeightsNotFoundError(
+                f"{path} does not hold weights of {name!r} (timm {timm_name}): the checkpoint "
+                f"keys do not map to a ViT ({type(err).__name__}: {str(err)[:200]}); check "
+                "the model name and the file"
+            ) from err
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
         load_strict(model, state_dict, path, name)
-    return DinoEncoder(model.to(device=device, dtype=dtype))
-
-
-def _find_dino_weights(name: str, timm_name: str, cfg: dict, cache_dir) -> os.PathLike:
-    original = os.path.basename(cfg.get("url") or "").rsplit(".", 1)[0]
-    local = find_in_weights_dir([s for s in dict.fromkeys([name, timm_name, original]) if s])
-    if local is not None:
-        return local
-    repo_id = cfg.get("hf_hub_id")
-    reason = f"timm has no Hugging Face Hub copy of {timm_name}"
-    if repo_id:
-        files = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
-        found, reason = find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
-        if found is not None:
-            return found
-    hub_hint = f"`hf download {repo_id} model.safetensors`" if repo_id else "timm while online"
-    raise WeightsNotFoundError(
-        f"no weights for vision model {name!r} (timm {timm_name}): {reason}. Provide them in "
-        f"one of these ways: pass a local checkpoint with --dino-weights PATH (command line) or "
-        f"load_dino(..., weights=PATH) (.safetensors, .pt, .pth, .bin; the original "
-        f"facebookresearch files work too); or put '{name}.safetensors' (or .pt/.pth/.bin, or "
-        f"'{timm_name}.safetensors') in the folder named by the {WEIGHTS_ENV} environment "
-        f"variable; or download them once while online ({hub_hint}) so the Hugging Face Hub "
-        "cache holds them."
-    )
+    encoder = DinoEncoder(model.to(device=device, dtype=dtype))
+    encoder.weights_info = source.info()
+    return encoder

@@ -12,30 +12,41 @@ Order of the search (the factories ``load_clip`` / ``load_dino`` run it):
    no route to the Hub this fails at once with :class:`WeightsNotFoundError`.
 
 Checkpoints are read without unpickling arbitrary objects: safetensors, or
-``torch.load(..., weights_only=True)``; anything else raises
-:class:`UnsafeCheckpointError`.
+``torch.load(..., weights_only=True)``; a checkpoint holding pickled objects raises
+:class:`UnsafeCheckpointError`, any other unreadable or unfitting file
+:class:`WeightsNotFoundError` naming the file and what was expected. The format is read
+from the file's first bytes, not its extension.
+
+Where weights were found is a :class:`WeightsSource`; its ``info()`` is the provenance
+record the encoders expose as ``weights_info``.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import socket
+import struct
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UnsafeCheckpointError, WeightsNotFoundError
+from .cache import file_sha256
 
 __all__ = [
     "WEIGHTS_ENV",
     "WEIGHT_EXTENSIONS",
+    "WeightsSource",
     "read_checkpoint",
     "find_in_weights_dir",
     "find_in_hub",
+    "hub_cached",
     "load_strict",
 ]
 
@@ -43,6 +54,40 @@ WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight 
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")  # searched in this order
 _NESTING_KEYS = ("state_dict", "model")  # checkpoints may nest the state dict under these
 _HUB_PROBE_TIMEOUT_S = 3.0  # seconds to wait for a TCP connection to the Hub
+_EXPECTED = ("expected a .safetensors file or a PyTorch checkpoint written by torch.save "
+             "(a state dict of tensors)")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where one model's weights come from, found before anything is loaded.
+
+    Attributes:
+        source: ``"file"`` (a local file given or found in ``$LPOSS_WEIGHTS``), ``"hub"``
+            (a Hugging Face Hub file, from its local cache) or ``"random"`` (no weights).
+        path: the local file that is read; None for random weights.
+        repo: the Hub repository, for ``"hub"``.
+        revision: the Hub commit of the cached snapshot holding the file, for ``"hub"``.
+        file: the file's name in the Hub repository, for ``"hub"``.
+    """
+
+    source: str
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+    file: str | None = None
+
+    def info(self) -> dict:
+        """The provenance record: ``source`` and, where they apply, ``path``, ``repo``,
+        ``revision``, ``file`` and the file's ``sha256`` (hex)."""
+        record: dict = {"source": self.source}
+        for key in ("path", "repo", "revision", "file"):
+            value = getattr(self, key)
+            if value is not None:
+                record[key] = str(value)
+        if self.path is not None and Path(self.path).is_file():
+            record["sha256"] = file_sha256(self.path)
+        return record
 
 
 def read_checkpoint(path: str | os.PathLike, *, strip_prefixes: Sequence[str] = ("module.",)):
@@ -65,16 +110,13 @@ def read_checkpoint(path: str | os.PathLike, *, strip_prefixes: Sequence[str] = 
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            checkpoint = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise WeightsNotFoundError(f"{path} is not a readable safetensors file: {err}") from err
-    else:
+    kind = _checkpoint_format(path)
+    if kind == "safetensors":
+        checkpoint = _safetensors_load(path)
+    elif kind == "torch":
         checkpoint = _torch_load_safe(path)
+    else:
+        raise WeightsNotFoundError(f"{path} is not a weights file: {_EXPECTED}; {kind}")
     state_dict = checkpoint
     while isinstance(state_dict, dict):
         nested = [k for k in _NESTING_KEYS if isinstance(state_dict.get(k), dict)]
@@ -82,25 +124,64 @@ def read_checkpoint(path: str | os.PathLike, *, strip_prefixes: Sequence[str] = 
             break
         state_dict = state_dict[nested[0]]
     if not isinstance(state_dict, dict) or not state_dict:
-        raise WeightsNotFoundError(f"{path} holds no state dict (got {type(state_dict).__name__})")
+        raise WeightsNotFoundError(f"{path} holds no state dict (got "
+                                   f"{type(state_dict).__name__}): {_EXPECTED}")
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not state_dict:
-        raise WeightsNotFoundError(f"{path} holds no tensors")
+        raise WeightsNotFoundError(f"{path} holds no tensors: {_EXPECTED}")
     for prefix in strip_prefixes:
         if all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
     return state_dict
 
 
+def _checkpoint_format(path: Path) -> str:
+    """``"safetensors"`` or ``"torch"`` from a file's first bytes, else what it looks like."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError as err:
+        raise WeightsNotFoundError(f"cannot read weights file {path}: {err}") from err
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive / legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return "safetensors"  # little-endian header length, then the JSON header
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head!r}"
+    return f"it starts with the text {text!r}"
+
+
+def _safetensors_load(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise WeightsNotFoundError(f"{path} is not a readable safetensors file ({reason}): "
+                                   f"{_EXPECTED}") from err
+
+
 def _torch_load_safe(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1][:200]
+        message = str(err)
+        if "GLOBAL" not in message and "Unsupported class" not in message:
+            reason = _unpickler_reason(message)
+            raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint ({reason}): "
+                                       f"{_EXPECTED}") from err
         raise UnsafeCheckpointError(
-            f"{path} holds pickled Python objects, which lposs never unpickles ({reason}). "
-            "Re-save only its tensors, e.g. safetensors.torch.save_file(state_dict, "
-            "'model.safetensors'), in an environment you trust."
+            f"{path} holds pickled Python objects, which lposs never unpickles "
+            f"({_unpickler_reason(message)}). Re-save only its tensors, e.g. "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors'), in an environment "
+            "you trust."
         ) from err
     except RuntimeError as err:
         if "TorchScript" in str(err):
@@ -108,9 +189,22 @@ def _torch_load_safe(path: Path):
                 f"{path} is a TorchScript archive, which lposs does not execute; use the "
                 "model's safetensors weights (e.g. the Hugging Face Hub copy) instead."
             ) from err
-        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint: {err}") from err
-    except (EOFError, OSError, ValueError) as err:
-        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint: {err}") from err
+        reason = " ".join(str(err).split())[:200]
+        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint ({reason}): "
+                                   f"{_EXPECTED}") from err
+    except Exception as err:  # noqa: BLE001 - any other failure of the reader (EOF, KeyError...)
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint ({reason}): "
+                                   f"{_EXPECTED}") from err
+
+
+def _unpickler_reason(message: str) -> str:
+    """The useful part of torch's weights-only unpickler message, on one line."""
+    found = re.search(r"Unsupported (global: GLOBAL \S+|class \S+|operand \S+)", message)
+    if found:
+        return found.group(0)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "unpickling refused"
 
 
 def find_in_weights_dir(stems: Sequence[str]) -> Path | None:
@@ -136,7 +230,7 @@ def find_in_weights_dir(stems: Sequence[str]) -> Path | None:
 
 def find_in_hub(
     repo_id: str, filenames: Sequence[str], *, cache_dir: str | os.PathLike | None = None
-) -> tuple[Path | None, str]:
+) -> tuple[WeightsSource | None, str]:
     """A Hub file from the local cache, else downloaded when the Hub answers.
 
     Args:
@@ -145,8 +239,8 @@ def find_in_hub(
         cache_dir: Hub cache folder (default: huggingface_hub's, ``~/.cache/huggingface``).
 
     Returns:
-        ``(path, reason)``: the local path (None when not found) and, when not found,
-        why (offline, unreachable, missing on the Hub).
+        ``(source, reason)``: the ``"hub"`` source with its local path (None when not
+        found) and, when not found, why (offline, unreachable, missing on the Hub).
     """
     try:
         import huggingface_hub
@@ -154,10 +248,9 @@ def find_in_hub(
     except ImportError:
         return None, "huggingface_hub is not installed"
     cache = None if cache_dir is None else str(cache_dir)
-    for filename in filenames:
-        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache)
-        if isinstance(cached, str) and os.path.isfile(cached):
-            return Path(cached), ""
+    found = hub_cached(repo_id, filenames, cache_dir=cache_dir)
+    if found is not None:
+        return found, ""
     if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
         return None, "not in the Hugging Face Hub cache and HF_HUB_OFFLINE is set"
     reachable, why = _hub_reachable(constants.ENDPOINT)
@@ -166,10 +259,41 @@ def find_in_hub(
     last_error = "no candidate file"
     for filename in filenames:
         try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache)), ""
+            path = huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache)
         except Exception as err:  # noqa: BLE001 - any Hub failure becomes the typed error
             last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            continue
+        return _hub_source(repo_id, filename, path), ""
     return None, f"download of {repo_id} failed ({last_error})"
+
+
+def hub_cached(
+    repo_id: str, filenames: Sequence[str], *, cache_dir: str | os.PathLike | None = None
+) -> WeightsSource | None:
+    """The first of ``filenames`` in the local Hugging Face Hub cache of ``repo_id``; no network.
+
+    Returns:
+        The ``"hub"`` source, or None when none is cached (or huggingface_hub is absent).
+    """
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None
+    cache = None if cache_dir is None else str(cache_dir)
+    for filename in filenames:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return _hub_source(repo_id, filename, cached)
+    return None
+
+
+def _hub_source(repo_id: str, filename: str, path: str | os.PathLike) -> WeightsSource:
+    """A Hub file's source; the revision is the commit folder of its cached snapshot."""
+    parts = Path(path).parts
+    revision = None
+    if "snapshots" in parts[:-1]:  # <cache>/models--org--name/snapshots/<commit>/<file>
+        revision = parts[len(parts) - 1 - parts[::-1].index("snapshots") + 1]
+    return WeightsSource("hub", Path(path), repo=repo_id, revision=revision, file=filename)
 
 
 def _env_true(name: str) -> bool:

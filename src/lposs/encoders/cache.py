@@ -1,0 +1,87 @@
+"""What lposs keeps across runs: the cache folder, and sha256 digests of weight files.
+
+The cache folder is ``$LPOSS_CACHE``, else ``$XDG_CACHE_HOME/lposs``, else
+``~/.cache/lposs``. Digests of large files are computed once and remembered in
+``<cache>/file-sha256.json``, keyed by the file's resolved path, size, modification
+time (ns) and inode, so a replaced file is hashed again and an unchanged one is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..io import atomic_write
+
+__all__ = ["CACHE_ENV", "cache_root", "file_sha256"]
+
+CACHE_ENV = "LPOSS_CACHE"  # folder for caches kept across runs (default ~/.cache/lposs)
+_DIGEST_INDEX = "file-sha256.json"  # {resolved path: {size, mtime_ns, inode, sha256}}
+_READ_CHUNK = 8 << 20  # bytes read per hashing step
+
+
+def cache_root() -> Path:
+    """The folder of caches kept across runs (it may not exist yet)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lposs"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 digest (hex) of a file's content, remembered across runs.
+
+    The digest is looked up in the cache folder's index by (resolved path, size,
+    mtime_ns, inode) and computed only when the file is new or changed; an index that
+    cannot be read or written costs only the hashing.
+
+    Args:
+        path: a file (symbolic links are followed, e.g. Hugging Face Hub snapshots).
+
+    Returns:
+        64 lowercase hex digits.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a file")
+    stat = path.stat()
+    identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    index_path = cache_root() / _DIGEST_INDEX
+    known = _read_index(index_path).get(str(path))
+    if isinstance(known, dict) and all(known.get(k) == v for k, v in identity.items()):
+        digest = known.get("sha256")
+        if isinstance(digest, str) and len(digest) == 64:
+            return digest
+    digest = _hash_file(path)
+    index = _read_index(index_path)  # read again: another process may have added entries
+    index = {name: entry for name, entry in index.items() if os.path.isfile(name)}
+    index[str(path)] = {**identity, "sha256": digest}
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(index, indent=1, sort_keys=True).encode()
+        atomic_write(index_path, lambda f: f.write(text))
+    except OSError:  # a read-only cache folder only costs hashing again next time
+        pass
+    return digest
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_index(index_path: Path) -> dict:
+    try:
+        index = json.loads(index_path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}

@@ -1,0 +1,144 @@
+"""Where the encoders run and in which precision: device checks and ``precision="auto"``.
+
+Precisions (the dtype the models are cast to; features always come back as float32):
+
+- ``"fp32"``: the default, everywhere.
+- ``"bf16"``: any device; fast on GPUs and on CPUs that compute bf16 natively
+  (``avx512_bf16`` or ``amx_bf16``), slower than fp32 on other CPUs.
+- ``"fp16"``: GPUs only. Refused on the CPU, where PyTorch runs fp16 matrix products
+  in slow fallback kernels (many times slower than fp32); use ``bf16`` or ``auto``.
+- ``"auto"``: ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, ``fp32`` otherwise.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "cpu_has_native_bf16"]
+
+# Precision names the factories cast to, and their dtypes ("auto" resolves to one of these).
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of native bf16
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a model goes to: ``device`` as given, or the CPU when it is None.
+
+    Raises:
+        TypeError: ``device`` is not a str, torch.device or None.
+        ConfigError: ``device`` is not a device name, or that device is not available on
+            this machine (no CUDA / MPS, or a CUDA index out of range); one line.
+    """
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be a str, a torch.device or None, got {type(device).__name__}"
+        )
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {str(device)!r} is not a valid torch device "
+                          f"({_first_line(err)}); use e.g. cpu, cuda, cuda:1 or mps") from None
+    missing = _unavailable(resolved)
+    if missing:
+        raise ConfigError(f"device {str(device)!r} is not available on this machine: {missing}")
+    return resolved
+
+
+def _unavailable(device: torch.device) -> str:
+    """Why ``device`` cannot be used here, in one short sentence; "" when it can."""
+    if device.type == "cpu":
+        return ""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "PyTorch finds no CUDA GPU here (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return (f"CUDA device index {device.index} is out of range, this machine has "
+                    f"{count} CUDA device{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
+        return ""
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return ("PyTorch finds no Apple MPS device here "
+                    "(torch.backends.mps.is_available() is False)")
+        return ""
+    try:
+        torch.empty(0, device=device)  # other backends (xpu, ...): try an allocation
+    except (RuntimeError, AssertionError) as err:
+        return _first_line(err)
+    return ""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
+    """The precision the models run in on ``device``, ``"auto"`` resolved.
+
+    Args:
+        precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (see the module notes).
+        device: where the models run (default: CPU).
+
+    Returns:
+        ``"fp32"``, ``"fp16"`` or ``"bf16"`` (a key of :data:`PRECISIONS`).
+
+    Raises:
+        ConfigError: an unknown precision, or ``"fp16"`` on the CPU.
+    """
+    choices = [*PRECISIONS, "auto"]
+    if not isinstance(precision, str) or precision not in choices:
+        raise ConfigError(f"precision must be one of {choices}, got {precision!r}")
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if precision == "auto":
+        if device_type == "cuda":
+            return "fp16"
+        if device_type == "cpu" and cpu_has_native_bf16():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError(
+            "precision 'fp16' is not supported on the CPU (PyTorch computes fp16 matrix "
+            "products there many times slower than fp32); use 'bf16', 'auto' or 'fp32', or "
+            "run on a GPU"
+        )
+    return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16``).
+
+    Read from the flags of ``/proc/cpuinfo`` (Linux); elsewhere from PyTorch's own check
+    when it has one, else False.
+    """
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & _CPU_BF16_FLAGS)
+    check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    try:
+        return bool(check()) if callable(check) else False
+    except Exception:  # noqa: BLE001 - a private PyTorch helper; unknown means no
+        return False
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU feature flags of ``/proc/cpuinfo``; None where that file cannot be read."""
+    try:
+        text = _CPUINFO.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in {"flags", "Features"}:  # x86 / ARM
+            return frozenset(value.split())
+    return frozenset()

@@ -1,0 +1,271 @@
+"""Tests of where encoder weights come from: sources, provenance, invalid files, the
+sha256-keyed text-embedding cache (lposs.encoders.sources / weights / cache)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from conftest import perturb_
+from safetensors.torch import save_file
+
+from lposs import Segmenter
+from lposs.cli import main
+from lposs.encoders import (
+    ClipEncoder,
+    file_sha256,
+    load_clip,
+    load_dino,
+    resolve_weights,
+)
+from lposs.errors import UnsafeCheckpointError, WeightsNotFoundError
+
+CLIP_FILE = "ViT-B-16-laion2b_s34b_b88k.safetensors"  # the name load_clip looks for
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _save(model: torch.nn.Module, path) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _template_average(model, tokenizer, templates, name: str) -> torch.Tensor:
+    """The prompt-ensembled embedding of ``name`` from ``model.encode_text``: ``(E,)``."""
+    with torch.no_grad():
+        per_prompt = model.encode_text(tokenizer([t.format(name) for t in templates]))
+    per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True)
+    mean = per_prompt.mean(dim=0)
+    return mean / mean.norm()
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A fresh LPOSS_CACHE, an LPOSS_WEIGHTS folder and an empty Hub cache folder."""
+    monkeypatch.setenv("LPOSS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    monkeypatch.setenv("LPOSS_WEIGHTS", str(folder))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "hub").mkdir()
+    return folder, tmp_path / "hub"
+
+
+# ----------------------------------------------------------------------------- text cache
+
+
+def test_replaced_weight_file_gets_fresh_text_embeddings(tiny_clip, tiny_clip_kwargs, isolated):
+    folder, hub = isolated
+    path = folder / CLIP_FILE
+    _save(tiny_clip.model, path)
+    first = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    old, _ = first.encode_classes(["cat"])
+    templates = first.templates
+
+    unchanged = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    calls = []
+    unchanged.model.transformer.register_forward_hook(lambda *args: calls.append(1))
+    again, _ = unchanged.encode_classes(["cat"])
+    assert not calls  # the unchanged file reuses the embeddings on disk
+    torch.testing.assert_close(again, old)
+
+    size = path.stat().st_size
+    replacement = perturb_(copy.deepcopy(tiny_clip.model), seed=11, scale=0.2)
+    _save(replacement, path)  # same name, same size, new content
+    assert path.stat().st_size == size
+    fresh = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    new, _ = fresh.encode_classes(["cat"])
+    expected = _template_average(replacement, tiny_clip.tokenizer, templates, "cat")
+    torch.testing.assert_close(new[0], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(new[0], old[0], atol=1e-3)
+    assert fresh.weights_info["sha256"] == _sha256(path) != first.weights_info["sha256"]
+
+
+def test_text_cache_key_follows_templates_and_precision(tiny_clip, tiny_clip_kwargs, isolated):
+    folder, hub = isolated
+    _save(tiny_clip.model, folder / CLIP_FILE)
+    encoder = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    encoder.encode_classes(["cat"])
+    other = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    assert other.text_cache_dir == encoder.text_cache_dir
+    other.templates = ("a photo of a {}.",)  # other prompts: not the cached embedding
+    calls = []
+    other.model.transformer.register_forward_hook(lambda *args: calls.append(1))
+    embedding, _ = other.encode_classes(["cat"])
+    assert calls
+    expected = _template_average(other.model, other.tokenizer, other.templates, "cat")
+    torch.testing.assert_close(embedding[0], expected, atol=1e-5, rtol=1e-4)
+    assert other._disk_path("cat") != encoder._disk_path("cat")
+    other.model.to(torch.bfloat16)
+    assert other._disk_path("cat") != encoder._disk_path("cat")
+
+
+def test_file_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPOSS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * 1000)
+    assert file_sha256(path) == _sha256(path)
+    index_path = tmp_path / "cache" / "file-sha256.json"
+    index = json.loads(index_path.read_text())
+    assert set(index) == {str(path.resolve())}
+    # The digest is read back from the index, not recomputed, while the file is unchanged:
+    index[str(path.resolve())]["sha256"] = "f" * 64
+    index_path.write_text(json.dumps(index))
+    assert file_sha256(path) == "f" * 64
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # changed file
+    assert file_sha256(path) == _sha256(path)
+    path.write_bytes(b"y" * 1000)  # same size, new content
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000))
+    assert file_sha256(path) == _sha256(path)
+    index_path.write_text("{not json")  # a damaged index costs only the hashing
+    assert file_sha256(path) == _sha256(path)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def test_weights_info_of_file_hub_and_random(
+    tiny_clip, tiny_dino, tiny_clip_kwargs, tiny_dino_kwargs, isolated, tmp_path
+):
+    folder, hub = isolated
+    given = tmp_path / "clip.safetensors"
+    _save(tiny_clip.model, given)
+    encoder = load_clip("ViT-B-16", weights=given, **tiny_clip_kwargs)
+    assert encoder.weights_info == {"source": "file", "path": str(given),
+                                    "sha256": _sha256(given)}
+    _save(tiny_clip.model, folder / CLIP_FILE)
+    found = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    assert found.weights_info == {"source": "file", "path": str(folder / CLIP_FILE),
+                                  "sha256": _sha256(given)}
+    # The Hugging Face Hub cache layout: models--org--name/snapshots/<commit>/<file>.
+    snapshot = hub / "models--timm--vit_base_patch16_224.dino/snapshots/abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs/main").write_text("abc123")
+    _save(tiny_dino.model, snapshot / "model.safetensors")
+    dino = load_dino("dino_vitb16", cache_dir=hub, **tiny_dino_kwargs)
+    assert dino.weights_info == {
+        "source": "hub", "path": str(snapshot / "model.safetensors"),
+        "repo": "timm/vit_base_patch16_224.dino", "revision": "abc123",
+        "file": "model.safetensors", "sha256": _sha256(snapshot / "model.safetensors")}
+    assert load_dino("dino_vitb16", pretrained=False, **tiny_dino_kwargs).weights_info == {
+        "source": "random"}
+    assert load_clip("ViT-B-16", pretrained=None, **tiny_clip_kwargs).weights_info == {
+        "source": "random"}
+    assert ClipEncoder(tiny_clip.model, tiny_clip.tokenizer).weights_info == {
+        "source": "unknown"}
+    json.dumps(dino.weights_info)  # ready for the output JSON
+
+
+def test_local_dir_clip_reports_its_file(tiny_model_files):
+    clip_dir, _ = tiny_model_files
+    encoder = load_clip(f"local-dir:{clip_dir}")
+    path = clip_dir / "open_clip_model.safetensors"
+    assert encoder.weights_info == {"source": "file", "path": str(path), "sha256": _sha256(path)}
+    assert encoder.text_cache_dir is None  # the folder's config is not part of a cache key
+
+
+# ----------------------------------------------------------------------------- invalid files
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content", "found"),
+    [
+        ("text.bin", b"some notes, not weights\n", "starts with the text"),
+        ("empty.pt", b"", "empty"),
+        ("config.pth", b'{"model": "ViT-B-16"}', "starts with the text"),
+        ("noise.safetensors", bytes(range(200, 256)) * 3, "starts with the bytes"),
+        ("broken.pt", b"\x80\x02garbage that is no pickle", "not a readable torch checkpoint"),
+        ("broken.zip.pt", b"PK\x03\x04 not really a zip", "not a readable torch checkpoint"),
+        ("cut.safetensors", b"\x0f" + bytes(7) + b'{"a": {"dtype":', "not a readable safetensors"),
+    ],
+)
+def test_unreadable_files_are_weights_errors(
+    tiny_clip_kwargs, tiny_dino_kwargs, tmp_path, file_name, content, found
+):
+    path = tmp_path / file_name
+    path.write_bytes(content)
+    for load in (lambda: load_clip("ViT-B-16", weights=path, **tiny_clip_kwargs),
+                 lambda: load_dino("dino_vitb16", weights=path, **tiny_dino_kwargs)):
+        with pytest.raises(WeightsNotFoundError) as err:
+            load()
+        message = str(err.value)
+        assert not isinstance(err.value, UnsafeCheckpointError)
+        assert str(path) in message and found in message
+        assert "expected a .safetensors file or a PyTorch checkpoint" in message
+
+
+def test_other_models_weights_are_weights_errors(
+    tiny_clip, tiny_dino, tiny_clip_kwargs, tiny_dino_kwargs, tmp_path
+):
+    clip_file, dino_file = tmp_path / "clip.safetensors", tmp_path / "dino.pt"
+    _save(tiny_clip.model, clip_file)
+    torch.save(tiny_dino.model.state_dict(), dino_file)
+    with pytest.raises(WeightsNotFoundError, match=f"{dino_file}.*does not hold weights"):
+        load_clip("ViT-B-16", weights=dino_file, **tiny_clip_kwargs)
+    with pytest.raises(WeightsNotFoundError, match=f"{clip_file}.*does not hold weights"):
+        load_dino("dino_vitb16", weights=clip_file, **tiny_dino_kwargs)
+
+
+def test_cli_text_file_as_clip_weights_is_one_line(tmp_path, tiny_model_files, capsys):
+    from PIL import Image
+
+    _, dino_file = tiny_model_files
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30)).save(image)
+    text = tmp_path / "text.bin"
+    text.write_text("not weights\n")
+    code = main(["segment", str(image), "--classes", "a,b", "--out", str(tmp_path / "o"),
+                 "--clip-weights", str(text), "--dino-model", "vit_tiny_patch16_224",
+                 "--dino-weights", str(dino_file)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lposs: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err
+    assert str(text) in errors[0] and "expected" in errors[0]
+
+
+# ----------------------------------------------------------------------------- missing weights
+
+
+def test_both_missing_models_are_reported_at_once(isolated, tmp_path, capsys):
+    _, hub = isolated
+    with pytest.raises(WeightsNotFoundError) as err:
+        resolve_weights(clip="ViT-B-16", clip_pretrained="laion2b_s34b_b88k",
+                        dino="dino_vitb16", cache_dir=hub)
+    message = str(err.value)
+    for hint in ("--clip-weights", "--dino-weights", CLIP_FILE, "dino_vitb16.safetensors"):
+        assert hint in message
+    assert "\n" not in message
+    with pytest.raises(WeightsNotFoundError, match="--clip-weights.*--dino-weights"):
+        Segmenter.from_pretrained("lposs+")
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30)).save(image)
+    code = main(["segment", str(image), "--classes", "a,b", "--out", str(tmp_path / "o")])
+    err_text = capsys.readouterr().err
+    errors = [line for line in err_text.splitlines() if line.startswith("lposs: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err_text
+    assert "--clip-weights" in errors[0] and "--dino-weights" in errors[0]
+
+
+def test_one_missing_model_and_a_found_one(tiny_clip, isolated):
+    folder, hub = isolated
+    _save(tiny_clip.model, folder / CLIP_FILE)
+    with pytest.raises(WeightsNotFoundError) as err:
+        resolve_weights(clip="ViT-B-16", clip_pretrained="laion2b_s34b_b88k",
+                        dino="dino_vitb16", cache_dir=hub)
+    assert "--dino-weights" in str(err.value) and "--clip-weights" not in str(err.value)
+    clip_source, dino_source = resolve_weights(
+        clip="ViT-B-16", clip_pretrained="laion2b_s34b_b88k", cache_dir=hub)
+    assert clip_source.source == "file" and clip_source.path == folder / CLIP_FILE
+    assert dino_source is None
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        resolve_weights(clip="ViT-B-16", clip_pretrained=None, dino="dino_vitb16",
+                        dino_weights=folder / "nope.safetensors")
