@@ -44,7 +44,7 @@ def test_every_step_ran_or_says_why_not(quick_run):
         assert steps["cuda_tests"]["status"] == "skipped"
         assert steps["cuda_tests"]["reason"] == "no CUDA"
         counts = steps["cuda_tests"]["counts"]
-        assert counts["skipped"] > 0 and counts.get("passed", 0) == 0  # collected, then skipped
+        assert counts["skipped"] > 0 and not counts.get("failed")  # collected, then skipped
     for name in STEPS[1:]:
         assert steps[name]["status"] == "ok", steps[name]
         assert all(part["status"] == "ok" for part in steps[name]["parts"].values())
