@@ -58,12 +58,45 @@ def _flops(encoder, window: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def _gemm_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Throughput of a ViT-B-sized matrix product now: what the machine gives at this moment."""
-    a = torch.randn(16 * 197, 768, device=device, dtype=dtype)
+def gemm_gflops(device: torch.device, dtype: torch.dtype, tokens: int = 16 * 197) -> float:
+    """Throughput of a ViT-B-sized matrix product now: what the machine gives at this moment
+    (``tokens`` rows: a batch of 16 windows by default)."""
+    a = torch.randn(tokens, 768, device=device, dtype=dtype)
     b = torch.randn(768, 3072, device=device, dtype=dtype)
     times = _time(lambda: a @ b, device, repeats=5)
     return 2 * a.shape[0] * 768 * 3072 / statistics.median(times) / 1e9
+
+
+def time_encoders(encoders: dict, windows: torch.Tensor, device: torch.device, *,
+                  batch_size: int, repeats: int) -> dict:
+    """Median time (after a warm-up) and FLOPs of each encoder's ``dense_features``.
+
+    Args:
+        encoders: label -> encoder (a ``ClipEncoder`` or ``DinoEncoder``) on ``device``.
+        windows: `(B, 3, h, w)` windows on ``device``.
+        device: where the encoders run (synchronised around each timed run).
+        batch_size: windows per forward pass.
+        repeats: timed runs.
+
+    Returns:
+        label -> ``{"median_s", "runs_s", "gflop", "gflops_per_s"}`` for all B windows.
+    """
+    rows = {}
+    for label, encoder in encoders.items():
+        times = _time(
+            lambda enc=encoder: enc.dense_features(windows, batch_size=batch_size),
+            device,
+            repeats,
+        )
+        flops = len(windows) * _flops(encoder, windows[:1])
+        median = statistics.median(times)
+        rows[label] = {
+            "median_s": median,
+            "runs_s": times,
+            "gflop": flops / 1e9,
+            "gflops_per_s": flops / median / 1e9,
+        }
+    return rows
 
 
 def _load() -> list[float] | None:
@@ -88,22 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     windows = torch.rand(N_WINDOWS, 3, WINDOW, WINDOW, device=device)
 
     load_before = _load()
-    gemm = _gemm_gflops(device, clip.model.visual.conv1.weight.dtype)
-    rows = {}
-    for label, encoder in (("clip_maskclip", clip), ("dino_values", dino)):
-        times = _time(
-            lambda enc=encoder: enc.dense_features(windows, batch_size=args.batch_size),
-            device,
-            args.repeats,
-        )
-        flops = N_WINDOWS * _flops(encoder, windows[:1])
-        median = statistics.median(times)
-        rows[label] = {
-            "median_s": median,
-            "runs_s": times,
-            "gflop": flops / 1e9,
-            "gflops_per_s": flops / median / 1e9,
-        }
+    gemm = gemm_gflops(device, clip.model.visual.conv1.weight.dtype)
+    rows = time_encoders({"clip_maskclip": clip, "dino_values": dino}, windows, device,
+                         batch_size=args.batch_size, repeats=args.repeats)
     total = rows["clip_maskclip"]["median_s"] + rows["dino_values"]["median_s"]
 
     print(f"encoders on {N_WINDOWS} windows {WINDOW}x{WINDOW} of a {WORKING_SIZE} image")

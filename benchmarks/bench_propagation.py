@@ -43,6 +43,11 @@ QUICK_CASES = {
     "pixel-small": ("pixel", {"height": 224, "width": 298, "classes": 21, "r": 13},
                     ("ours", "baseline")),
 }
+SMOKE_CASES = {  # the smallest inputs on every code path (device_check.py --quick)
+    "patch-smoke": ("patch", {"height": 112, "width": 112, "dim": 64, "classes": 5, "k": 50},
+                    ("ours",)),
+    "pixel-smoke": ("pixel", {"height": 48, "width": 64, "classes": 5, "r": 13}, ("ours",)),
+}
 TARGETS = {  # seconds, speed-up over the baseline, extra memory in MB (METHOD sizes only)
     "patch-voc": {"seconds": 0.3, "speedup": 4.0},
     "pixel-voc": {"seconds": 2.5, "speedup": 8.0, "memory_mb": 250},
@@ -185,17 +190,23 @@ def _memory_mb(field: str) -> float:
     return float("nan")
 
 
-def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> dict:
-    """Time one implementation on one case (in this process) and save its output."""
+def run_one(name: str, impl: str, device: str, repeats: int, output: Path,
+            dtype: torch.dtype = torch.float32) -> dict:
+    """Time one implementation on one case (in this process) and save its output.
+
+    ``dtype`` is the dtype our implementation is given its features, image and scores in
+    (patch positions stay float32); the baseline always runs in float32.
+    """
     from lposs.propagation.patch_graph import patch_propagation
     from lposs.propagation.pixel_graph import pixel_propagation
     from lposs.propagation.stencil import stencil_backend, stencil_product
 
-    stage, settings, _ = {**FULL_CASES, **QUICK_CASES}[name]
+    stage, settings, _ = {**FULL_CASES, **QUICK_CASES, **SMOKE_CASES}[name]
     if stage == "patch":
         inputs = patch_inputs(settings)
         if impl == "ours":
-            args = [t.to(device) for t in inputs]
+            features, positions, scores = inputs
+            args = [features.to(device, dtype), positions.to(device), scores.to(device, dtype)]
             def call():
                 return patch_propagation(*args, k=settings["k"])
         else:
@@ -204,7 +215,7 @@ def run_one(name: str, impl: str, device: str, repeats: int, output: Path) -> di
     else:
         inputs = pixel_inputs(settings)
         if impl == "ours":
-            args = [t.to(device) for t in inputs]
+            args = [t.to(device, dtype) for t in inputs]
             def call():
                 return pixel_propagation(*args, r=settings["r"])
         else:

@@ -40,6 +40,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_stages(segmenter: Segmenter, path: Path, classes, repeats: int, save_dir):
+    """A warm-up, then ``repeats`` timed runs of ``set_image``, ``predict`` and ``save``.
+
+    Args:
+        segmenter: the segmenter to time (its device is synchronised around each stage).
+        path: the image file.
+        classes: the vocabulary (its text embeddings are cached by the warm-up).
+        repeats: timed runs.
+        save_dir: where ``Segmentation.save`` writes.
+
+    Returns:
+        ``(runs, result, encoded)``: seconds per stage of each run, the last run's
+        ``Segmentation`` and its ``EncodedImage``.
+    """
+    device = segmenter.device
+    segmenter(path, classes)  # warm-up: caches, kernels, text embeddings
+    runs, result, encoded = [], None, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encoded = segmenter.set_image(path)
+        _sync(device)
+        encode = time.perf_counter() - start
+        start = time.perf_counter()
+        result = segmenter.predict(classes)
+        _sync(device)
+        predict = time.perf_counter() - start
+        start = time.perf_counter()
+        result.save(save_dir, "out", path)
+        save = time.perf_counter() - start
+        runs.append({"set_image": encode, "set_image.encoders": result.timings["encode"],
+                     "set_image.graphs": result.timings["graphs"], "predict": predict,
+                     "save": save, "total": encode + predict,
+                     **{f"predict.{k}": v for k, v in result.timings.items()
+                        if k not in ("encode", "graphs")}})
+    return runs, result, encoded
+
+
+def time_new_vocabularies(segmenter: Segmenter, vocabularies: dict) -> dict:
+    """Seconds of ``predict`` with an empty text cache (text encoder included), per
+    vocabulary name, on the image already set."""
+    times = {}
+    for name, vocabulary in vocabularies.items():
+        segmenter.clip.text_cache.clear()  # a new vocabulary: text encoder included
+        start = time.perf_counter()
+        segmenter.predict(vocabulary)
+        _sync(segmenter.device)
+        times[f"predict_new_vocabulary.{name}"] = time.perf_counter() - start
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -61,32 +111,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "voc_size.jpg"
         Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path)
-        segmenter(path, classes)  # warm-up: caches, kernels, text embeddings
-        runs = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            segmenter.set_image(path)
-            _sync(device)
-            encode = time.perf_counter() - start
-            start = time.perf_counter()
-            result = segmenter.predict(classes)
-            _sync(device)
-            predict = time.perf_counter() - start
-            start = time.perf_counter()
-            result.save(tmp, "out", path)
-            save = time.perf_counter() - start
-            runs.append({"set_image": encode, "set_image.encoders": result.timings["encode"],
-                         "set_image.graphs": result.timings["graphs"], "predict": predict,
-                         "save": save, "total": encode + predict,
-                         **{f"predict.{k}": v for k, v in result.timings.items()
-                            if k not in ("encode", "graphs")}})
-        new_vocabularies = {}
-        for name, vocabulary in (("user_3_classes", USER_CLASSES), ("voc_21_classes", classes)):
-            segmenter.clip.text_cache.clear()  # a new vocabulary: text encoder included
-            start = time.perf_counter()
-            segmenter.predict(vocabulary)
-            _sync(device)
-            new_vocabularies[f"predict_new_vocabulary.{name}"] = time.perf_counter() - start
+        runs, _, _ = time_stages(segmenter, path, classes, args.repeats, tmp)
+        new_vocabularies = time_new_vocabularies(
+            segmenter, {"user_3_classes": USER_CLASSES, "voc_21_classes": classes})
 
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     median.update(new_vocabularies)
