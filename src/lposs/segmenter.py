@@ -8,22 +8,21 @@ LPOSS+ over pixels, resize back, synonyms reduced by max, argmax).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .config import UNKNOWN, LPOSSConfig, get_preset
-from .drawing import class_shares, overlay, palette
 from .errors import ConfigError
-from .files import atomic_write, save_label_png, save_overlay, save_scores, write_json
+from .files import atomic_write
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
+from .segmentation import ScoreMaps, Segmentation
 from .vocab import parse_class_names
 from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
 from .windows import working_size as working_size_of
@@ -33,201 +32,6 @@ __all__ = [
     "parse_class_names",
     "refine_scores",
 ]
-
-# Floor for the propagated all-ones column that puts scores back on the cosine scale.
-_MIN_NORMALISER = 1e-6
-
-
-class ScoreMaps:
-    """Per-class scores at the original size, resized from the working size on demand.
-
-    The paper's output order (METHOD.md, Output): the raw propagated scores are reduced
-    over each class's synonyms at working size (``raw``), then resized bilinearly
-    (``align_corners=False``) to the original size, where their argmax gives the labels.
-    The scores reported divide the resized raw scores by the resized propagated
-    all-ones column (``weight``), which puts them on the cosine scale without changing
-    the argmax. One class is resized at a time, so no ``(C, H, W)`` array is needed to
-    label an image.
-
-    Args:
-        raw: ``(C, h, w)`` float scores at the working size.
-        weight: ``(h, w)`` the propagated all-ones column, or None (scores as they are).
-        size: ``(H, W)`` the original size.
-    """
-
-    def __init__(self, raw: torch.Tensor, weight: torch.Tensor | None, size: tuple[int, int]):
-        self.raw = raw
-        self.weight = weight
-        self.size = (int(size[0]), int(size[1]))
-        self._weight_full: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)``."""
-        return (self.raw.shape[0], *self.size)
-
-    def _resized(self, plane: torch.Tensor) -> torch.Tensor:
-        """``(h, w)`` -> ``(H, W)`` float32, on the plane's device."""
-        plane = plane.float()
-        if tuple(plane.shape) == self.size:
-            return plane
-        return F.interpolate(plane[None, None], size=self.size, mode="bilinear",
-                             align_corners=False)[0, 0]
-
-    def _weight(self) -> torch.Tensor | None:
-        if self.weight is not None and self._weight_full is None:
-            self._weight_full = self._resized(self.weight).clamp_min(_MIN_NORMALISER)
-        return self._weight_full
-
-    @torch.inference_mode()
-    def class_scores(self, c: int) -> torch.Tensor:
-        """``(H, W)`` float32 scores of class ``c`` on the CPU (cosine scale)."""
-        plane = self._resized(self.raw[c])
-        weight = self._weight()
-        return (plane if weight is None else plane / weight).cpu()
-
-    @torch.inference_mode()
-    def full(self) -> torch.Tensor:
-        """``(C, H, W)`` float32 scores of every class on the CPU."""
-        out = torch.empty(self.shape, dtype=torch.float32)
-        for c in range(self.shape[0]):
-            out[c] = self.class_scores(c)
-        return out
-
-    @torch.inference_mode()
-    def labels(self, unknown_threshold: float | None = None) -> torch.Tensor:
-        """``(H, W)`` int64 argmax over classes at the original size (first class on ties),
-        ``UNKNOWN`` where the best score (cosine scale) is below ``unknown_threshold``."""
-        best = self._resized(self.raw[0]).clone()
-        labels = torch.zeros(self.size, dtype=torch.int64, device=best.device)
-        for c in range(1, self.shape[0]):
-            plane = self._resized(self.raw[c])
-            better = plane > best
-            labels.masked_fill_(better, c)
-            torch.maximum(best, plane, out=best)
-            del plane, better
-        if unknown_threshold is not None:
-            weight = self._weight()
-            if weight is not None:
-                best /= weight
-            labels.masked_fill_(best < unknown_threshold, UNKNOWN)
-        return labels.cpu()
-
-
-@dataclass
-class Segmentation:
-    """The result of one prediction.
-
-    Attributes:
-        labels: `(H, W)` int64 class index per pixel at the original size; ``UNKNOWN``
-            (255) where the abstain threshold rejected every class.
-        score_maps: the per-class scores, resized to the original size on demand (a
-            ``(C, H, W)`` tensor given here is wrapped as it is).
-        classes: the C class names, in label order.
-        timings: seconds per stage.
-        settings: the configuration that produced it.
-        convergence: per propagation stage that ran (``"patch"``, ``"pixel"``), the
-            conjugate-gradient report ``{"iterations": most iterations of any column,
-            "max_relative_residual": worst column's ||r|| / ||b||}`` (the worst over
-            window setups for the patch stage).
-    """
-
-    labels: torch.Tensor
-    score_maps: ScoreMaps
-    classes: list[str]
-    timings: dict[str, float] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-    convergence: dict[str, dict[str, int | float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.score_maps, torch.Tensor):
-            self.score_maps = ScoreMaps(self.score_maps, None, tuple(self.score_maps.shape[-2:]))
-
-    @functools.cached_property
-    def scores(self) -> torch.Tensor:
-        """`(C, H, W)` float32 per-class scores at the original size, on the scale of CLIP
-        cosine similarity (propagation-weighted averages of the initial patch-text
-        similarities; the synonym maximum for ``;`` names). Computed on first access:
-        for a large image this is C full-size float maps."""
-        return self.score_maps.full()
-
-    def colors(self):
-        """`(C, 3)` uint8 colour per class (the palette of the saved PNG)."""
-        return palette(len(self.classes))
-
-    def class_shares(self) -> dict[str, float]:
-        """Share of pixels per class name (and "unknown" when present)."""
-        shares = class_shares(self.labels, len(self.classes))
-        named = dict(zip(self.classes, shares))
-        if len(shares) > len(self.classes) and shares[-1] > 0:
-            named["unknown"] = shares[-1]
-        return named
-
-    def summary(self) -> dict:
-        """A JSON-ready summary: classes, colours, pixel shares, timings, settings and the
-        solver's convergence per stage."""
-        return self._summary(self.colors(), class_shares(self.labels, len(self.classes)))
-
-    def _summary(self, colors, shares: list[float]) -> dict:
-        """:meth:`summary` from the `(C, 3)` colours and the C + 1 shares (unknown last)."""
-        colors = colors.tolist()
-        return {
-            "size": list(self.labels.shape),
-            "classes": [
-                {"index": i, "name": name, "color": colors[i], "share": shares[i]}
-                for i, name in enumerate(self.classes)
-            ],
-            "unknown": {"index": UNKNOWN, "share": shares[-1]},
-            "timings_s": self.timings,
-            "settings": self.settings,
-            "convergence": self.convergence,
-        }
-
-    def overlay(self, image):
-        """The image blended with the class colours, with a legend (a PIL image).
-
-        Args:
-            image: the `(3, H, W)` image (uint8 or float in [0, 1]) already in memory (e.g.
-                ``Segmenter.image``), or anything ``lposs.images.load_image`` accepts, at
-                the labels' size.
-        """
-        return overlay(image, self.labels, self.classes, self.colors())
-
-    def save(
-        self, out_dir: str | Path, stem: str, image=None, *, scores: bool = False
-    ) -> list[Path]:
-        """Write ``<stem>.png`` (palette label map), ``<stem>.json`` and, given the image,
-        ``<stem>_overlay.png``; ``<stem>_scores.npy`` when ``scores``. Each file is
-        written atomically; the palette and the pixel shares are computed once.
-
-        Args:
-            out_dir: Output folder (created if missing).
-            stem: File name stem.
-            image: For the overlay: the `(3, H, W)` image (uint8 or float in [0, 1]) in memory
-                (``Segmenter.image``; not decoded again), or anything
-                ``lposs.images.load_image`` accepts; None writes no overlay.
-            scores: Also write the `(C, H, W)` float32 scores.
-
-        Returns:
-            The written paths.
-        """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        colors = self.colors()
-        shares = class_shares(self.labels, len(self.classes))  # C + 1: unknown last
-        written = [out_dir / f"{stem}.png"]
-        save_label_png(written[-1], self.labels, colors)
-        if image is not None:
-            written.append(out_dir / f"{stem}_overlay.png")
-            save_overlay(written[-1], overlay(image, self.labels, self.classes, colors,
-                                              shares=shares))
-        if scores:
-            written.append(out_dir / f"{stem}_scores.npy")
-            save_scores(written[-1], self.score_maps)
-        written.append(out_dir / f"{stem}.json")
-        write_json(written[-1], self._summary(colors, shares))
-        return written
-
 
 @dataclass
 class WindowSetup:
