@@ -24,6 +24,8 @@ _EXPORTS = {
     "UnsafeCheckpointError": "errors",
     "DatasetError": "errors",
     "ConfigError": "errors",
+    "ScoresError": "errors",
+    "OutputError": "errors",
     # label propagation
     "patch_propagation": "propagation",
     "pixel_propagation": "propagation",

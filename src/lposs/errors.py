@@ -8,6 +8,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "DatasetError",
     "ConfigError",
+    "ScoresError",
+    "OutputError",
 ]
 
 
@@ -43,3 +45,11 @@ class DatasetError(LpossError, FileNotFoundError):
 
 class ConfigError(LpossError, ValueError):
     """A setting or preset name is invalid."""
+
+
+class ScoresError(LpossError, ValueError):
+    """Scores or a label map to refine are empty, not finite, or not of the image's shape."""
+
+
+class OutputError(LpossError, ValueError):
+    """An output name would leave its folder, or another lposs is writing to the folder."""

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,10 +22,18 @@ from torch import Tensor
 
 from .config import UNKNOWN
 from .drawing import UNKNOWN_COLOR, _as_numpy, _check_colors, _check_labels
+from .errors import OutputError
+
+try:  # POSIX only; elsewhere folder_lock locks nothing
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __all__ = [
     "atomic_write",
     "file_sha256",
+    "folder_lock",
+    "LOCK_NAME",
     "save_label_png",
     "save_overlay",
     "write_json",
@@ -208,3 +216,53 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+LOCK_NAME = ".lposs.lock"
+"""The file in an output folder that :func:`folder_lock` holds while lposs writes there."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<folder>/.lposs.lock`` exclusively (``fcntl.flock``) while writing there.
+
+    A second process (or a second lock in this one) fails at once instead of waiting, so
+    two runs never write the same file names into one folder. The lock file is removed
+    on release; a process that locked a lock file just removed locks again the file now
+    at the path. Where ``fcntl`` does not exist (Windows) nothing is locked.
+
+    Args:
+        folder: An existing, writable folder.
+
+    Raises:
+        OutputError: Another lposs holds the lock, or the lock file cannot be created.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise OutputError(f"cannot create the lock file {path}: "
+                              f"{err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another lposs is writing to {folder}; wait for it to finish "
+                              "or choose another output folder") from None
+        try:
+            same_file = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:  # its holder removed it as we locked it
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked: a waiter then sees another file
+        os.close(fd)

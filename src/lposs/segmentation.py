@@ -8,6 +8,7 @@ original size (METHOD.md, Output), so labelling a large image never holds a
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import UNKNOWN
 from .drawing import class_shares, overlay, palette
+from .errors import OutputError
 from .files import save_label_png, save_overlay, save_scores, write_json
 
 __all__ = ["ScoreMaps", "Segmentation"]
@@ -196,8 +198,13 @@ class Segmentation:
 
         Returns:
             The written paths.
+
+        Raises:
+            OutputError: ``stem`` is empty, holds a path separator or ``..``, or names a
+                file outside ``out_dir``.
         """
         out_dir = Path(out_dir)
+        _check_stem(out_dir, stem)
         out_dir.mkdir(parents=True, exist_ok=True)
         colors = self.colors()
         shares = class_shares(self.labels, len(self.classes))  # C + 1: unknown last
@@ -213,3 +220,16 @@ class Segmentation:
         written.append(out_dir / f"{stem}.json")
         write_json(written[-1], self._summary(colors, shares))
         return written
+
+
+def _check_stem(out_dir: Path, stem: str) -> None:
+    """Raise ``OutputError`` unless ``stem`` names files directly inside ``out_dir``: a
+    plain name (no separator, drive, NUL, ``.`` or ``..``) cannot resolve anywhere else."""
+    if not isinstance(stem, str):
+        raise TypeError(f"stem must be a str, got {type(stem).__name__}")
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (not stem.strip() or stem in (".", "..") or "\0" in stem
+            or any(sep in stem for sep in separators) or os.path.splitdrive(stem)[0]):
+        raise OutputError(f"file name stem {stem!r} would not be a file directly in "
+                          f"{out_dir}: give a plain name (no path separators, not '..'); "
+                          "put any sub-folder in out_dir instead")

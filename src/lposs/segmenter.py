@@ -8,7 +8,6 @@ LPOSS+ over pixels, resize back, synonyms reduced by max, argmax).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checks import check_scores, check_unknown_threshold
 from .config import UNKNOWN, LPOSSConfig, get_preset
-from .errors import ConfigError
 from .files import atomic_write
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
@@ -253,7 +252,7 @@ class Segmenter:
         """
         if self._state is None:
             raise RuntimeError("call set_image(image) before predict(classes)")
-        _check_threshold(unknown_threshold)
+        check_unknown_threshold(unknown_threshold)
         classes = parse_class_names(classes)
         cfg, state = self.config, self._state
         graphs = self._graphs()
@@ -330,16 +329,6 @@ def _reduce_synonyms(
     return torch.stack([synonyms[class_index == c].amax(dim=0) for c in range(n_classes)])
 
 
-def _check_threshold(unknown_threshold: float | None) -> None:
-    if unknown_threshold is None:
-        return
-    if isinstance(unknown_threshold, bool) or not isinstance(unknown_threshold, (int, float)):
-        raise ConfigError(f"unknown_threshold must be a number or None, got "
-                          f"{unknown_threshold!r}")
-    if not math.isfinite(unknown_threshold):
-        raise ConfigError(f"unknown_threshold must be a finite number, got {unknown_threshold}")
-
-
 def _working_image(image: torch.Tensor, cfg: LPOSSConfig) -> torch.Tensor:
     """`(3, H, W)` uint8 or float image -> `(3, h, w)` float32 in [0, 1] at the working size
     (short side ``cfg.short_side``, long side at most ``cfg.long_side``)."""
@@ -369,17 +358,21 @@ def refine_scores(
 
     Args:
         image: what ``lposs.images.load_image`` accepts, `(3, H, W)` once loaded.
-        scores: `(C, h, w)` scores (any size; resized to the image).
-        config: r, tau, alpha, tol, max_iter and short_side are used.
+        scores: `(C, h, w)` finite scores at any size of the image's aspect ratio
+            (resized to the image).
+        config: r, tau, alpha, tol, max_iter, short_side and long_side are used.
 
     Returns:
         `(C, H, W)` float32 refined scores at the image's size.
+
+    Raises:
+        ScoresError: scores not `(C, h, w)` with C >= 1, not finite, or of another aspect
+            ratio than the image (``lposs.checks.check_scores``).
     """
     cfg = config or LPOSSConfig()
     image = read_image(image, max_pixels=max_pixels)
-    if scores.ndim != 3 or scores.shape[0] < 1:
-        raise ValueError(f"scores must have shape (C, H, W), got {tuple(scores.shape)}")
     height, width = image.shape[-2:]
+    check_scores(scores, (height, width))
     working = _working_image(image, cfg)
     y = F.interpolate(scores.float()[None], size=working.shape[-2:], mode="bilinear",
                       align_corners=False)[0]

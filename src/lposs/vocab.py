@@ -56,11 +56,18 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
         The names, whitespace around names and synonyms stripped.
 
     Raises:
+        TypeError: ``classes`` is not a str, list or tuple (a set or dict has no fixed
+            order, so the label order would change from run to run).
         ClassNamesError: the list is empty, a name or synonym is empty, a name repeats
             (ignoring case), or there are more names than labels below ``UNKNOWN``.
     """
     if isinstance(classes, str):
         classes = classes.split(",")
+    elif not isinstance(classes, Sequence):
+        kind = type(classes).__name__
+        raise TypeError(f"classes must be a list, tuple or comma-separated str, got a {kind}: "
+                        "its order is not fixed, so label i would not always be the same "
+                        "class; pass a list in the order you want (e.g. sorted(classes))")
     names = []
     for raw in classes:
         if not isinstance(raw, str):

@@ -4,8 +4,9 @@ One module per command (``segment``, ``refine``, ``eval``, ``convert``, ``demo``
 ``SUMMARY``, ``add_parser(subparsers)`` and ``run(args)``; what they share is in
 ``options``. A command imports its heavy dependencies only when its options are built or
 it runs, and ``main`` builds only the options of the command given, so that ``lposs segment``
-never imports the datasets or the web demo. Every user mistake becomes one line on stderr
-and a non-zero exit, never a traceback.
+never imports the datasets or the web demo. Every user mistake (the library's typed errors,
+its ``ValueError``/``TypeError``) and running out of memory becomes one line on stderr and a
+non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 from ..errors import LpossError
-from .options import EXIT_FAILED, HelpFormatter, fail
+from .options import EXIT_FAILED, HelpFormatter, fail, is_out_of_memory, memory_message
 
 __all__ = ["main", "build_parser"]
 
@@ -66,8 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     try:
         return args.run(args)
-    except LpossError as err:
+    except (LpossError, ValueError, TypeError) as err:  # the library's word on bad input
         fail(str(err))
+        return EXIT_FAILED
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise  # a bug: its traceback is what a report needs
+        fail(memory_message(err))
         return EXIT_FAILED
     except KeyboardInterrupt:
         fail("interrupted")

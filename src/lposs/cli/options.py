@@ -4,7 +4,9 @@ groups, their mapping onto ``LPOSSConfig``, exit codes and the one-line error.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import PRESETS, LPOSSConfig
@@ -19,6 +21,9 @@ __all__ = [
     "add_propagation_options",
     "config_from",
     "ensure_writable",
+    "writing_to",
+    "is_out_of_memory",
+    "memory_message",
 ]
 
 EXIT_FAILED = 1  # some input failed (others may have succeeded)
@@ -45,8 +50,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def fail(message: str) -> None:
-    """Print ``message`` as one ``lposs: error:`` line on stderr."""
-    print(f"lposs: error: {message}", file=sys.stderr)
+    """Print ``message`` as one ``lposs: error:`` line on stderr (line breaks in it become
+    spaces)."""
+    print(f"lposs: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+# How allocators word running out: torch's CUDA/MPS/XPU ("... out of memory"), its CPU
+# allocator ("DefaultCPUAllocator: can't allocate memory").
+_OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says memory ran out: ``MemoryError``, or a ``RuntimeError`` (among
+    them ``torch.cuda.OutOfMemoryError``) whose message says so."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(p in text for p in _OUT_OF_MEMORY_PHRASES)
+
+
+def memory_message(err: BaseException) -> str:
+    """One line for an out-of-memory error: what ran out, and the allocator's first
+    sentence."""
+    detail = str(err).strip().split(". ")[0].split("\n")[0]
+    return "out of memory" + (f" ({detail})" if detail else "") + \
+        "; try a smaller image or another --device"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -128,3 +156,35 @@ def ensure_writable(folder: Path) -> None:
     except OSError as err:
         raise LpossError(f"cannot write to output folder {folder}: "
                          f"{err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def writing_to(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` as a command's output folder while the command runs.
+
+    Creates it (with its missing parents) and checks that it is writable
+    (:func:`ensure_writable`), holds its lock (``lposs.files.folder_lock``) so that a
+    second lposs writing there stops at once, and on leaving removes the folders it
+    created if nothing was written into them.
+
+    Raises:
+        LpossError: the folder cannot be written, or another lposs is writing to it.
+    """
+    from ..files import folder_lock
+
+    folder = Path(folder)
+    created = []  # the folders this call creates, innermost first
+    for missing in (folder, *folder.parents):
+        if missing.exists():
+            break
+        created.append(missing)
+    try:
+        ensure_writable(folder)
+        with folder_lock(folder):
+            yield
+    finally:
+        for path in created:  # innermost first; stops at the first one holding anything
+            try:
+                path.rmdir()
+            except OSError:
+                break

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import LPOSSConfig
 from ..errors import LpossError
-from .options import HelpFormatter, add_propagation_options, config_from, ensure_writable
+from .options import HelpFormatter, add_propagation_options, config_from, writing_to
 
 __all__ = ["SUMMARY", "add_parser", "run"]
 
@@ -26,9 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, metavar="IMAGE", help="the image the scores belong to")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--scores", type=Path, metavar="S.npy",
-                        help="float scores (C, H, W) as a .npy file (any H, W: resized)")
+                        help="float scores (C, H, W) as a .npy file (any H, W of the image's "
+                             "aspect ratio: resized)")
     source.add_argument("--labels", type=Path, metavar="L.png",
-                        help="a label map PNG (pixel value = class index)")
+                        help="a label map PNG (pixel value = class index; any size of the "
+                             "image's aspect ratio: resized)")
     p.add_argument("--classes", default=None,
                    help="comma-separated class names for the legend (default: class0, ...)")
     p.add_argument("--num-classes", type=int, default=None,
@@ -42,28 +44,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lposs refine`` from parsed arguments; returns the exit status."""
-    import numpy as np
-    import torch
-
-    from ..config import UNKNOWN
-    from ..images import load_label_map, read_image
+    from ..checks import check_scores
+    from ..images import read_image
     from ..segmenter import Segmentation, refine_scores
     from ..vocab import parse_class_names
 
+    if args.num_classes is not None and args.scores is not None:
+        raise LpossError("--num-classes only applies to --labels (scores give C themselves)")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise LpossError(f"--num-classes must be >= 1, got {args.num_classes}")
+    config = config_from(args, LPOSSConfig())
+    image = read_image(args.image)  # decoded once, for the refinement and the overlay
+    size = tuple(image.shape[-2:])
     if args.scores is not None:
+        scores = _load_scores(args.scores)
         try:
-            scores = torch.from_numpy(np.load(args.scores, allow_pickle=False)).float()
-        except (OSError, ValueError) as err:
-            raise LpossError(f"cannot read scores {args.scores}: {err}") from None
-        if scores.ndim != 3:
-            raise LpossError(f"scores in {args.scores} must have shape (C, H, W), "
-                             f"got {tuple(scores.shape)}")
+            check_scores(scores, size)
+        except LpossError as err:
+            raise LpossError(f"{args.scores}: {err}") from None
     else:
-        labels = load_label_map(args.labels)
-        valid = labels[labels < UNKNOWN]
-        n = args.num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
-        one_hot = torch.nn.functional.one_hot(torch.where(labels < n, labels, n), n + 1)
-        scores = one_hot[..., :n].permute(2, 0, 1).float()  # (C, H, W); others all zero
+        scores = _label_scores(args.labels, args.num_classes, size, args.image)
     n_classes = scores.shape[0]
     if args.classes is not None:
         classes = parse_class_names(args.classes)
@@ -72,16 +72,57 @@ def run(args: argparse.Namespace) -> int:
                              f"{n_classes}")
     else:
         classes = [f"class{i}" for i in range(n_classes)]
-    ensure_writable(args.out)
-    start = time.perf_counter()
-    config = config_from(args, LPOSSConfig())
-    image = read_image(args.image)  # decoded once, for the refinement and the overlay
-    refined = refine_scores(image, scores, config)
-    result = Segmentation(refined.argmax(dim=0), refined, classes,
-                          {"refine": time.perf_counter() - start},
-                          {"r": config.r, "tau": config.tau, "alpha": config.alpha,
-                           "short_side": config.short_side})
-    result.save(args.out, args.image.stem, image, scores=args.save_scores)
+    with writing_to(args.out):
+        start = time.perf_counter()
+        refined = refine_scores(image, scores, config)
+        result = Segmentation(refined.argmax(dim=0), refined, classes,
+                              {"refine": time.perf_counter() - start},
+                              {"r": config.r, "tau": config.tau, "alpha": config.alpha,
+                               "short_side": config.short_side})
+        result.save(args.out, args.image.stem, image, scores=args.save_scores)
     print(f"refined {args.image} ({n_classes} classes) in {result.timings['refine']:.1f} s "
           f"-> {args.out}")
     return 0
+
+
+def _load_scores(path: Path):
+    """`(C, H, W)` float32 scores from a ``.npy`` file (shape checked by the caller)."""
+    import numpy as np
+    import torch
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise LpossError(f"cannot read scores {path}: {err}") from None
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+        raise LpossError(f"scores in {path} must be a numeric .npy array (C, H, W)")
+    return torch.from_numpy(array).float()
+
+
+def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int], image: Path):
+    """A label map as one-hot `(C, h, w)` float scores; pixels with a value >= C (e.g. 255)
+    get all zeros and are filled by the propagation.
+
+    Raises:
+        LpossError: a map of another aspect ratio than the image's ``size``, or one with no
+            pixel below C (nothing to refine).
+    """
+    import torch
+
+    from ..checks import same_aspect_ratio
+    from ..config import UNKNOWN
+    from ..images import load_label_map
+
+    labels = load_label_map(path)
+    height, width = labels.shape
+    if not same_aspect_ratio((height, width), size):
+        raise LpossError(f"label map {path} is {height}x{width} but {image} is "
+                         f"{size[0]}x{size[1]}: another aspect ratio, so not a map of this "
+                         "image (a map of the same aspect ratio at another size is resized)")
+    valid = labels[labels < UNKNOWN]
+    n = num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
+    if not bool((labels < n).any()):
+        raise LpossError(f"nothing to refine: no pixel of {path} holds a class "
+                         f"{'below ' + str(n) if num_classes else 'index (every pixel is 255, unknown)'}")
+    one_hot = torch.nn.functional.one_hot(torch.where(labels < n, labels, n), n + 1)
+    return one_hot[..., :n].permute(2, 0, 1).float()  # (C, H, W); others all zero

@@ -14,8 +14,10 @@ from .options import (
     add_model_options,
     add_propagation_options,
     config_from,
-    ensure_writable,
     fail,
+    is_out_of_memory,
+    memory_message,
+    writing_to,
 )
 
 __all__ = ["SUMMARY", "add_parser", "run"]
@@ -84,6 +86,18 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lposs segment`` from parsed arguments; returns the exit status."""
+    from ..checks import check_unknown_threshold
+    from ..errors import ConfigError
+
+    try:
+        check_unknown_threshold(args.unknown_threshold)
+    except ConfigError as err:  # once, not once per image
+        raise ConfigError(str(err).replace("unknown_threshold", "--unknown-threshold")) from None
+    with writing_to(args.out):  # removed again if nothing is written there
+        return _segment(args)
+
+
+def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..config import get_preset
@@ -101,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         fail("no images to segment")
         return EXIT_FAILED
-    ensure_writable(args.out)
     segmenter = Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
                                           dino_weights=args.dino_weights, device=args.device,
                                           precision=args.precision)
@@ -115,11 +128,22 @@ def run(args: argparse.Namespace) -> int:
                                max_pixels=max_pixels)
             result.save(args.out, stem, segmenter.image, scores=args.save_scores)
             done += 1
-        except (LpossError, OSError) as err:
+        except (LpossError, OSError, ValueError, MemoryError, RuntimeError) as err:
+            if isinstance(err, (MemoryError, RuntimeError)) and not is_out_of_memory(err):
+                raise  # a bug, not this image: its traceback is what a report needs
             bar.clear()
-            fail(f"{path}: {err}")
+            fail(f"{path}: {memory_message(err) if is_out_of_memory(err) else err}")
             failed += 1
+            _release_cached_memory()
     elapsed = time.perf_counter() - start
     print(f"segmented {done} of {done + failed} image(s) into {len(classes)} classes in "
           f"{elapsed:.1f} s -> {args.out}" + (f" ({failed} failed)" if failed else ""))
     return EXIT_FAILED if failed else 0
+
+
+def _release_cached_memory() -> None:
+    """Return the CUDA cache's blocks after a failed image, so the next image gets them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
