@@ -10,7 +10,16 @@ import torch
 from PIL import Image
 
 from lposs.drawing import UNKNOWN_COLOR, palette
-from lposs.files import atomic_write, file_sha256, save_label_png, save_scores, write_json
+from lposs.errors import OutputError
+from lposs.files import (
+    LOCK_NAME,
+    atomic_write,
+    file_sha256,
+    folder_lock,
+    save_label_png,
+    save_scores,
+    write_json,
+)
 from lposs.images import load_label_map
 
 RNG = np.random.default_rng(0)
@@ -102,3 +111,38 @@ def test_file_sha256(tmp_path):
     assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
     with pytest.raises(OSError):
         file_sha256(tmp_path / "missing.bin")
+
+
+def test_folder_lock_is_exclusive_and_removed_on_release(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    with folder_lock(tmp_path):
+        lock_file = tmp_path / LOCK_NAME
+        assert lock_file.is_file()
+        with pytest.raises(OutputError, match=f"another lposs is writing to {tmp_path}"):
+            with folder_lock(tmp_path):
+                pass
+        with open(lock_file) as other, pytest.raises(BlockingIOError):  # fcntl sees it held
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert list(tmp_path.iterdir()) == []
+    with folder_lock(tmp_path):  # free again
+        pass
+
+
+def test_folder_lock_does_not_trust_a_lock_file_removed_under_it(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / LOCK_NAME
+    real_open, opened = os.open, []
+
+    def open_then_lose_the_race(name, flags, *args):
+        fd = real_open(name, flags, *args)
+        opened.append(fd)
+        if len(opened) == 1:  # the previous holder removes its file just after our open
+            os.unlink(name)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_lose_the_race)
+    with folder_lock(tmp_path):
+        assert len(opened) == 2 and path.is_file()  # locked again, the file now at the path
+        with open(path) as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not path.exists()

@@ -254,3 +254,33 @@ def test_real_vit_b16_architectures_end_to_end():
     assert result.labels.shape == (60, 80) and result.scores.shape == (3, 60, 80)
     assert torch.equal(result.labels, result.scores.argmax(0))
     assert result.settings["k"] == 400
+
+
+@pytest.mark.parametrize("stem", ["../x", "a/b", "/tmp/x", "..", ".", "", " ", "a\\b",
+                                  "x\0y"])
+def test_save_refuses_stems_that_leave_the_folder(tmp_path, stem):
+    result = lposs.Segmentation(torch.zeros(4, 6, dtype=torch.int64), torch.zeros(2, 4, 6),
+                                ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(lposs.OutputError, match="plain name"):
+        result.save(out, stem)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
+
+
+def test_save_takes_a_plain_stem_with_dots(tmp_path):
+    result = lposs.Segmentation(torch.zeros(4, 6, dtype=torch.int64), torch.zeros(2, 4, 6),
+                                ["a", "b"])
+    written = result.save(tmp_path, "photo.v2..final")
+    assert [p.parent for p in written] == [tmp_path] * len(written)
+    assert (tmp_path / "photo.v2..final.png").is_file()
+
+
+@pytest.mark.parametrize(("scores", "message"), [
+    (torch.zeros(150, 200, 3), "looks like (H, W, C)"),
+    (torch.full((2, 75, 100), float("nan")), "NaN"),
+    (torch.zeros(0, 150, 200), "empty"),
+    (torch.zeros(2, 200, 150), "aspect ratio"),
+])
+def test_refine_scores_refuses_scores_that_are_not_the_images(scores, message):
+    with pytest.raises(lposs.ScoresError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        refine_scores(_image(), scores, LPOSSConfig(short_side=32))

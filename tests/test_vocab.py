@@ -1,6 +1,7 @@
 """Tests for lposs.vocab: the rules for class names and synonyms, in one place."""
 
 import pytest
+import torch
 
 import lposs
 from lposs import segmenter
@@ -14,6 +15,31 @@ from lposs.vocab import check_class_names, load_class_names, parse_class_names, 
 def test_bad_vocabularies_raise_class_names_error(bad):
     with pytest.raises((lposs.ClassNamesError, TypeError)):
         parse_class_names(bad)
+
+
+@pytest.mark.parametrize("unordered", [
+    {"cat", "dog"}, frozenset({"cat", "dog"}), {"cat": 0, "dog": 1}, {"cat": 0}.keys(),
+    (name for name in ["cat", "dog"]),
+])
+def test_classes_without_a_fixed_order_are_refused(unordered):
+    with pytest.raises(TypeError, match="list, tuple or comma-separated str") as info:
+        parse_class_names(unordered)
+    assert "sorted(classes)" in str(info.value)
+
+
+def test_lists_tuples_and_strings_keep_their_order():
+    expected = ["dog", "cat", "sky"]
+    for given in (expected, tuple(expected), "dog,cat,sky"):
+        assert parse_class_names(given) == expected
+
+
+def test_the_segmenter_refuses_a_set_of_classes(tiny_clip, tiny_dino):
+    from lposs.config import LPOSSConfig
+
+    seg = segmenter.Segmenter(tiny_clip, tiny_dino, LPOSSConfig(k=10, short_side=32))
+    seg.set_image(torch.zeros(3, 32, 48))
+    with pytest.raises(TypeError, match="order"):
+        seg.predict({"cat", "dog"})
 
 
 def test_class_names_are_cleaned():

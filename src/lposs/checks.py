@@ -56,9 +56,9 @@ def check_scores(scores: torch.Tensor, image_size: tuple[int, int]) -> None:
                           "one class and one pixel")
     height, width = (int(v) for v in image_size)
     if not same_aspect_ratio(shape[1:], (height, width)):
-        if same_aspect_ratio(shape[:2], (height, width)) and shape[2] < min(shape[:2]):
-            raise ScoresError(f"scores of shape {shape} look like (H, W, C) for this "
-                              f"{height}x{width} image; transpose to (C, H, W), e.g. "
+        if same_aspect_ratio(shape[:2], (height, width)) and shape[2] < max(shape[:2]):
+            raise ScoresError(f"scores have shape {shape}, which for this {height}x{width} "
+                              "image looks like (H, W, C); transpose to (C, H, W), e.g. "
                               "scores.transpose(2, 0, 1) in numpy")
         raise ScoresError(f"scores of shape {shape} do not fit the {height}x{width} image: "
                           f"a {shape[1]}x{shape[2]} map has another aspect ratio; give "

@@ -122,7 +122,7 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int], im
     valid = labels[labels < UNKNOWN]
     n = num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
     if not bool((labels < n).any()):
-        raise LpossError(f"nothing to refine: no pixel of {path} holds a class "
-                         f"{'below ' + str(n) if num_classes else 'index (every pixel is 255, unknown)'}")
+        which = f"below {n}" if num_classes else "index (every pixel is 255, unknown)"
+        raise LpossError(f"nothing to refine: no pixel of {path} holds a class {which}")
     one_hot = torch.nn.functional.one_hot(torch.where(labels < n, labels, n), n + 1)
     return one_hot[..., :n].permute(2, 0, 1).float()  # (C, H, W); others all zero
