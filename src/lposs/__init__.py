@@ -57,7 +57,7 @@ _EXPORTS = {
     "FolderDataset": "datasets",
     "DATASETS": "datasets",
     "load_class_names": "vocab",
-    "paper_reference": "datasets",
+    "paper_reference": "paper",
     "evaluate": "evaluation",
     "sweep": "evaluation",
     "EvalResult": "evaluation",
