@@ -44,7 +44,8 @@ _EXPORTS = {
     "DinoEncoder": "encoders",
     # pipeline
     "Segmenter": "segmenter",
-    "Segmentation": "segmenter",
+    "Segmentation": "segmentation",
+    "ScoreMaps": "segmentation",
     "load_image": "images",
     "EncodedImage": "segmenter",
     "refine_scores": "segmenter",
