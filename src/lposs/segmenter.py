@@ -266,7 +266,8 @@ class Segmenter:
 
         Args:
             classes: names (``;`` separates synonyms of one class), or one comma-separated
-                string.
+                string; at most 254 (``lposs.vocab.MAX_CLASSES``: indices 0..253 and 255 =
+                unknown fit the 8-bit label PNG).
             unknown_threshold: label a pixel ``UNKNOWN`` when its best score (cosine
                 scale, see ``Segmentation.scores``) is below this.
 
