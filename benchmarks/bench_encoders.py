@@ -5,7 +5,11 @@ with random weights, on the 15 windows (224 x 224, stride 112) of a 448 x 597 wo
 image (the shorter side of a 375 x 500 VOC image scaled to 448). Prints a table and writes
 JSON (default ``benchmarks/results/encoders.json``).
 
-    python benchmarks/bench_encoders.py [--device cpu] [--precision fp32] [--threads 2]
+    python benchmarks/bench_encoders.py [--device cpu] [--precision auto] [--threads 2]
+
+fp16 runs on a GPU only (the library refuses it on the CPU); ``auto`` is the library's
+choice for the device (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), and the
+JSON records the precision it resolved to.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lposs.encoders import load_clip, load_dino
+from lposs.encoders import load_clip, load_dino, resolve_precision
+from lposs.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WORKING_SIZE = (448, 597)  # (H, W) of a VOC image at the working size
@@ -106,7 +111,8 @@ def _load() -> list[float] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                        help="fp16: GPU only; auto: the library's choice for the device")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
@@ -116,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=args.precision)
-    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=args.precision)
+    try:
+        precision = resolve_precision(args.precision, device)
+    except ConfigError as err:  # fp16 on the CPU
+        parser.error(str(err))
+    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=precision)
+    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=precision)
     windows = torch.rand(N_WINDOWS, 3, WINDOW, WINDOW, device=device)
 
     load_before = _load()
@@ -127,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     total = rows["clip_maskclip"]["median_s"] + rows["dino_values"]["median_s"]
 
     print(f"encoders on {N_WINDOWS} windows {WINDOW}x{WINDOW} of a {WORKING_SIZE} image")
-    print(f"device={device} precision={args.precision} threads={torch.get_num_threads()}")
+    print(f"device={device} precision={precision} (asked: {args.precision}) "
+          f"threads={torch.get_num_threads()}")
     print(f"load average before: {load_before}, reference GEMM now: {gemm:.0f} GFLOP/s")
     print(f"{'encoder':<16}{'median s':>10}{'windows/s':>12}{'GFLOP':>10}{'GFLOP/s':>10}")
     for label, row in rows.items():
@@ -146,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before,
         "load_average_after": _load(),
         "reference_gemm_gflops_per_s": gemm,
-        "precision": args.precision,
+        "precision": precision,
+        "precision_asked": args.precision,
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "windows": N_WINDOWS,

@@ -9,6 +9,10 @@ name) for a 3-class user vocabulary and for VOC's.
 
     python benchmarks/bench_segment.py [--device cuda] [--precision fp16] [--repeats 3]
 
+``--precision`` takes fp32, bf16, fp16 (GPU only: the library refuses it on the CPU) or
+auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32); the JSON records the
+precision it resolved to.
+
 Prints a table and writes benchmarks/results/segment.json.
 """
 
@@ -28,7 +32,8 @@ import torch
 from PIL import Image
 
 from lposs.datasets import benchmark_classes
-from lposs.encoders import load_clip, load_dino
+from lposs.encoders import load_clip, load_dino, resolve_precision
+from lposs.errors import ConfigError
 from lposs.segmenter import Segmenter
 
 # A user's vocabulary (5 text rows) for the new-vocabulary timing, next to VOC's (46 rows).
@@ -93,7 +98,8 @@ def time_new_vocabularies(segmenter: Segmenter, vocabularies: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                        help="fp16: GPU only; auto: the library's choice for the device")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
@@ -103,8 +109,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=args.precision)
-    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=args.precision)
+    try:
+        precision = resolve_precision(args.precision, device)
+    except ConfigError as err:  # fp16 on the CPU
+        parser.error(str(err))
+    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=precision)
+    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=precision)
     segmenter = Segmenter(clip, dino)
     classes = benchmark_classes("voc")
     rng = np.random.default_rng(0)
@@ -119,7 +129,8 @@ def main() -> None:
     median.update(new_vocabularies)
     report = {
         "image": "500x375 -> 448x597 working, 15 windows, 21 classes (46 text rows)",
-        "device": str(device), "precision": args.precision,
+        "device": str(device), "precision": precision,
+        "precision_asked": args.precision,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "load_average": list(os.getloadavg()), "median_s": median, "runs": runs,

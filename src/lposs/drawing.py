@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .config import UNKNOWN
-from .images import load_image
+from .images import as_float, read_image
 
 __all__ = [
     "UNKNOWN_COLOR",
@@ -27,6 +27,9 @@ __all__ = [
     "legend_lines",
     "overlay",
 ]
+
+# Pixels per band when a large label map or image is processed piecewise (~1M: a few MB).
+_BAND_PIXELS = 1 << 20
 
 #: Colour of "unknown" pixels: the PASCAL VOC palette's entry 255 (its "void" colour).
 UNKNOWN_COLOR = (224, 224, 192)
@@ -86,13 +89,13 @@ def _check_labels(labels: Any, n_classes: int) -> np.ndarray:
         raise ValueError(f"labels must have shape (H, W), got {arr.shape}")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = (arr < 0) | ((arr > n_classes) & (arr != UNKNOWN))
-    if bad.any():
-        raise ValueError(
-            f"labels must be class indices 0..{n_classes - 1}, {n_classes} (unknown) or "
-            f"{UNKNOWN}, found {int(arr[bad][0])}"
-        )
+    if arr.size and (arr.min() < 0 or arr.max() > n_classes):  # no copy when all are valid
+        bad = (arr < 0) | ((arr > n_classes) & (arr != UNKNOWN))
+        if bad.any():
+            raise ValueError(
+                f"labels must be class indices 0..{n_classes - 1}, {n_classes} (unknown) or "
+                f"{UNKNOWN}, found {int(arr[bad][0])}"
+            )
     return arr
 
 
@@ -123,9 +126,12 @@ def class_shares(labels: Any, n_classes: int) -> list[float]:
         raise TypeError(f"labels must be integers, got {arr.dtype}")
     if arr.size == 0:
         raise ValueError("labels is empty")
-    flat = arr.reshape(-1).astype(np.int64)
-    flat = np.where((flat >= 0) & (flat < n_classes), flat, n_classes)
-    counts = np.bincount(flat, minlength=n_classes + 1)
+    flat = arr.reshape(-1)
+    counts = np.zeros(n_classes + 1, dtype=np.int64)
+    for start in range(0, flat.size, _BAND_PIXELS):  # in bands: no int64 copy of a large map
+        band = flat[start:start + _BAND_PIXELS].astype(np.int64)
+        band = np.where((band >= 0) & (band < n_classes), band, n_classes)
+        counts += np.bincount(band, minlength=n_classes + 1)
     return (counts / flat.size).tolist()
 
 
@@ -297,19 +303,25 @@ def overlay(
     names = list(class_names)
     if len(names) != colors.shape[0]:
         raise ValueError(f"got {len(names)} class names but {colors.shape[0]} colors")
-    rgb = load_image(image, max_pixels=None).cpu().numpy().transpose(1, 2, 0)
+    pixels = read_image(image, max_pixels=None).cpu()  # uint8 stays uint8: scaled per band
     arr = _check_labels(labels, len(names))
-    if arr.shape != rgb.shape[:2]:
-        raise ValueError(f"labels shape {arr.shape} does not match image size {rgb.shape[:2]}")
+    if arr.shape != tuple(pixels.shape[1:]):
+        raise ValueError(f"labels shape {arr.shape} does not match image size "
+                         f"{tuple(pixels.shape[1:])}")
 
     n = len(names)
     table = np.concatenate([colors, np.array([UNKNOWN_COLOR], dtype=np.uint8)]).astype(np.float32)
-    index = np.where(arr < n, arr, n)
-    blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[index]
-    base = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    base = Image.new("RGB", (arr.shape[1], arr.shape[0]))
+    rows = max(1, _BAND_PIXELS // max(arr.shape[1], 1))
+    for top in range(0, arr.shape[0], rows):  # blended in bands of rows: no float image
+        rgb = as_float(pixels[:, top:top + rows]).numpy().transpose(1, 2, 0)
+        band = arr[top:top + rows]
+        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
+        base.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
+                                   mode="RGB"), (0, top))
 
     if shares is None:
-        shares = class_shares(index, n)
+        shares = class_shares(arr, n)
     elif len(shares) != n + 1:
         raise ValueError(f"shares must hold {n + 1} values (classes, then unknown), "
                          f"got {len(shares)}")

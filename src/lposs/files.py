@@ -187,8 +187,11 @@ def save_scores(path: str | os.PathLike, scores: Any) -> None:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                       "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_2_0(f, header)
-            for c in range(shape[0]):
-                f.write(_as_numpy(scores.class_scores(c), "scores").astype(np.float32).tobytes())
+            for c in range(shape[0]):  # one (H, W) map at a time, written without a copy
+                plane = np.ascontiguousarray(_as_numpy(scores.class_scores(c), "scores"),
+                                             dtype=np.float32)
+                f.write(memoryview(plane).cast("B"))
+                del plane
 
         atomic_write(path, write)
         return

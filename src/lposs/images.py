@@ -98,21 +98,39 @@ def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
     else:
         if mode in ("P", "PA"):
             im = im.convert("RGBA")  # applies palette transparency without Pillow's warning
-        try:
-            im = im.convert("RGB")  # L, 1, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
-        except (ValueError, OSError) as exc:
-            raise ImageError(f"{what}: unsupported image mode {mode!r} ({exc})") from exc
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
+        if im.mode != "RGB":  # convert("RGB") of an RGB image would be a full copy
+            try:
+                im = im.convert("RGB")  # L, 1, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
+            except (ValueError, OSError) as exc:
+                raise ImageError(f"{what}: unsupported image mode {mode!r} ({exc})") from exc
+        return _rgb_rows_to_tensor(im)
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
 
 
-def _decode(im: Image.Image, what: str, max_pixels: int | None) -> Image.Image:
-    """Check the header size, decode the pixels and apply the EXIF orientation."""
+def _rgb_rows_to_tensor(im: Image.Image, rows: int = 256) -> Tensor:
+    """An RGB Pillow image -> ``(3, H, W)`` uint8, copied in bands of ``rows`` rows, so
+    that no whole-image intermediate (Pillow's bytes, an ``(H, W, 3)`` array) is made next
+    to the result."""
+    width, height = im.size
+    out = np.empty((3, height, width), dtype=np.uint8)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        out[:, top:bottom] = np.asarray(im.crop((0, top, width, bottom))).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+def _decode(im: Image.Image, what: str, max_pixels: int | None, *,
+            in_place: bool = False) -> Image.Image:
+    """Check the header size, decode the pixels and apply the EXIF orientation (to ``im``
+    itself with ``in_place``, for an image we opened: no copy of its pixels)."""
     width, height = im.size  # from the header: Image.open does not decode pixels
     _check_pixels(height, width, max_pixels, what)
     try:
         im.load()
-        return ImageOps.exif_transpose(im)
+        if not in_place:
+            return ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)
+        return im
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot decode {what}: the file is truncated or corrupt ({exc})") from exc
 
@@ -236,18 +254,18 @@ def read_image(
         with _without_pillow_cap():
             try:
                 with Image.open(path) as im:
-                    decoded = _decode(im, what, max_pixels)
+                    decoded = _decode(im, what, max_pixels, in_place=True)
             except UnidentifiedImageError as exc:
                 raise ImageError(f"{what} is not an image file Pillow can read") from exc
             except OSError as exc:  # permission denied, I/O errors
                 raise ImageError(f"cannot read {what}: {exc.strerror or exc}") from exc
-        return _pil_to_tensor(decoded, what)
+            return _pil_to_tensor(decoded, what)  # its band crops under the lifted cap too
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or ""
         what = f"image {name!r}" if name else "PIL image"
         with _without_pillow_cap():
             decoded = _decode(source, what, max_pixels)
-        return _pil_to_tensor(decoded, what)
+            return _pil_to_tensor(decoded, what)
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
     if isinstance(source, Tensor):

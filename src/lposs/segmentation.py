@@ -62,10 +62,11 @@ class ScoreMaps:
         return (self.raw.shape[0], *self.size)
 
     def _resized(self, plane: torch.Tensor) -> torch.Tensor:
-        """``(h, w)`` -> ``(H, W)`` float32, on the plane's device."""
-        plane = plane.float()
+        """``(h, w)`` -> ``(H, W)`` float32, on the plane's device: always a new tensor (its
+        caller may write into it)."""
         if tuple(plane.shape) == self.size:
-            return plane
+            return plane.to(torch.float32, copy=True)
+        plane = plane.float()
         return F.interpolate(plane[None, None], size=self.size, mode="bilinear",
                              align_corners=False)[0, 0]
 
@@ -79,7 +80,7 @@ class ScoreMaps:
         """``(H, W)`` float32 scores of class ``c`` on the CPU (cosine scale)."""
         plane = self._resized(self.raw[c])
         weight = self._weight()
-        return (plane if weight is None else plane / weight).cpu()
+        return (plane if weight is None else plane.div_(weight)).cpu()
 
     @torch.inference_mode()
     def full(self) -> torch.Tensor:
@@ -90,11 +91,18 @@ class ScoreMaps:
         return out
 
     @torch.inference_mode()
-    def labels(self, unknown_threshold: float | None = None) -> torch.Tensor:
-        """``(H, W)`` int64 argmax over classes at the original size (first class on ties),
-        ``UNKNOWN`` where the best score (cosine scale) is below ``unknown_threshold``."""
-        best = self._resized(self.raw[0]).clone()
-        labels = torch.zeros(self.size, dtype=torch.int64, device=best.device)
+    def labels(self, unknown_threshold: float | None = None, *,
+               dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``(H, W)`` argmax over classes at the original size (first class on ties),
+        ``UNKNOWN`` where the best score (cosine scale) is below ``unknown_threshold``.
+
+        Args:
+            unknown_threshold: the abstain threshold, or None.
+            dtype: an integer dtype that holds ``C - 1`` and ``UNKNOWN`` (``torch.uint8``
+                below 255 classes: an eighth of the memory of int64 on a large image).
+        """
+        best = self._resized(self.raw[0])
+        labels = torch.zeros(self.size, dtype=dtype, device=best.device)
         for c in range(1, self.shape[0]):
             plane = self._resized(self.raw[c])
             better = plane > best
@@ -156,8 +164,10 @@ class Segmentation:
     """The result of one prediction.
 
     Attributes:
-        labels: `(H, W)` int64 class index per pixel at the original size; ``UNKNOWN``
-            (255) where the abstain threshold rejected every class.
+        label_map: `(H, W)` class index per pixel at the original size, in any integer
+            dtype that holds them (the segmenter gives uint8 below 255 classes, so that a
+            large image's labels take one byte a pixel); ``UNKNOWN`` (255) where the
+            abstain threshold rejected every class. ``labels`` is the same as int64.
         score_maps: the per-class scores, resized to the original size on demand (a
             ``(C, H, W)`` tensor given here is wrapped as it is).
         classes: the C class names, in label order.
@@ -173,7 +183,7 @@ class Segmentation:
             precision and where each encoder's weights came from.
     """
 
-    labels: torch.Tensor
+    label_map: torch.Tensor
     score_maps: ScoreMaps
     classes: list[str]
     timings: dict[str, float] = field(default_factory=dict)
@@ -185,6 +195,17 @@ class Segmentation:
     def __post_init__(self) -> None:
         if isinstance(self.score_maps, torch.Tensor):
             self.score_maps = ScoreMaps(self.score_maps, None, tuple(self.score_maps.shape[-2:]))
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """`(H, W)` int64 class index per pixel at the original size; ``UNKNOWN`` (255)
+        where the abstain threshold rejected every class (``label_map`` as int64, made on
+        first access)."""
+        if self.label_map.dtype == torch.int64:
+            return self.label_map
+        if getattr(self, "_labels_int64", None) is None:
+            self._labels_int64 = self.label_map.long()
+        return self._labels_int64
 
     @functools.cached_property
     def scores(self) -> torch.Tensor:
@@ -200,7 +221,7 @@ class Segmentation:
 
     def class_shares(self) -> dict[str, float]:
         """Share of pixels per class name (and "unknown" when present)."""
-        shares = class_shares(self.labels, len(self.classes))
+        shares = class_shares(self.label_map, len(self.classes))
         named = dict(zip(self.classes, shares))
         if len(shares) > len(self.classes) and shares[-1] > 0:
             named["unknown"] = shares[-1]
@@ -218,12 +239,12 @@ class Segmentation:
         At most 254 classes (``lposs.vocab.parse_class_names``): indices 0..253 fit the
         8-bit label PNG next to 255 = unknown.
         """
-        return self._summary(self.colors(), class_shares(self.labels, len(self.classes)))
+        return self._summary(self.colors(), class_shares(self.label_map, len(self.classes)))
 
     def _summary(self, colors, shares: list[float]) -> dict:
         """:meth:`summary` from the `(C, 3)` colours and the C + 1 shares (unknown last)."""
         colors = colors.tolist()
-        height, width = self.labels.shape
+        height, width = self.label_map.shape
         return {
             "source": self.source,
             "height": int(height),
@@ -247,7 +268,7 @@ class Segmentation:
                 ``Segmenter.image``), or anything ``lposs.images.load_image`` accepts, at
                 the labels' size.
         """
-        return overlay(image, self.labels, self.classes, self.colors())
+        return overlay(image, self.label_map, self.classes, self.colors())
 
     def save(
         self, out_dir: str | Path, stem: str, image=None, *, scores: bool = False
@@ -275,12 +296,12 @@ class Segmentation:
         _check_stem(out_dir, stem)
         out_dir.mkdir(parents=True, exist_ok=True)
         colors = self.colors()
-        shares = class_shares(self.labels, len(self.classes))  # C + 1: unknown last
+        shares = class_shares(self.label_map, len(self.classes))  # C + 1: unknown last
         written = [out_dir / f"{stem}.png"]
-        save_label_png(written[-1], self.labels, colors)
+        save_label_png(written[-1], self.label_map, colors)
         if image is not None:
             written.append(out_dir / f"{stem}_overlay.png")
-            save_overlay(written[-1], overlay(image, self.labels, self.classes, colors,
+            save_overlay(written[-1], overlay(image, self.label_map, self.classes, colors,
                                               shares=shares))
         if scores:
             written.append(out_dir / f"{stem}_scores.npy")

@@ -309,7 +309,9 @@ class Segmenter:
         start = time.perf_counter()
         raw = _reduce_synonyms(combined[:-1], class_index.to(combined.device), len(classes))
         maps = ScoreMaps(raw, combined[-1], tuple(state.image.shape[-2:]))
-        labels = maps.labels(unknown_threshold)
+        # one byte a pixel below 255 classes; Segmentation.labels gives int64 on request
+        labels = maps.labels(unknown_threshold,
+                             dtype=torch.uint8 if len(classes) < UNKNOWN else torch.int64)
         timings["resize_argmax"] = time.perf_counter() - start
         return Segmentation(labels, maps, classes, timings, _settings(cfg, unknown_threshold),
                             convergence, state.source, self.provenance())
