@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 from ..errors import LpossError
-from .options import EXIT_FAILED, HelpFormatter, fail
+from .options import EXIT_FAILED, EXIT_INTERRUPTED, HelpFormatter, fail
 
 __all__ = ["main", "build_parser"]
 
@@ -71,4 +71,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         fail("interrupted")
-        return 130
+        return EXIT_INTERRUPTED

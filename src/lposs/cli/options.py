@@ -4,6 +4,7 @@ groups, their mapping onto ``LPOSSConfig``, exit codes and the one-line error.""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,16 +14,19 @@ from ..errors import LpossError
 __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
     "HelpFormatter",
     "fail",
     "add_model_options",
     "add_propagation_options",
     "config_from",
     "ensure_writable",
+    "rank_device",
 ]
 
 EXIT_FAILED = 1  # some input failed (others may have succeeded)
 EXIT_USAGE = 2  # the command line itself is wrong (argparse's exit status)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 # Option dest -> LPOSSConfig field, for the options of the two groups below.
 _CONFIG_FIELDS = {"k": "k", "gamma": "gamma", "sigma": "sigma", "r": "r", "tau": "tau",
@@ -122,9 +126,17 @@ def ensure_writable(folder: Path) -> None:
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".lposs-write-test"
+        probe = folder / f".lposs-write-test-{os.getpid()}"  # one per torchrun process
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise LpossError(f"cannot write to output folder {folder}: "
                          f"{err.strerror or err}") from None
+
+
+def rank_device(device: str | None, world: int, local_rank: int) -> str | None:
+    """The device of one torchrun process: ``cuda:LOCAL_RANK`` for a plain ``cuda`` when
+    there are several processes (one GPU each), else ``device`` as given."""
+    if world > 1 and device == "cuda":
+        return f"cuda:{local_rank}"
+    return device
