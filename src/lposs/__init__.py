@@ -44,7 +44,8 @@ _EXPORTS = {
     "DinoEncoder": "encoders",
     # pipeline
     "Segmenter": "segmenter",
-    "Segmentation": "segmenter",
+    "Segmentation": "segmentation",
+    "ScoreMaps": "segmentation",
     "load_image": "images",
     "EncodedImage": "segmenter",
     "refine_scores": "segmenter",
@@ -57,7 +58,7 @@ _EXPORTS = {
     "FolderDataset": "datasets",
     "DATASETS": "datasets",
     "load_class_names": "vocab",
-    "paper_reference": "datasets",
+    "paper_reference": "paper",
     "evaluate": "evaluation",
     "sweep": "evaluation",
     "EvalResult": "evaluation",

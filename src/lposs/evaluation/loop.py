@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from ..datasets import SegmentationDataset, paper_reference
+from ..datasets import SegmentationDataset
 from ..distributed import distributed_context, process_group
 from ..errors import DatasetError, LpossError
 from ..files import atomic_write, write_json
 from ..metrics import oracle_labels
+from ..paper import paper_reference
 from ..segmenter import Segmenter
 from .cache import cache_folder, encode_cached
 from .records import (
