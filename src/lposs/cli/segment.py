@@ -119,10 +119,13 @@ def run(args: argparse.Namespace) -> int:
                         enabled=False if args.quiet or rank > 0 else None,
                         prefix=f"rank {rank}: " if world > 1 else "")
     status.stage("loading models")
-    segmenter = Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
-                                          dino_weights=args.dino_weights,
-                                          device=rank_device(args.device, world, local_rank),
-                                          precision=args.precision)
+    try:
+        segmenter = Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
+                                              dino_weights=args.dino_weights,
+                                              device=rank_device(args.device, world, local_rank),
+                                              precision=args.precision)
+    finally:  # an error message starts on a clean line
+        status.clear()
     start = time.perf_counter()
     with process_group(world) as group:
         try:
