@@ -10,9 +10,12 @@ The models are the real ViT-B/16 architectures (OpenCLIP ViT-B-16, DINO ViT-B/16
 random weights, saved as local weight files and loaded the way ``--clip-weights`` /
 ``--dino-weights`` load them; the timings do not depend on the weights. The images are
 the first 20 VOC 2012 photos of ``../shared/data/photos/voc2012/images`` when present,
-else synthetic 500 x 375 photos; the vocabulary is VOC's 21 classes.
+else synthetic 500 x 375 photos; the vocabulary is VOC's 21 classes (46 text rows with the
+background synonyms) or, with ``--vocabulary user``, 3 classes (5 rows). The warm-up
+encodes the vocabulary's text (80 templates a row: minutes for VOC's on a small CPU).
 
-    python benchmarks/bench_folder.py [--images 20] [--rounds 1] [--device cuda]
+    python benchmarks/bench_folder.py [--images 20] [--rounds 1] [--vocabulary user]
+                                      [--device cuda]
 
 Prints a table and writes benchmarks/results/folder.json.
 """
@@ -38,6 +41,7 @@ from lposs.datasets import benchmark_classes
 from lposs.encoders import load_clip, load_dino
 from lposs.segmenter import Segmenter
 
+USER_CLASSES = ["cat", "sofa", "background;wall;floor;ceiling"]  # as bench_segment.py
 VOC_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "voc2012" \
     / "images"
 
@@ -99,13 +103,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternating rounds of the two loops (spread across rounds)")
+    parser.add_argument("--vocabulary", default="voc", choices=["voc", "user"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
                         "folder.json")
     args = parser.parse_args()
 
-    classes = benchmark_classes("voc")
+    classes = benchmark_classes("voc") if args.vocabulary == "voc" else USER_CLASSES
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths, images = make_photos(tmp, args.images)
@@ -137,7 +142,7 @@ def main() -> None:
                          "per_image_s_max": max(per_image)}
     speedup = summary["pipelined"]["images_per_minute"] / \
         summary["one_at_a_time"]["images_per_minute"]
-    report = {"images": images, "classes": len(classes), "device": args.device,
+    report = {"images": images, "classes": classes, "device": args.device,
               "precision": args.precision, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "summary": summary, "speedup": speedup, "runs": runs}
