@@ -227,3 +227,46 @@ def test_segment_help_shows_only_meaningful_defaults(capsys):
     assert device.count("default") == 1 and "(default: cpu)" in device
     assert "(default: lposs+)" in options and "(default: fp32)" in options
     assert "--k K neighbours per patch (paper: 400) --gamma" in options
+
+
+def test_segment_json_says_which_image_and_which_weights(tmp_path, model_args, capsys):
+    import hashlib
+
+    import open_clip
+    import timm
+    import torch
+
+    import lposs
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    _photo(first / "img.png", size=(30, 20))
+    _photo(second / "img.png", size=(20, 30))  # same stem, another size
+    out = tmp_path / "out"
+    code = main(["segment", str(first / "img.png"), str(second / "img.png"), "--classes",
+                 "a,b", "--out", str(out), *model_args])
+    assert code == 0, capsys.readouterr().err
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(summaries) == 2
+    by_source = {s["source"]: s for s in summaries}
+    assert set(by_source) == {str((first / "img.png").resolve()),
+                              str((second / "img.png").resolve())}
+    assert (by_source[str((first / "img.png").resolve())]["height"],
+            by_source[str((first / "img.png").resolve())]["width"]) == (20, 30)
+    assert (by_source[str((second / "img.png").resolve())]["height"],
+            by_source[str((second / "img.png").resolve())]["width"]) == (30, 20)
+    record = summaries[0]["provenance"]
+    assert record["versions"] == {
+        "lposs": lposs.__version__, "torch": torch.__version__,
+        "open_clip": open_clip.__version__, "timm": timm.__version__,
+        "numpy": np.__version__, "pillow": Image.__version__}
+    assert record["device"] == "cpu" and record["precision"] == "fp32"
+    dino_file = model_args[model_args.index("--dino-weights") + 1]
+    dino = record["weights"]["dino"]
+    assert dino["source"] == "file" and dino["path"] == str(dino_file)
+    assert dino["sha256"] == hashlib.sha256(open(dino_file, "rb").read()).hexdigest()
+    assert dino["model"] == "vit_tiny_patch16_224"
+    clip = record["weights"]["clip"]
+    assert "pretrained" not in clip  # the weights are the local folder's, not a Hub tag's
+    assert clip["model"].startswith("local-dir:")

@@ -14,9 +14,11 @@ import io as stdio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -69,6 +71,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env() -> dict[str, str]:
+    """The demo process's environment: offline, and importing the lposs under test (the
+    process runs in another folder, where a relative PYTHONPATH would not find it)."""
+    import lposs
+
+    source = str(Path(lposs.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost"}
+
+
 def _demo_command() -> list[str]:
     return [sys.executable, "-m", "lposs", "demo"]
 
@@ -88,8 +102,7 @@ def demo_process(tiny_model_files, tmp_path_factory):
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("demo")
     port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    env = _env()
     log = (folder / "server.log").open("w+")
     proc = subprocess.Popen(_demo_command() + ["--port", str(port), *_demo_args(*tiny_model_files)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
@@ -335,3 +348,67 @@ def test_missing_gradio_is_one_line(tmp_path):
     proc = subprocess.run(_demo_command(), capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"lposs: error: {GRADIO_MISSING}"]
+
+
+def test_queue_bound_limits_on_the_page_and_a_quiet_clean_stop(tiny_model_files, tmp_path):
+    """With one request allowed to wait, a burst is partly refused ("queue is full") while
+    the rest are answered; the page states the limits; Gradio's share-link advice is not
+    printed; SIGTERM closes the server with status 143 and nothing on stderr."""
+    reason = _requirements()
+    if reason:
+        pytest.skip(reason)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = _env()
+    args = _demo_args(*tiny_model_files)
+    args[args.index("--short-side") + 1] = "448"  # slow enough requests to pile up
+    proc = subprocess.Popen(_demo_command() + ["--port", str(port), "--max-queue", "1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                with urllib.request.urlopen(url + "config", timeout=2) as response:
+                    config = response.read().decode()
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "lposs demo did not answer within 90 s"
+                time.sleep(0.25)
+        assert f"images up to {MAX_PIXELS / 1e6:.3g} megapixels" in config
+        assert "at most 1 wait in line" in config and "uploads up to 100kb" in config
+
+        image = tmp_path / "scene.png"
+        _scene(300, 300).save(image)
+
+        start = threading.Barrier(6)
+
+        def ask(classes):
+            client = Client(url, verbose=False)
+            start.wait(timeout=60)  # every client connected: the requests come at once
+            try:
+                return client.predict(handle_file(str(image)), classes, "LPOSS+", "dino-b16",
+                                      "", api_name="/run")[0]
+            except Exception as err:  # gradio_client raises its own errors for a full queue
+                return f"refused: {err}"
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, [f"sky, grass, house{i}" for i in range(6)]))
+        done = [a for a in answers if a.startswith("Segmented")]
+        refused = [a for a in answers if "queue is full" in a.lower()]
+        assert done and refused and len(done) + len(refused) == 6, answers
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 143, err
+    assert err == "", err  # no "terminate called ...", no traceback
+    assert f"serving the LPOSS demo on {url}" in out and "share=True" not in out

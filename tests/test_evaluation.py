@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -136,6 +137,7 @@ def test_oracle_matches_independent_computation(dataset, tmp_path):
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["miou"] == result.miou
     assert [c["name"] for c in written["per_class"]] == CLASSES
+    assert written["provenance"]["weights"] == {}  # the oracle runs no encoder
     table = result.to_markdown()
     assert "| mIoU |" in table and "| Boundary IoU |" in table and "| grass;lawn |" in table
     assert (tmp_path / "run" / "results.md").read_text() == table
@@ -183,6 +185,11 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
     assert {p: p.stat().st_mtime_ns for p in before} == before
     _same_numbers(resumed, reference)
     assert resumed.boundary_iou == reference.boundary_iou
+    record = json.loads((run / "results.json").read_text())["provenance"]
+    assert record["device"] == "cpu" and record["precision"] == "fp32"
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["weights"]["clip"] == {"model": "ViT-B-16", "source": "random"}
+    assert record["weights"]["dino"]["source"] == "random"
 
     # A finished run recomputes nothing; --limit within it too.
     again = []

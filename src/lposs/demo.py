@@ -36,6 +36,7 @@ __all__ = [
     "GRADIO_MISSING",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_FILE_SIZE",
+    "DEFAULT_MAX_QUEUE",
     "require_gradio",
     "examples_dir",
     "build_demo",
@@ -48,6 +49,10 @@ GRADIO_MISSING = 'the web demo needs Gradio, an optional extra: pip install "lpo
 DEFAULT_MAX_PIXELS = 16_000_000
 #: Largest upload Gradio accepts.
 DEFAULT_MAX_FILE_SIZE = "25mb"
+#: Most requests waiting in line (one runs at a time); more are refused as "queue full".
+DEFAULT_MAX_QUEUE = 16
+#: Seconds a stop (Ctrl-C, SIGTERM) waits for the request being computed to finish.
+_STOP_GRACE_S = 10.0
 #: The method choice: the name shown -> whether the pixel stage (LPOSS+) runs.
 METHODS = {name.upper(): _METHOD_STAGES[name].pixel_stage for name in ("lposs+", "lposs")}
 #: Bundled example images (drawn procedurally for lposs) and suggested class names.
@@ -151,6 +156,27 @@ class DemoBackend:
     def close(self) -> None:
         """Delete the downloadable files."""
         shutil.rmtree(self._out_dir, ignore_errors=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the request being computed (if any) to
+        finish; returns whether none is running now."""
+        if not self._lock.acquire(timeout=max(timeout, 0.0)):
+            return False
+        self._lock.release()
+        return True
+
+    def limits(self) -> str:
+        """The per-request bounds, in words for the page: the largest image, and the
+        working size every image is resized to (the default preset's)."""
+        base = self.presets[self.default_preset]
+        text = []
+        if self.max_pixels is not None:
+            text.append(f"images up to {self.max_pixels / 1e6:.3g} megapixels")
+        working = f"processed at a working size: shorter side {base.short_side} px"
+        long_side = getattr(base, "long_side", None)
+        if long_side is not None:
+            working += f", longer side at most {long_side} px"
+        return "; ".join([*text, working])
 
     def config(self, preset: str, refine: bool) -> LPOSSConfig:
         """The settings of ``preset`` with the pixel stage on (LPOSS+) or off (LPOSS)."""
@@ -317,12 +343,15 @@ _CSS = """
 """
 
 
-def build_demo(backend: DemoBackend, *, method: str = "LPOSS+"):
+def build_demo(backend: DemoBackend, *, method: str = "LPOSS+",
+               max_queue: int | None = DEFAULT_MAX_QUEUE, max_file_size: str | int | None = None):
     """The Gradio page (a ``gr.Blocks``) running on ``backend``.
 
     Args:
         backend: the models and caches.
         method: the method selected at first, a key of ``METHODS``.
+        max_queue: requests that may wait in line (stated on the page; ``launch`` sets it).
+        max_file_size: the upload limit (stated on the page; ``launch`` sets it).
     """
     gr = require_gradio()
     if method not in METHODS:
@@ -368,6 +397,7 @@ def build_demo(backend: DemoBackend, *, method: str = "LPOSS+"):
             "encoded once: trying other class names or the other method only reruns the "
             "propagation."
         )
+        gr.Markdown(_limits_md(backend, max_queue, max_file_size), elem_id="lposs-limits")
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(label="Image", type="filepath", image_mode=None,
@@ -410,6 +440,18 @@ def build_demo(backend: DemoBackend, *, method: str = "LPOSS+"):
     return page
 
 
+def _limits_md(backend: DemoBackend, max_queue: int | None,
+               max_file_size: str | int | None) -> str:
+    """The page's line on what one request may cost and how many may wait."""
+    limits = backend.limits()
+    if max_file_size is not None:
+        limits += f"; uploads up to {max_file_size}"
+    line = "one request runs at a time"
+    if max_queue is not None:
+        line += f", at most {max_queue} wait in line (more are refused until it shortens)"
+    return f"<small>Limits: {html.escape(limits)}; {line}.</small>"
+
+
 def launch(
     backend: DemoBackend,
     *,
@@ -417,25 +459,53 @@ def launch(
     port: int = 7860,
     method: str = "LPOSS+",
     max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
-) -> None:
-    """Serve the demo until interrupted (local only by default; never a share link)."""
+    max_queue: int | None = DEFAULT_MAX_QUEUE,
+) -> int:
+    """Serve the demo until interrupted (local only by default; never a share link).
+
+    One request is computed at a time and at most ``max_queue`` wait; each is bounded by
+    the backend's ``max_pixels`` and the working size (:meth:`DemoBackend.limits`, stated
+    on the page). Ctrl-C (SIGINT) or SIGTERM stops it cleanly when it runs in the main
+    thread: the server is closed, the request being computed gets a few seconds to
+    finish, and the downloadable files are deleted.
+
+    Returns:
+        The exit status for the command line: 0 after Ctrl-C or a server that stopped by
+        itself, 143 (128 + SIGTERM) after SIGTERM.
+    """
     gr = require_gradio()
-    page = build_demo(backend, method=method)
+    if max_queue is not None and max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
+    page = build_demo(backend, method=method, max_queue=max_queue, max_file_size=max_file_size)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def _stop(signum, frame):
+        received.append(signum)
+        stop.set()
+
     in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:  # `kill` stops the server like Ctrl-C, so the files are cleaned up
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {}
+    if in_main_thread:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _stop)
     try:
-        page.queue(default_concurrency_limit=1).launch(
+        # quiet: Gradio's start-up lines include advice on share links, which this
+        # command never makes; prevent_thread_lock: we wait here, for our own signals.
+        page.queue(default_concurrency_limit=1, max_size=max_queue).launch(
             server_name=host, server_port=port, share=False, inbrowser=False,
             max_file_size=max_file_size, show_error=False, ssr_mode=False,
             allowed_paths=[str(examples_dir()), str(backend.output_dir)],
-            footer_links=[], css=_CSS, theme=gr.themes.Default(),
+            footer_links=[], css=_CSS, theme=gr.themes.Default(), quiet=True,
+            prevent_thread_lock=True,
         )
+        print(f"serving the LPOSS demo on {page.local_url} (Ctrl-C to stop)", flush=True)
+        while page.is_running and not stop.wait(0.25):
+            pass
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        page.close(verbose=False)
+        backend.wait_idle(_STOP_GRACE_S)
         backend.close()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 + signal.SIGTERM if signal.SIGTERM in received else 0

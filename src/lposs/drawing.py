@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,38 +22,54 @@ __all__ = [
     "UNKNOWN_COLOR",
     "palette",
     "class_shares",
+    "drawable",
+    "wrap_text",
+    "legend_lines",
     "overlay",
 ]
 
 #: Colour of "unknown" pixels: the PASCAL VOC palette's entry 255 (its "void" colour).
 UNKNOWN_COLOR = (224, 224, 192)
 
+# The legend's font, shipped with lposs (licence: data/fonts/LICENSE-DejaVu.txt).
+_FONT_FILE = Path(__file__).parent / "data" / "fonts" / "DejaVuSans.ttf"
+_NO_GLYPH = "\U0010fffd"  # a private-use character: drawn as the font's .notdef box
+_ELLIPSIS = "\u2026"
+_MIN_LEGEND_WIDTH = 320  # px: the legend may be this wide even beside a narrower image
+
+# VOC colours with a channel >= 128 (7 of every 8 of the 2**24), less UNKNOWN_COLOR.
+_MAX_COLORS = 7 * 2**21 - 1
+
 
 def palette(n: int) -> np.ndarray:
-    """``n`` distinct, deterministic class colours: the PASCAL VOC palette.
+    """``n`` distinct, deterministic class colours, none of them black or near-black.
 
-    Colour ``i`` interleaves the bits of ``i`` into the high bits of R, G and B (VOC's
-    ``bitget`` construction), so the first 21 match the VOC label colours, entry 0 is
-    black and all colours are distinct for ``n <= 2**24``. Entry 255 equals
-    :data:`UNKNOWN_COLOR`, which is why "unknown" is stored as label 255 when there are
-    fewer than 255 classes (:func:`lposs.files.save_label_png`).
+    The PASCAL VOC palette (colour ``i`` interleaves the bits of ``i`` into the high bits
+    of R, G and B, VOC's ``bitget`` construction) without its entries whose channels are
+    all below 128 (black, and the dark colours a class would vanish into shadows with:
+    every index divisible by 8) and without :data:`UNKNOWN_COLOR`. Class 0 is VOC's
+    colour 1 (dark red), class 1 VOC's 2 (green), ... The same colours serve the label
+    PNG's palette and the overlay, so a label PNG's class index ``i`` is shown in
+    ``palette(C)[i]``; "unknown" is value 255 in :data:`UNKNOWN_COLOR` there.
 
     Args:
-        n: Number of colours.
+        n: Number of colours, at most ``7 * 2**21 - 1``.
 
     Returns:
         ``(n, 3)`` uint8 array.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    if n > 2**24:
-        raise ValueError(f"n must be at most 2**24 for distinct colours, got {n}")
-    idx = np.arange(n, dtype=np.int64)
-    out = np.zeros((n, 3), dtype=np.int64)
+    if n > _MAX_COLORS:
+        raise ValueError(f"n must be at most {_MAX_COLORS} for distinct colours, got {n}")
+    candidates = np.arange(1, n + n // 7 + 16, dtype=np.int64)
+    candidates = candidates[candidates % 8 != 0]  # indices whose channels are all < 128
+    out = np.zeros((len(candidates), 3), dtype=np.int64)
     for j in range(8):
         for channel in range(3):
-            out[:, channel] |= ((idx >> (3 * j + channel)) & 1) << (7 - j)
-    return out.astype(np.uint8)
+            out[:, channel] |= ((candidates >> (3 * j + channel)) & 1) << (7 - j)
+    out = out[(out != UNKNOWN_COLOR).any(axis=1)]
+    return out[:n].astype(np.uint8)
 
 
 def _as_numpy(x: Any, name: str) -> np.ndarray:
@@ -113,18 +130,131 @@ def class_shares(labels: Any, n_classes: int) -> list[float]:
 
 
 def _legend_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans (shipped in ``lposs/data/fonts``) at ``size`` px; Pillow's built-in
+    font where Pillow lacks FreeType."""
     try:
-        return ImageFont.load_default(size=size)  # embedded Aileron, needs FreeType
-    except (TypeError, OSError, ImportError):
+        return ImageFont.truetype(str(_FONT_FILE), size)
+    except (OSError, ImportError):
         return ImageFont.load_default()
 
 
-def _legend_text(font: Any, text: str) -> str:
-    # the built-in fonts cover little beyond ASCII: draw "número" as "numero"
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-    if isinstance(font, ImageFont.FreeTypeFont):
-        return text
-    return text.encode("latin-1", "replace").decode("latin-1")  # bitmap font: latin-1 only
+def _missing_glyph(font: Any) -> bytes | None:
+    """The font's drawing of a character it lacks (its ``.notdef`` box), to compare with."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return None
+    mask = font.getmask(_NO_GLYPH)
+    return bytes(mask) + bytes(str(mask.size), "ascii")
+
+
+def drawable(font: Any, text: str) -> bool:
+    """Whether ``font`` has a glyph for every visible character of ``text``.
+
+    Pillow-only check: a character is missing when the font draws it exactly as it
+    draws a private-use character no font defines (the ``.notdef`` box). Pillow's
+    built-in bitmap font (without FreeType) draws Latin-1 only.
+    """
+    notdef = _missing_glyph(font)
+    for char in text:
+        if char.isspace() or unicodedata.category(char) in ("Cf", "Mn", "Me"):
+            continue
+        if notdef is None:
+            if ord(char) > 0xFF:
+                return False
+            continue
+        mask = font.getmask(char)
+        if bytes(mask) + bytes(str(mask.size), "ascii") == notdef:
+            return False
+    return True
+
+
+def _fit(font: Any, text: str, width: float) -> int:
+    """The longest prefix of ``text`` (in characters) that ``font`` draws within ``width``."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if font.getlength(text[:mid]) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def wrap_text(font: Any, text: str, width: float, *, max_lines: int = 2,
+              suffix: str = "") -> list[str]:
+    """``text`` broken into at most ``max_lines`` lines of at most ``width`` px, at spaces
+    where possible, the last line ending in ``suffix`` and shortened with "…" when the
+    text does not fit.
+
+    Args:
+        font: a Pillow font.
+        text: the text.
+        width: pixels per line (at least one character is placed per line).
+        max_lines: lines at most.
+        suffix: appended to the last line, never cut (e.g. a share ``"  12.5%"``).
+
+    Returns:
+        The lines (at least one).
+    """
+    lines: list[str] = []
+    rest = text
+    while len(lines) < max_lines:
+        last = len(lines) == max_lines - 1
+        if font.getlength(rest + suffix) <= width:
+            lines.append(rest + suffix)
+            return lines
+        if last:
+            room = width - font.getlength(_ELLIPSIS + suffix)
+            lines.append(rest[:max(_fit(font, rest, room), 1)].rstrip() + _ELLIPSIS + suffix)
+            return lines
+        cut = max(_fit(font, rest, width), 1)
+        space = rest.rfind(" ", 0, cut + 1)
+        if space > cut // 2:
+            cut = space
+        lines.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    return lines
+
+
+def legend_lines(
+    font: Any,
+    class_names: Sequence[str],
+    shares: Sequence[float],
+    width: float,
+    *,
+    unknown_name: str = "unknown",
+) -> tuple[list[tuple[int, list[str]]], list[str]]:
+    """What the overlay's legend says, laid out within ``width`` px of text.
+
+    Args:
+        font: the legend's font.
+        class_names: the C class names.
+        shares: ``C + 1`` pixel shares (unknown last).
+        width: pixels available for text.
+        unknown_name: the entry of unknown pixels.
+
+    Returns:
+        ``(entries, not_found)``: per class present (largest share first; unknown as
+        index C), its index and its text lines (name, wrapped to two lines at most and
+        ellipsised, then its share); and the lines (ten at most) of the "not found: ..."
+        list naming the classes with no pixel. A name the font cannot draw (e.g. CJK in
+        DejaVu Sans) appears as ``#i``, its index in the label PNG (the JSON holds
+        the name).
+    """
+    n = len(class_names)
+
+    def label(i: int) -> str:
+        name = class_names[i] if i < n else unknown_name
+        return name if drawable(font, name) else f"#{i}"
+
+    present = sorted((i for i in range(n + 1) if shares[i] > 0), key=lambda i: -shares[i])
+    entries = [(i, wrap_text(font, label(i), width, suffix=f"  {shares[i]:.1%}"))
+               for i in present]
+    absent = [label(i) for i in range(n) if shares[i] <= 0]
+    not_found: list[str] = []
+    if absent:
+        short = [wrap_text(font, name, width / 2, max_lines=1)[0] for name in absent]
+        not_found = wrap_text(font, "not found: " + ", ".join(short), width, max_lines=10)
+    return entries, not_found
 
 
 def overlay(
@@ -140,10 +270,13 @@ def overlay(
     """The image blended with class colours, and a legend panel to its right.
 
     Pixel colour is ``(1 - alpha) * image + alpha * class colour`` (unknown pixels use
-    :data:`UNKNOWN_COLOR`). The legend lists only the classes present, largest share
-    first, each as a square of its exact colour, its name and its share; it is drawn
-    with Pillow's built-in font, in a white panel that never covers the image. The
-    canvas is as tall as the image or the legend, whichever is taller.
+    :data:`UNKNOWN_COLOR`). The legend lists the classes present, largest share first,
+    each as a square of its exact colour, its name and its share, then the classes with
+    no pixel as "not found: ...". It is drawn in DejaVu Sans (Latin, Greek, Cyrillic and
+    more; a name it cannot draw, e.g. CJK, is shown as ``#i``, its class index, see
+    :func:`legend_lines`), in a white panel that never covers the image, at most
+    ``max(W, 320)`` px wide: long names wrap to two lines and end in "…". The canvas is
+    as tall as the image or the legend, whichever is taller.
 
     Args:
         image: ``(3, H, W)`` RGB in [0, 1], or anything :func:`load_image` accepts.
@@ -180,24 +313,30 @@ def overlay(
     elif len(shares) != n + 1:
         raise ValueError(f"shares must hold {n + 1} values (classes, then unknown), "
                          f"got {len(shares)}")
-    order = sorted((i for i, s in enumerate(shares) if s > 0), key=lambda i: -shares[i])
     height, width = arr.shape
     font = _legend_font(max(12, min(height, width) // 40))
-    entries = [(tuple(int(c) for c in table[i]),
-                _legend_text(font, f"{names[i] if i < n else unknown_name}  {shares[i]:.1%}"))
-               for i in order]
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [probe.textbbox((0, 0), text, font=font) for _, text in entries]
-    line = max(max(b[3] for b in boxes), 12) + 6
-    margin, square = line // 2, line - 6
-    text_w = max(b[2] for b in boxes)
-    panel_w = 2 * margin + square + margin + text_w
-    canvas = Image.new("RGB", (width + panel_w, max(height, 2 * margin + line * len(entries))),
-                       (255, 255, 255))
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 2)
+    line = ascent + descent + 4
+    margin, square = line // 2, line - 4
+    max_text_w = max(width, _MIN_LEGEND_WIDTH) - 3 * margin - square
+    entries, not_found = legend_lines(font, names, shares, max_text_w, unknown_name=unknown_name)
+    texts = [t for _, lines in entries for t in lines] + not_found
+    text_w = int(np.ceil(max((font.getlength(t) for t in texts), default=0)))
+    panel_w = 3 * margin + square + text_w
+    n_lines = sum(len(lines) for _, lines in entries) + len(not_found)
+    legend_h = 2 * margin + line * n_lines + (margin if not_found and entries else 0)
+    canvas = Image.new("RGB", (width + panel_w, max(height, legend_h)), (255, 255, 255))
     canvas.paste(base, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for k, (color, text) in enumerate(entries):
-        x, y = width + margin, margin + k * line
-        draw.rectangle([x, y, x + square - 1, y + square - 1], fill=color)
-        draw.text((x + square + margin, y), text, fill=(0, 0, 0), font=font)
+    x, y = width + margin, margin
+    for i, lines in entries:
+        draw.rectangle([x, y + 2, x + square - 1, y + 2 + square - 1],
+                       fill=tuple(int(c) for c in table[i]))
+        for text in lines:
+            draw.text((x + square + margin, y), text, fill=(0, 0, 0), font=font)
+            y += line
+    y += margin if not_found and entries else 0
+    for text in not_found:
+        draw.text((x, y), text, fill=(96, 96, 96), font=font)
+        y += line
     return canvas

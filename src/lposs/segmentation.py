@@ -8,6 +8,8 @@ original size (METHOD.md, Output), so labelling a large image never holds a
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,12 @@ from .config import UNKNOWN
 from .drawing import class_shares, overlay, palette
 from .files import save_label_png, save_overlay, save_scores, write_json
 
-__all__ = ["ScoreMaps", "Segmentation"]
+__all__ = ["ScoreMaps", "Segmentation", "provenance"]
+
+# The packages whose versions a provenance record lists: {record key: distribution name}.
+# torch reports its own (with the build, e.g. "2.4.1+cu121").
+_VERSIONED = {"open_clip": "open_clip_torch", "timm": "timm", "numpy": "numpy",
+              "pillow": "pillow"}
 
 # Floor for the propagated all-ones column that puts scores back on the cosine scale.
 _MIN_NORMALISER = 1e-6
@@ -100,6 +107,48 @@ class ScoreMaps:
         return labels.cpu()
 
 
+def provenance(
+    *,
+    weights: Mapping[str, dict | None] | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+) -> dict:
+    """The provenance record of a result: what made it, for its JSON.
+
+    ``Segmenter.provenance`` fills it from the encoders; ``lposs refine`` and the oracle
+    evaluation, which run no encoder, call it without ``weights``.
+
+    Args:
+        weights: per encoder (``"clip"``, ``"dino"``), where its weights came from (the
+            encoder's ``weights_info``: ``source`` and, where they apply, ``path``,
+            ``repo``, ``revision``, ``file``, ``sha256``, plus the model name), or None
+            for an encoder that did not run.
+        device: where the computation ran (e.g. ``"cuda:0"``).
+        precision: what the encoders computed in (``"fp32"``, ``"bf16"``, ``"fp16"``;
+            never ``"auto"``), or None without encoders.
+
+    Returns:
+        ``{"versions": {"lposs", "torch", "open_clip", "timm", "numpy", "pillow"},
+        "device", "precision", "weights"}``; a package that is not installed has version
+        None.
+    """
+    from . import __version__
+
+    versions: dict[str, str | None] = {"lposs": __version__, "torch": torch.__version__}
+    for key, distribution in _VERSIONED.items():
+        try:
+            versions[key] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[key] = None
+    return {
+        "versions": versions,
+        "device": None if device is None else str(device),
+        "precision": precision,
+        "weights": {name: (None if info is None else dict(info))
+                    for name, info in (weights or {}).items()},
+    }
+
+
 @dataclass
 class Segmentation:
     """The result of one prediction.
@@ -116,6 +165,10 @@ class Segmentation:
             conjugate-gradient report ``{"iterations": most iterations of any column,
             "max_relative_residual": worst column's ||r|| / ||b||}`` (the worst over
             window setups for the patch stage).
+        source: the image file it was made from (absolute path), or None for an image
+            given in memory.
+        provenance: what made it (:func:`provenance`): package versions, device,
+            precision and where each encoder's weights came from.
     """
 
     labels: torch.Tensor
@@ -124,6 +177,8 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     convergence: dict[str, dict[str, int | float]] = field(default_factory=dict)
+    source: str | None = None
+    provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.score_maps, torch.Tensor):
@@ -150,15 +205,27 @@ class Segmentation:
         return named
 
     def summary(self) -> dict:
-        """A JSON-ready summary: classes, colours, pixel shares, timings, settings and the
-        solver's convergence per stage."""
+        """A JSON-ready summary (what ``save`` writes to ``<stem>.json``).
+
+        Keys: ``source`` (the image file, or None), ``height`` and ``width`` (pixels of
+        the image and of the label map), ``classes`` (per class: ``index`` = its value in
+        the label PNG, ``name``, ``color`` as in the label PNG's palette and the overlay,
+        ``share`` of pixels), ``unknown`` (index 255 and share), ``timings_s``,
+        ``settings`` (the configuration), ``convergence`` (the solver per stage) and
+        ``provenance`` (versions, device, precision, weights; see :func:`provenance`).
+        At most 254 classes (``lposs.vocab.parse_class_names``): indices 0..253 fit the
+        8-bit label PNG next to 255 = unknown.
+        """
         return self._summary(self.colors(), class_shares(self.labels, len(self.classes)))
 
     def _summary(self, colors, shares: list[float]) -> dict:
         """:meth:`summary` from the `(C, 3)` colours and the C + 1 shares (unknown last)."""
         colors = colors.tolist()
+        height, width = self.labels.shape
         return {
-            "size": list(self.labels.shape),
+            "source": self.source,
+            "height": int(height),
+            "width": int(width),
             "classes": [
                 {"index": i, "name": name, "color": colors[i], "share": shares[i]}
                 for i, name in enumerate(self.classes)
@@ -167,6 +234,7 @@ class Segmentation:
             "timings_s": self.timings,
             "settings": self.settings,
             "convergence": self.convergence,
+            "provenance": self.provenance,
         }
 
     def overlay(self, image):

@@ -10,6 +10,7 @@ LPOSS+ over pixels, resize back, synonyms reduced by max, argmax). Both take an 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from .files import atomic_write
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .progress import Progress, StageCounter
 from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
-from .segmentation import ScoreMaps, Segmentation
+from .segmentation import ScoreMaps, Segmentation, provenance
 from .vocab import parse_class_names
 from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
 from .windows import working_size as working_size_of
@@ -59,6 +60,7 @@ class PreparedImage:
 
     image: torch.Tensor  # (3, H, W) the original image (uint8, or float in [0, 1]), on the CPU
     working: torch.Tensor  # (3, h, w) float32 in [0, 1] at the working size
+    source: str | None = None  # the image file's resolved path, when read from a file
 
 
 @dataclass
@@ -73,6 +75,7 @@ class EncodedImage:
     working: torch.Tensor  # (3, h, w) at the working size, on the model's device
     setups: list[WindowSetup]
     encode_s: float  # seconds the encoders took
+    source: str | None = None  # the image file (absolute path), None for an image in memory
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` atomically (a torch file of plain tensors, loadable with
@@ -80,7 +83,7 @@ class EncodedImage:
         setups = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(s).items()}
                   for s in self.setups]
         payload = {"image": self.image.cpu(), "working": self.working.cpu(), "setups": setups,
-                   "encode_s": self.encode_s}
+                   "encode_s": self.encode_s, "source": self.source}
         atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
@@ -88,7 +91,8 @@ class EncodedImage:
         """Read what ``save`` wrote (never unpickles arbitrary objects)."""
         payload = torch.load(path, map_location=device or "cpu", weights_only=True)
         return cls(payload["image"].cpu(), payload["working"],
-                   [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"])
+                   [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"],
+                   payload.get("source"))
 
 
 @dataclass
@@ -172,6 +176,23 @@ class Segmenter:
     def device(self) -> torch.device:
         return next(self.clip.parameters()).device
 
+    def provenance(self) -> dict:
+        """What this segmenter's results are made with, for their JSON
+        (:func:`lposs.segmentation.provenance`): package versions, device, the precision
+        the encoders compute in, and per encoder its model name and where its weights came
+        from (``weights_info``: file path or Hub repository, revision and file, sha256;
+        ``"random"`` for random weights). The OpenCLIP tag (``pretrained``) is listed only
+        for weights that came from the Hub under that tag."""
+        cfg = self.config
+        clip = {"model": cfg.clip, **self.clip.weights_info}
+        if clip.get("source") == "hub":
+            clip["pretrained"] = cfg.clip_pretrained
+        dino = None
+        if self.dino is not None and cfg.patch_stage:
+            dino = {"model": cfg.dino, **self.dino.weights_info}
+        return provenance(weights={"clip": clip, "dino": dino}, device=self.device,
+                          precision=self.clip.precision)
+
     @property
     def image(self) -> torch.Tensor | None:
         """`(3, H, W)` the image set by ``set_image``/``set_encoded`` (uint8, or float in
@@ -193,9 +214,10 @@ class Segmenter:
         Raises:
             ImageError: the image is unreadable or larger than ``max_pixels``.
         """
+        source = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
         image = read_image(image, max_pixels=max_pixels)  # uint8 for 8-bit sources
         working = _working_image(image, self.config)
-        return PreparedImage(image.cpu(), working)
+        return PreparedImage(image.cpu(), working, source)
 
     @torch.inference_mode()
     def set_image(
@@ -223,7 +245,8 @@ class Segmenter:
         passes = (2 if cfg.patch_stage else 1) * sum(len(b) for b in boxes)
         counter = StageCounter(progress, "encoding windows", passes)
         setups = [self._encode_windows(working, b, counter) for b in boxes]
-        self._state = EncodedImage(image.image, working, setups, time.perf_counter() - start)
+        self._state = EncodedImage(image.image, working, setups, time.perf_counter() - start,
+                                   image.source)
         self._state_source = self._state
         self._image_graphs = None
         self._graphs(progress)
@@ -236,7 +259,8 @@ class Segmenter:
         if encoded is self._state_source:
             return
         self._state = EncodedImage(encoded.image, encoded.working.to(self.device),
-                                   [s.to(self.device) for s in encoded.setups], encoded.encode_s)
+                                   [s.to(self.device) for s in encoded.setups], encoded.encode_s,
+                                   encoded.source)
         self._state_source = encoded
         self._image_graphs = None
 
@@ -298,7 +322,8 @@ class Segmenter:
 
         Args:
             classes: names (``;`` separates synonyms of one class), or one comma-separated
-                string.
+                string; at most 254 (``lposs.vocab.MAX_CLASSES``: indices 0..253 and 255 =
+                unknown fit the 8-bit label PNG).
             unknown_threshold: label a pixel ``UNKNOWN`` when its best score (cosine
                 scale, see ``Segmentation.scores``) is below this.
             progress: called with ``(stage, done, total)`` (``lposs.progress.Progress``).
@@ -353,7 +378,7 @@ class Segmenter:
         counter.advance()
         timings["resize_argmax"] = time.perf_counter() - start
         return Segmentation(labels, maps, classes, timings, _settings(cfg, unknown_threshold),
-                            convergence)
+                            convergence, state.source, self.provenance())
 
     def _patch_scores(self, setup: WindowSetup, graph: PatchGraph | None, text: torch.Tensor,
                       working_hw) -> tuple[torch.Tensor, CGInfo | None]:

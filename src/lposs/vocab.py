@@ -16,12 +16,16 @@ from .config import UNKNOWN
 from .errors import ClassNamesError, DatasetError
 
 __all__ = [
+    "MAX_CLASSES",
     "SYNONYM_SEPARATOR",
     "check_class_names",
     "load_class_names",
     "parse_class_names",
     "split_synonyms",
 ]
+
+MAX_CLASSES = UNKNOWN - 1
+"""Most classes in one vocabulary (254): indices 0..253 and ``UNKNOWN`` fit an 8-bit PNG."""
 
 SYNONYM_SEPARATOR = ";"
 """Separates the synonyms of one class name: ``"background;wall;floor"``."""
@@ -57,7 +61,8 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
 
     Raises:
         ClassNamesError: the list is empty, a name or synonym is empty, a name repeats
-            (ignoring case), or there are more names than labels below ``UNKNOWN``.
+            (ignoring case), or there are more than :data:`MAX_CLASSES` (254) names:
+            class indices 0..253 and ``UNKNOWN`` (255) fit the 8-bit label PNG.
     """
     if isinstance(classes, str):
         classes = classes.split(",")
@@ -74,7 +79,10 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
             raise ClassNamesError(f"duplicate class name {name!r}")
         seen.add(name.lower())
     if len(names) >= UNKNOWN:
-        raise ClassNamesError(f"at most {UNKNOWN - 1} classes are supported, got {len(names)}")
+        raise ClassNamesError(
+            f"at most {MAX_CLASSES} classes are supported, got {len(names)}: the label PNG "
+            f"stores class indices 0..{MAX_CLASSES - 1} in 8 bits and {UNKNOWN} = unknown; "
+            "split the vocabulary into several runs")
     return names
 
 

@@ -4,7 +4,9 @@ only when this command runs)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 
 from ..config import PRESETS
 from ..errors import LpossError
@@ -17,7 +19,7 @@ SUMMARY = "web page to try LPOSS on your own images (needs lposs[demo])"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` command to ``subparsers`` (from ``add_subparsers``)."""
-    from ..demo import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
+    from ..demo import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUEUE
 
     p = subparsers.add_parser(
         "demo", formatter_class=HelpFormatter, help=SUMMARY,
@@ -36,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="refuse images with more pixels (height x width)")
     p.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
                    help="refuse larger uploads, e.g. 10mb, 1gb")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help="requests that may wait while one is computed; more are refused "
+                        "until the line shortens")
     p.add_argument("--short-side", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="working resolution: the image's shorter side is resized to N pixels "
                         "(default: the preset's, 448 as in the paper; smaller is faster on a "
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise LpossError(f"--port must be in 1..65535, got {args.port}")
     if args.max_pixels < 1:
         raise LpossError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if args.max_queue < 1:
+        raise LpossError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not re.fullmatch(r"\d+ *([kmgt]?b)?", str(args.max_file_size).strip(), re.IGNORECASE):
         raise LpossError(f"--max-file-size must be a size such as 500kb, 25mb or 1gb, got "
                          f"{args.max_file_size!r}")
@@ -79,10 +86,17 @@ def run(args: argparse.Namespace) -> int:
         raise
     method = "LPOSS+" if presets[args.preset].pixel_stage else "LPOSS"
     try:
-        launch(backend, host=args.host, port=args.port, method=method,
-               max_file_size=max_file_size)
+        status = launch(backend, host=args.host, port=args.port, method=method,
+                        max_file_size=max_file_size, max_queue=args.max_queue)
     except OSError as err:  # the port is taken, or the address is not this machine's
         raise LpossError(f"cannot serve on {args.host}:{args.port}: "
                          f"{err.strerror or 'the port is in use'}; choose another --port or "
                          "--host") from None
-    return 0
+    if not backend.wait_idle(0):
+        # A request is still computing in a server thread: leave now rather than let the
+        # interpreter tear down under it (C++ aborts with "terminate called without an
+        # active exception"). Everything lposs wrote is cleaned up by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

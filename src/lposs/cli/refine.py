@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import UNKNOWN
     from ..images import load_label_map, read_image
+    from ..segmentation import provenance
     from ..segmenter import Segmentation, refine_scores
     from ..vocab import parse_class_names
 
@@ -80,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     result = Segmentation(refined.argmax(dim=0), refined, classes,
                           {"refine": time.perf_counter() - start},
                           {"r": config.r, "tau": config.tau, "alpha": config.alpha,
-                           "short_side": config.short_side})
+                           "short_side": config.short_side},
+                          source=str(args.image.resolve()),
+                          provenance=provenance(device=refined.device, precision="fp32"))
     result.save(args.out, args.image.stem, image, scores=args.save_scores)
     print(f"refined {args.image} ({n_classes} classes) in {result.timings['refine']:.1f} s "
           f"-> {args.out}")

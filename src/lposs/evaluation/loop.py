@@ -25,6 +25,7 @@ from ..errors import DatasetError, LpossError
 from ..files import atomic_write, write_json
 from ..metrics import oracle_labels
 from ..paper import paper_reference
+from ..segmentation import provenance
 from ..segmenter import Segmenter
 from .cache import cache_folder, encode_cached
 from .records import (
@@ -179,7 +180,8 @@ def evaluate(
     stats = {"images": len(samples), **stats, "seconds": round(time.perf_counter() - start, 3)}
     result = EvalResult(dataset.name, method, list(dataset.classes), metrics.compute(),
                         bool(boundary), settings, paper_reference(dataset.name, method), stats,
-                        run_dir)
+                        run_dir,
+                        provenance() if segmenter is None else segmenter.provenance())
     if run_dir is not None and rank == 0:
         write_json(run_dir / "results.json", result.to_dict())
         atomic_write(run_dir / "results.md", lambda f: f.write(result.to_markdown().encode()))

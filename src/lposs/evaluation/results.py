@@ -49,6 +49,9 @@ class EvalResult:
         stats: images, computed, reused, redone (damaged records), cache_hits,
             cache_misses (summed over processes), seconds (this process's wall time).
         run_dir: where records and results were written, or None.
+        provenance: what made it (``lposs.segmentation.provenance``): package versions,
+            device, precision and where each encoder's weights came from (file path or
+            Hub repository, revision and file, sha256).
     """
 
     dataset: str
@@ -60,6 +63,7 @@ class EvalResult:
     paper: dict[str, float | None] | None
     stats: dict[str, float]
     run_dir: Path | None = None
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def miou(self) -> float:
@@ -111,6 +115,7 @@ class EvalResult:
             "paper_percent": self.paper,
             "stats": self.stats,
             "settings": self.settings,
+            "provenance": self.provenance,
         }
 
     def to_markdown(self) -> str:
