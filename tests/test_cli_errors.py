@@ -10,7 +10,7 @@ from PIL import Image
 from test_cli import _error_lines, _photo
 
 from lposs.cli import main
-from lposs.cli.options import is_out_of_memory
+from lposs.errors import is_out_of_memory
 
 
 @pytest.fixture(scope="module")

@@ -284,3 +284,23 @@ def test_save_takes_a_plain_stem_with_dots(tmp_path):
 def test_refine_scores_refuses_scores_that_are_not_the_images(scores, message):
     with pytest.raises(lposs.ScoresError, match=message.replace("(", r"\(").replace(")", r"\)")):
         refine_scores(_image(), scores, LPOSSConfig(short_side=32))
+
+
+def test_progress_reports_every_stage_and_changes_no_number(tiny_clip, tiny_dino):
+    image = _image(seed=9)  # 150 x 200 -> 224 x 299 working: two 224-px windows (stride 112)
+    reports = []
+    one_by_one = Segmenter(tiny_clip, tiny_dino, FAST.replace(batch_size=1))
+    result = one_by_one(image, ["a", "b;c"],
+                        progress=lambda stage, done, total: reports.append((stage, done, total)))
+    stages = list(dict.fromkeys(stage for stage, _, _ in reports))
+    assert stages == ["encoding windows", "building graphs", "encoding classes",
+                      "propagating over patches", "propagating over pixels", "labelling"]
+    # two windows, each through CLIP then DINO, one per forward pass (batch_size=1)
+    assert [(d, t) for s, d, t in reports if s == "encoding windows"] == \
+        [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [(d, t) for s, d, t in reports if s == "building graphs"] == [(0, 2), (1, 2), (2, 2)]
+    for stage in stages[2:]:
+        assert [(d, t) for s, d, t in reports if s == stage] == [(0, 1), (1, 1)]
+    quiet = Segmenter(tiny_clip, tiny_dino, FAST)(image, ["a", "b;c"])  # 16 windows a pass
+    torch.testing.assert_close(result.scores, quiet.scores)
+    assert torch.equal(result.labels, quiet.labels)

@@ -1,6 +1,7 @@
 """Typed exceptions for mistakes a user can make; the CLI turns each into one stderr line."""
 
 __all__ = [
+    "is_out_of_memory",
     "LpossError",
     "ImageError",
     "ClassNamesError",
@@ -53,3 +54,17 @@ class ScoresError(LpossError, ValueError):
 
 class OutputError(LpossError, ValueError):
     """An output name would leave its folder, or another lposs is writing to the folder."""
+
+
+# How allocators word running out: torch's CUDA/MPS/XPU ("... out of memory"), its CPU
+# allocator ("DefaultCPUAllocator: can't allocate memory").
+_OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says memory ran out: ``MemoryError``, or a ``RuntimeError`` (among
+    them ``torch.cuda.OutOfMemoryError``) whose message says so."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(p in text for p in _OUT_OF_MEMORY_PHRASES)

@@ -3,7 +3,8 @@
 ``Segmenter.set_image`` runs both encoders once over every sliding window and builds the
 image's two graphs (patches, pixels); ``Segmenter.predict`` answers any vocabulary from
 them (text embeddings, LPOSS over the patches of all windows jointly, window combine,
-LPOSS+ over pixels, resize back, synonyms reduced by max, argmax).
+LPOSS+ over pixels, resize back, synonyms reduced by max, argmax). Both take an optional
+``progress`` callback (``lposs.progress.Progress``) that receives ``(stage, done, total)``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .checks import check_scores, check_unknown_threshold
 from .config import UNKNOWN, LPOSSConfig, get_preset
 from .files import atomic_write
 from .images import DEFAULT_MAX_PIXELS, read_image
+from .progress import Progress, StageCounter
 from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
 from .segmentation import ScoreMaps, Segmentation, provenance
 from .vocab import parse_class_names
@@ -28,9 +30,8 @@ from .windows import crop_windows, patch_positions, resize_image, stitch_windows
 from .windows import working_size as working_size_of
 
 __all__ = [
-    "Segmenter", "Segmentation", "ScoreMaps", "EncodedImage", "WindowSetup", "UNKNOWN",
-    "parse_class_names",
-    "refine_scores",
+    "Segmenter", "Segmentation", "ScoreMaps", "EncodedImage", "PreparedImage", "WindowSetup",
+    "UNKNOWN", "parse_class_names", "refine_scores",
 ]
 
 @dataclass
@@ -50,6 +51,15 @@ class WindowSetup:
 
         return WindowSetup(self.boxes, move(self.clip), move(self.dino), move(self.positions),
                            self.patch_size)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image decoded and resized for ``set_image`` (``Segmenter.prepare_image``)."""
+
+    image: torch.Tensor  # (3, H, W) the original image (uint8, or float in [0, 1]), on the CPU
+    working: torch.Tensor  # (3, h, w) float32 in [0, 1] at the working size
+    source: str | None = None  # the image file's resolved path, when read from a file
 
 
 @dataclass
@@ -98,6 +108,8 @@ class Segmenter:
     """Open-vocabulary segmentation with LPOSS / LPOSS+.
 
     Encode an image once with ``set_image``; then ``predict`` any vocabulary.
+    ``prepare_image`` (decoding and resizing, no model) may run in another thread while
+    the segmenter encodes the previous image.
 
     Example:
         >>> seg = Segmenter.from_pretrained()
@@ -188,30 +200,55 @@ class Segmenter:
         return None if self._state is None else self._state.image
 
     # ------------------------------------------------------------------ encoding
-    @torch.inference_mode()
-    def set_image(
+    def prepare_image(
         self, image, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
-    ) -> EncodedImage:
-        """Encode an image (every window through CLIP and DINO, once) and build its graphs.
+    ) -> PreparedImage:
+        """Decode an image and resize it to the working size, for ``set_image``. Uses no
+        model and no state of the segmenter, so it can run in another thread.
 
         Args:
             image: a path, PIL image, uint8 array `(H, W, 3)` or tensor `(3, H, W)` in [0, 1].
             max_pixels: refuse larger images (``ImageError``); None disables the cap.
+
+        Raises:
+            ImageError: the image is unreadable or larger than ``max_pixels``.
+        """
+        source = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
+        image = read_image(image, max_pixels=max_pixels)  # uint8 for 8-bit sources
+        working = _working_image(image, self.config)
+        return PreparedImage(image.cpu(), working, source)
+
+    @torch.inference_mode()
+    def set_image(
+        self, image, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        progress: Progress | None = None,
+    ) -> EncodedImage:
+        """Encode an image (every window through CLIP and DINO, once) and build its graphs.
+
+        Args:
+            image: a path, PIL image, uint8 array `(H, W, 3)`, tensor `(3, H, W)` in [0, 1],
+                or a ``PreparedImage`` (then already decoded and resized).
+            max_pixels: refuse larger images (``ImageError``); None disables the cap.
+            progress: called with ``(stage, done, total)`` (``lposs.progress.Progress``).
 
         Returns:
             The encoded image (also kept for ``predict``).
         """
         start = time.perf_counter()
         cfg = self.config
-        source = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
-        image = read_image(image, max_pixels=max_pixels)  # uint8 for 8-bit sources
-        working = _working_image(image, cfg).to(self.device)
-        image = image.cpu()
-        setups = [self._encode_windows(working, size, stride) for size, stride in cfg.windows]
-        self._state = EncodedImage(image, working, setups, time.perf_counter() - start, source)
+        if not isinstance(image, PreparedImage):
+            image = self.prepare_image(image, max_pixels=max_pixels)
+        working = image.working.to(self.device)
+        boxes = [window_grid(*working.shape[-2:], size=size, stride=stride)
+                 for size, stride in cfg.windows]
+        passes = (2 if cfg.patch_stage else 1) * sum(len(b) for b in boxes)
+        counter = StageCounter(progress, "encoding windows", passes)
+        setups = [self._encode_windows(working, b, counter) for b in boxes]
+        self._state = EncodedImage(image.image, working, setups, time.perf_counter() - start,
+                                   image.source)
         self._state_source = self._state
         self._image_graphs = None
-        self._graphs()
+        self._graphs(progress)
         return self._state
 
     def set_encoded(self, encoded: EncodedImage) -> None:
@@ -226,29 +263,47 @@ class Segmenter:
         self._state_source = encoded
         self._image_graphs = None
 
-    def _graphs(self) -> _ImageGraphs:
+    def _graphs(self, progress: Progress | None = None) -> _ImageGraphs:
         """The set image's graphs under the current config, built once and then reused."""
         cfg, state = self.config, self._state
         settings = cfg.graph_key()
         if self._image_graphs is None or self._image_graphs.settings != settings:
             start = time.perf_counter()
-            patch = [patch_graph(s.dino, s.positions, k=cfg.k, gamma=cfg.gamma, sigma=cfg.sigma,
-                                 distance_power=cfg.distance_power, alpha=cfg.alpha)
-                     if cfg.patch_stage else None for s in state.setups]
+            counter = StageCounter(progress, "building graphs",
+                                    len(state.setups) * int(cfg.patch_stage) + int(cfg.pixel_stage))
+            patch = []
+            for s in state.setups:
+                patch.append(patch_graph(s.dino, s.positions, k=cfg.k, gamma=cfg.gamma,
+                                         sigma=cfg.sigma, distance_power=cfg.distance_power,
+                                         alpha=cfg.alpha) if cfg.patch_stage else None)
+                counter.advance(int(cfg.patch_stage))
             pixel = pixel_graph(state.working, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha) \
                 if cfg.pixel_stage else None
+            counter.advance(int(cfg.pixel_stage))
             self._image_graphs = _ImageGraphs(settings, patch, pixel,
                                               time.perf_counter() - start)
         return self._image_graphs
 
-    def _encode_windows(self, working: torch.Tensor, size: int, stride: int) -> WindowSetup:
+    def _dense_features(self, encoder, crops: torch.Tensor,
+                        counter: StageCounter) -> torch.Tensor:
+        """`(n, 3, s, s)` windows -> `(n, E, gh, gw)` float32 features, one forward pass of
+        ``config.batch_size`` windows at a time (the encoder's own batching), counted."""
+        batch_size = self.config.batch_size
+        parts = []
+        for first in range(0, len(crops), batch_size):
+            parts.append(encoder.dense_features(crops[first:first + batch_size],
+                                                batch_size=batch_size).float())
+            counter.advance(len(parts[-1]))
+        return torch.cat(parts)
+
+    def _encode_windows(self, working: torch.Tensor, boxes: torch.Tensor,
+                        counter: StageCounter) -> WindowSetup:
         cfg = self.config
-        boxes = window_grid(*working.shape[-2:], size=size, stride=stride)
         crops = crop_windows(working, boxes, multiple=1)
-        clip = self.clip.dense_features(crops, batch_size=cfg.batch_size).float()
+        clip = self._dense_features(self.clip, crops, counter)
         if not cfg.patch_stage:
             return WindowSetup(boxes, clip, None, None, self.clip.patch_size)
-        dino = self.dino.dense_features(crops, batch_size=cfg.batch_size).float()
+        dino = self._dense_features(self.dino, crops, counter)
         grid = tuple(dino.shape[-2:])
         if tuple(clip.shape[-2:]) != grid:  # e.g. DINO ViT-B/8: VLM features to the VM grid
             clip = F.interpolate(clip, size=grid, mode="bilinear", align_corners=False)
@@ -259,7 +314,8 @@ class Segmenter:
     # ---------------------------------------------------------------- prediction
     @torch.inference_mode()
     def predict(
-        self, classes: str | Sequence[str], *, unknown_threshold: float | None = None
+        self, classes: str | Sequence[str], *, unknown_threshold: float | None = None,
+        progress: Progress | None = None,
     ) -> Segmentation:
         """Segment the image given to ``set_image`` into ``classes``.
 
@@ -269,6 +325,7 @@ class Segmenter:
                 unknown fit the 8-bit label PNG).
             unknown_threshold: label a pixel ``UNKNOWN`` when its best score (cosine
                 scale, see ``Segmentation.scores``) is below this.
+            progress: called with ``(stage, done, total)`` (``lposs.progress.Progress``).
 
         Returns:
             A ``Segmentation`` at the original image size.
@@ -278,40 +335,48 @@ class Segmenter:
         check_unknown_threshold(unknown_threshold)
         classes = parse_class_names(classes)
         cfg, state = self.config, self._state
-        graphs = self._graphs()
+        graphs = self._graphs(progress)
         timings = {"encode": state.encode_s, "graphs": graphs.seconds}
 
         start = time.perf_counter()
+        counter = StageCounter(progress, "encoding classes", 1)
         text, class_index = self.clip.encode_classes(classes)
         text = text.to(self.device, torch.float32)
+        counter.advance()
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
         working_hw = tuple(state.working.shape[-2:])
         combined = 0.0
         patch_reports = []
+        counter = StageCounter(progress, "propagating over patches", len(state.setups))
         for setup, graph in zip(state.setups, graphs.patch):
             stitched, info = self._patch_scores(setup, graph, text, working_hw)
             combined = combined + stitched
             if info is not None:
                 patch_reports.append(info.summary())
+            counter.advance()
         combined = combined / len(state.setups)  # (C' + 1, h, w)
         timings["patch_lp"] = time.perf_counter() - start
         convergence = {"patch": _worst(patch_reports)} if patch_reports else {}
 
         start = time.perf_counter()
         if graphs.pixel is not None:
+            counter = StageCounter(progress, "propagating over pixels", 1)
             combined, info = graphs.pixel.propagate(combined, tol=cfg.tol, max_iter=cfg.max_iter,
                                                     return_info=True)
             convergence["pixel"] = info.summary()
+            counter.advance()
         timings["pixel_lp"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        counter = StageCounter(progress, "labelling", 1)
         raw = _reduce_synonyms(combined[:-1], class_index.to(combined.device), len(classes))
         maps = ScoreMaps(raw, combined[-1], tuple(state.image.shape[-2:]))
         # one byte a pixel below 255 classes; Segmentation.labels gives int64 on request
         labels = maps.labels(unknown_threshold,
                              dtype=torch.uint8 if len(classes) < UNKNOWN else torch.int64)
+        counter.advance()
         timings["resize_argmax"] = time.perf_counter() - start
         return Segmentation(labels, maps, classes, timings, _settings(cfg, unknown_threshold),
                             convergence, state.source, self.provenance())
@@ -338,10 +403,11 @@ class Segmenter:
                               patch_size=setup.patch_size), info
 
     def __call__(self, image, classes, *, unknown_threshold: float | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Segmentation:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 progress: Progress | None = None) -> Segmentation:
         """``set_image(image)`` then ``predict(classes)``."""
-        self.set_image(image, max_pixels=max_pixels)
-        return self.predict(classes, unknown_threshold=unknown_threshold)
+        self.set_image(image, max_pixels=max_pixels, progress=progress)
+        return self.predict(classes, unknown_threshold=unknown_threshold, progress=progress)
 
 
 def _reduce_synonyms(

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 
-from ..errors import LpossError
-from .options import EXIT_FAILED, HelpFormatter, fail, is_out_of_memory, memory_message
+from ..errors import LpossError, is_out_of_memory
+from .options import EXIT_FAILED, EXIT_INTERRUPTED, HelpFormatter, fail, memory_message
 
 __all__ = ["main", "build_parser"]
 
@@ -77,4 +77,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         fail("interrupted")
-        return 130
+        return EXIT_INTERRUPTED

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from ..config import UNKNOWN, LPOSSConfig
 from ..errors import ConfigError, LpossError
-from .options import HelpFormatter, add_model_options, add_propagation_options, config_from
+from .options import (
+    HelpFormatter,
+    add_model_options,
+    add_propagation_options,
+    config_from,
+    rank_device,
+)
 
 __all__ = ["SUMMARY", "add_parser", "run", "parse_sweep"]
 
@@ -133,11 +139,9 @@ def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
     from ..segmenter import Segmenter
 
     config = config_from(args, get_preset(args.preset).with_method(args.method))
-    device = args.device
-    if world > 1 and device == "cuda":  # torchrun: one GPU per process
-        device = f"cuda:{local_rank}"
     return Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
-                                     dino_weights=args.dino_weights, device=device,
+                                     dino_weights=args.dino_weights,
+                                     device=rank_device(args.device, world, local_rank),
                                      precision=args.precision)
 
 

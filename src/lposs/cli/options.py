@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..errors import LpossError
 __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
     "HelpFormatter",
     "fail",
     "add_model_options",
@@ -22,12 +24,13 @@ __all__ = [
     "config_from",
     "ensure_writable",
     "writing_to",
-    "is_out_of_memory",
     "memory_message",
+    "rank_device",
 ]
 
 EXIT_FAILED = 1  # some input failed (others may have succeeded)
 EXIT_USAGE = 2  # the command line itself is wrong (argparse's exit status)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 # Option dest -> LPOSSConfig field, for the options of the two groups below.
 _CONFIG_FIELDS = {"k": "k", "gamma": "gamma", "sigma": "sigma", "r": "r", "tau": "tau",
@@ -55,23 +58,9 @@ def fail(message: str) -> None:
     print(f"lposs: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-# How allocators word running out: torch's CUDA/MPS/XPU ("... out of memory"), its CPU
-# allocator ("DefaultCPUAllocator: can't allocate memory").
-_OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` says memory ran out: ``MemoryError``, or a ``RuntimeError`` (among
-    them ``torch.cuda.OutOfMemoryError``) whose message says so."""
-    if isinstance(err, MemoryError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(p in text for p in _OUT_OF_MEMORY_PHRASES)
-
-
 def memory_message(err: BaseException) -> str:
-    """One line for an out-of-memory error: what ran out, and the allocator's first
-    sentence."""
+    """One line for an out-of-memory error (``lposs.errors.is_out_of_memory``): what ran
+    out, and the allocator's first sentence."""
     detail = str(err).strip().split(". ")[0].split("\n")[0]
     return "out of memory" + (f" ({detail})" if detail else "") + \
         "; try a smaller image or another --device"
@@ -150,7 +139,7 @@ def ensure_writable(folder: Path) -> None:
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".lposs-write-test"
+        probe = folder / f".lposs-write-test-{os.getpid()}"  # one per torchrun process
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
@@ -188,3 +177,9 @@ def writing_to(folder: Path) -> Iterator[None]:
                 path.rmdir()
             except OSError:
                 break
+def rank_device(device: str | None, world: int, local_rank: int) -> str | None:
+    """The device of one torchrun process: ``cuda:LOCAL_RANK`` for a plain ``cuda`` when
+    there are several processes (one GPU each), else ``device`` as given."""
+    if world > 1 and device == "cuda":
+        return f"cuda:{local_rank}"
+    return device

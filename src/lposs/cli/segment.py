@@ -7,18 +7,21 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import LpossError
+from ..errors import is_out_of_memory
 from .options import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     HelpFormatter,
     add_model_options,
     add_propagation_options,
     config_from,
+    ensure_writable,
     fail,
-    is_out_of_memory,
     memory_message,
+    rank_device,
     writing_to,
 )
+from .progress import StatusLine
 
 __all__ = ["SUMMARY", "add_parser", "run"]
 
@@ -35,7 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "Per image, OUT gets <name>.png (palette label map, pixel = class index, "
                     "255 = unknown),\n<name>_overlay.png (image, class colours, legend) and "
                     "<name>.json (classes, colours,\nshares, timings, settings); "
-                    "--save-scores adds <name>_scores.npy (C, H, W) float32.",
+                    "--save-scores adds <name>_scores.npy (C, H, W) float32.\n\n"
+                    "Several processes share the files under torchrun, e.g.\n"
+                    "  torchrun --nproc-per-node 2 -m lposs segment FOLDER --out OUT ...\n"
+                    "(with --device cuda each process uses cuda:LOCAL_RANK).",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, folders (searched recursively) or glob patterns")
@@ -53,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: off)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse images with more pixels (height x width); 0 disables the cap")
+    p.add_argument("--quiet", action="store_true",
+                   help="print errors only: no progress line (shown only when stderr is a "
+                        "terminal) and no summary")
     add_model_options(p)
     add_propagation_options(p, patch=True)
     p.set_defaults(run=run)
@@ -93,57 +102,107 @@ def run(args: argparse.Namespace) -> int:
         check_unknown_threshold(args.unknown_threshold)
     except ConfigError as err:  # once, not once per image
         raise ConfigError(str(err).replace("unknown_threshold", "--unknown-threshold")) from None
-    with writing_to(args.out):  # removed again if nothing is written there
+    from ..distributed import distributed_context
+
+    if distributed_context()[1] > 1:  # torchrun: the processes share the folder by design
+        ensure_writable(args.out)
+        return _segment(args)
+    with writing_to(args.out):  # locked; removed again if nothing is written there
         return _segment(args)
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """The command once the output folder is held.
 
+    Under ``torchrun`` each process segments every WORLD_SIZE-th file (the output names
+    are those of one process) and rank 0 prints the totals.
+    """
     from ..config import get_preset
+    from ..distributed import distributed_context, process_group
     from ..images import find_images
     from ..segmenter import Segmenter
 
+    rank, world, local_rank = distributed_context()
     classes = _class_names(args)
     config = config_from(args, get_preset(args.preset))
-    max_pixels = None if args.max_pixels <= 0 else args.max_pixels
     images, missing = find_images(args.images)
-    failed = 0
-    for pattern in missing:
-        fail(f"{pattern}: no such image file, folder or pattern")
-        failed += 1
+    if rank == 0:
+        for pattern in missing:
+            fail(f"{pattern}: no such image file, folder or pattern")
     if not images:
-        fail("no images to segment")
+        if rank == 0:
+            fail("no images to segment")
         return EXIT_FAILED
-    segmenter = Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
-                                          dino_weights=args.dino_weights, device=args.device,
-                                          precision=args.precision)
+    stems = _unique_stems(images)
+    share = list(range(rank, len(images), world))  # this process's files
+    status = StatusLine(sys.stderr, [images[i].name for i in share],
+                        enabled=False if args.quiet or rank > 0 else None,
+                        prefix=f"rank {rank}: " if world > 1 else "")
+    status.stage("loading models")
+    try:
+        segmenter = Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
+                                              dino_weights=args.dino_weights,
+                                              device=rank_device(args.device, world, local_rank),
+                                              precision=args.precision)
+    finally:  # an error message starts on a clean line
+        status.clear()
     start = time.perf_counter()
-    done = 0
-    bar = tqdm(zip(images, _unique_stems(images)), total=len(images), unit="img",
-               disable=len(images) < 2, file=sys.stderr)
-    for path, stem in bar:
+    with process_group(world) as group:
         try:
-            result = segmenter(path, classes, unknown_threshold=args.unknown_threshold,
-                               max_pixels=max_pixels)
-            result.save(args.out, stem, segmenter.image, scores=args.save_scores)
-            done += 1
-        except (LpossError, OSError, ValueError, MemoryError, RuntimeError) as err:
-            if isinstance(err, (MemoryError, RuntimeError)) and not is_out_of_memory(err):
-                raise  # a bug, not this image: its traceback is what a report needs
-            bar.clear()
-            fail(f"{path}: {memory_message(err) if is_out_of_memory(err) else err}")
-            failed += 1
-            _release_cached_memory()
+            done, failed = _segment_share(args, segmenter, classes, [images[i] for i in share],
+                                          [stems[i] for i in share], status)
+        except _Interrupted as stopped:
+            status.clear()
+            where = f"rank {rank}: " if world > 1 else ""
+            fail(f"interrupted: {where}{stopped.done} of {len(share)} image(s) done "
+                 f"-> {args.out}")
+            return EXIT_INTERRUPTED
+        done, failed = group.sum([done, failed])
+    failed += len(missing)
     elapsed = time.perf_counter() - start
-    print(f"segmented {done} of {done + failed} image(s) into {len(classes)} classes in "
-          f"{elapsed:.1f} s -> {args.out}" + (f" ({failed} failed)" if failed else ""))
+    if rank == 0 and not args.quiet:
+        print(f"segmented {done} of {done + failed} image(s) into {len(classes)} classes in "
+              f"{elapsed:.1f} s -> {args.out}" + (f" ({failed} failed)" if failed else ""))
     return EXIT_FAILED if failed else 0
 
 
-def _release_cached_memory() -> None:
-    """Return the CUDA cache's blocks after a failed image, so the next image gets them."""
-    import torch
+class _Interrupted(Exception):
+    """Ctrl-C during the loop, after ``done`` images were written."""
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    def __init__(self, done: int) -> None:
+        super().__init__(done)
+        self.done = done
+
+
+def _segment_share(args: argparse.Namespace, segmenter, classes: list[str], paths: list[Path],
+                   stems: list[str], status: StatusLine) -> tuple[int, int]:
+    """Segments ``paths`` and writes their outputs, reporting each failure on one line.
+
+    Returns:
+        ``(done, failed)``.
+
+    Raises:
+        _Interrupted: Ctrl-C (the files of the images finished by then are written).
+    """
+    from ..batch import segment_files
+
+    done = failed = 0
+    outcomes = segment_files(
+        segmenter, paths, classes, args.out, stems=stems,
+        unknown_threshold=args.unknown_threshold,
+        max_pixels=None if args.max_pixels <= 0 else args.max_pixels,
+        save_scores=args.save_scores, progress=status)
+    try:
+        for outcome in outcomes:
+            if outcome.error is None:
+                done += 1
+                continue
+            failed += 1
+            status.clear()
+            error = outcome.error
+            fail(f"{outcome.path}: {memory_message(error) if is_out_of_memory(error) else error}")
+    except KeyboardInterrupt:
+        raise _Interrupted(done) from None
+    finally:
+        status.clear()
+    return done, failed

@@ -24,12 +24,12 @@ the encoders once.
 
 Modules: ``loop`` (``evaluate``), ``sweeps`` (``sweep``), ``results`` (what they return),
 ``settings`` (methods and the settings fingerprint), ``records`` (per-image records and
-resuming), ``cache`` (encoder outputs on disk), ``distributed`` (torchrun).
+resuming), ``cache`` (encoder outputs on disk); ``lposs.distributed`` runs it under torchrun.
 """
 
 from __future__ import annotations
 
-from .distributed import distributed_context
+from ..distributed import distributed_context
 from .loop import evaluate
 from .results import EvalResult, ProgressEvent, SweepResult
 from .settings import METHODS, run_settings, settings_digest

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..datasets import SegmentationDataset
+from ..distributed import distributed_context, process_group
 from ..errors import DatasetError, LpossError
 from ..files import atomic_write, write_json
 from ..metrics import oracle_labels
@@ -27,7 +28,6 @@ from ..paper import paper_reference
 from ..segmentation import provenance
 from ..segmenter import Segmenter
 from .cache import cache_folder, encode_cached
-from .distributed import distributed_context, process_group
 from .records import (
     DamagedRecord,
     RecordSpec,

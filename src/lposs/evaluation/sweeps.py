@@ -13,10 +13,10 @@ from typing import Any
 
 from ..config import LPOSSConfig
 from ..datasets import SegmentationDataset
+from ..distributed import distributed_context, process_group
 from ..errors import ConfigError
 from ..files import atomic_write, write_json
 from ..segmenter import Segmenter
-from .distributed import distributed_context, process_group
 from .loop import evaluate
 from .results import ProgressEvent, SweepResult
 from .settings import resolve_method

@@ -1,5 +1,6 @@
 """Runs under ``torchrun``: this process's rank, and a gloo process group for barriers and
-sums of small integer lists (records themselves are exchanged through the run folder)."""
+sums of small integer lists (what the ranks produce is exchanged through files: evaluation
+records, segmentation outputs). Used by ``lposs.evaluation`` and the ``segment`` command."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LpossError
+from .errors import LpossError
 
 __all__ = ["distributed_context", "ProcessGroup", "process_group"]
 

@@ -1,0 +1,223 @@
+"""Segment many image files into one vocabulary and write the results, pipelined.
+
+While the segmenter encodes one image, a reader thread decodes and resizes the next
+(``Segmenter.prepare_image``) and a writer thread saves the previous one's files
+(``Segmentation.save``: label PNG, overlay, JSON, scores). Decoding, resizing and PNG
+encoding spend most of their time outside the GIL, so on a CPU they overlap the encoders
+and on a GPU they keep it busy. The files and numbers are those of calling the segmenter
+on each image in turn; only the order of work changes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LpossError, is_out_of_memory
+from .images import DEFAULT_MAX_PIXELS
+from .progress import Progress
+from .segmenter import PreparedImage, Segmenter
+from .vocab import parse_class_names
+
+__all__ = ["FileOutcome", "segment_files"]
+
+_EXPECTED = (LpossError, OSError)  # a bad input or a failed write: reported, not raised
+
+
+def _expected(err: BaseException) -> bool:
+    """Whether one file's error is reported and the batch goes on: a bad input, a failed
+    write, or memory running out on this image (the next may fit)."""
+    if is_out_of_memory(err):
+        _release_cached_memory()
+        return True
+    return isinstance(err, _EXPECTED)
+
+
+def _release_cached_memory() -> None:
+    """Return the CUDA cache's blocks after a failed image, so the next image gets them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+_POLL_S = 0.1  # how often a blocked reader checks whether it should stop
+
+
+@dataclass
+class FileOutcome:
+    """What became of one image file.
+
+    Attributes:
+        path: the image file.
+        stem: the stem its outputs were written under.
+        written: the files written (empty when it failed).
+        error: why it failed (``LpossError`` for a bad image, ``OSError`` for a failed
+            read or write), or None.
+    """
+
+    path: Path
+    stem: str
+    written: list[Path] = field(default_factory=list)
+    error: Exception | None = None
+
+
+def _read_ahead(segmenter: Segmenter, paths: Sequence[Path], max_pixels: int | None,
+                ready: queue.Queue, stop: threading.Event) -> None:
+    """Puts each path's ``PreparedImage`` (or the exception that reading raised) on
+    ``ready``, in order, until done or ``stop`` is set."""
+    for path in paths:
+        try:
+            item: PreparedImage | BaseException = segmenter.prepare_image(
+                path, max_pixels=max_pixels)
+        except BaseException as err:  # handed to the main thread, which decides
+            item = err
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        if stop.is_set():
+            return
+
+
+class _Writer(threading.Thread):
+    """Saves segmentations in the order they are queued and hands back a ``FileOutcome``
+    per job; a job with an error only passes it on. Not a daemon: the interpreter waits
+    for it, so a file being written when the main thread stops is still completed."""
+
+    def __init__(self, out_dir: Path, save_scores: bool, depth: int) -> None:
+        super().__init__(name="lposs-writer")
+        self.out_dir, self.save_scores = out_dir, save_scores
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.outcomes: queue.Queue = queue.Queue()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            outcome, result, image = job
+            if outcome.error is None:
+                try:
+                    outcome.written = result.save(self.out_dir, outcome.stem, image,
+                                                  scores=self.save_scores)
+                except BaseException as err:  # handed to the main thread, which decides
+                    outcome.error = err
+            self.outcomes.put(outcome)
+
+    def finished(self, *, wait: bool = False) -> Iterator[FileOutcome]:
+        """The outcomes ready now (with ``wait``: all, until the thread ends)."""
+        while True:
+            try:
+                outcome = self.outcomes.get(timeout=_POLL_S) if wait else \
+                    self.outcomes.get_nowait()
+            except queue.Empty:
+                if wait and (self.is_alive() or not self.outcomes.empty()):
+                    continue
+                return
+            if outcome.error is not None and not _expected(outcome.error):
+                raise outcome.error
+            yield outcome
+
+
+def segment_files(
+    segmenter: Segmenter,
+    paths: Sequence[str | Path],
+    classes: str | Sequence[str],
+    out_dir: str | Path,
+    *,
+    stems: Sequence[str] | None = None,
+    unknown_threshold: float | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    save_scores: bool = False,
+    read_ahead: int = 1,
+    write_behind: int = 2,
+    progress: Progress | None = None,
+) -> Iterator[FileOutcome]:
+    """Segment each file into ``classes`` and write its outputs into ``out_dir``.
+
+    A generator: one ``FileOutcome`` per file, in the order of ``paths``, yielded once the
+    file's outputs are written (or it failed). An unreadable image or a failed write
+    does not stop the others. On ``KeyboardInterrupt`` the results already computed are
+    written and yielded, then the interrupt is raised again; every file written is
+    complete (``files.atomic_write``).
+
+    Args:
+        segmenter: the segmenter (used from the calling thread only).
+        paths: image files.
+        classes: the vocabulary (``;`` separates synonyms of one class).
+        out_dir: the output folder (created if missing).
+        stems: the output stem of each file (default: the file stems).
+        unknown_threshold: passed to ``Segmenter.predict``.
+        max_pixels: refuse larger images; None disables the cap.
+        save_scores: also write ``<stem>_scores.npy``, `(C, H, W)` float32.
+        read_ahead: images decoded and resized ahead of the segmenter (>= 1).
+        write_behind: segmentations waiting for the writer (>= 1); each holds its scores.
+        progress: ``(stage, done, total)`` callback, called from the calling thread: the
+            stage "images" (``done`` = the files finished before this one) when an image
+            starts, the segmenter's stages, "reading" while waiting for the reader and
+            "writing" while waiting for the writer at the end.
+
+    Raises:
+        ClassNamesError: a bad vocabulary (before any file is read).
+        ValueError: ``stems`` of another length, or a depth below 1.
+    """
+    classes = parse_class_names(classes)
+    paths = [Path(p) for p in paths]
+    stems = [p.stem for p in paths] if stems is None else list(stems)
+    if len(stems) != len(paths):
+        raise ValueError(f"got {len(stems)} stems for {len(paths)} paths")
+    if read_ahead < 1 or write_behind < 1:
+        raise ValueError("read_ahead and write_behind must be >= 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    ready: queue.Queue = queue.Queue(maxsize=read_ahead)
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_ahead, name="lposs-reader", daemon=True,
+                              args=(segmenter, paths, max_pixels, ready, stop))
+    writer = _Writer(out_dir, save_scores, write_behind)
+    reader.start()
+    writer.start()
+    yielded = 0
+    interrupted = None
+    try:
+        for index, (path, stem) in enumerate(zip(paths, stems)):
+            report("images", index, len(paths))
+            if ready.empty():
+                report("reading", 0, 1)
+            prepared = ready.get()
+            outcome, result = FileOutcome(path, stem), None
+            if isinstance(prepared, BaseException):
+                if not _expected(prepared):
+                    raise prepared
+                outcome.error = prepared
+            else:
+                try:
+                    result = segmenter(prepared, classes, unknown_threshold=unknown_threshold,
+                                       progress=progress)
+                except Exception as err:  # noqa: BLE001 - decided by _expected
+                    if not _expected(err):
+                        raise
+                    outcome.error = err
+            writer.jobs.put((outcome, result, None if result is None else prepared.image))
+            del prepared, result  # the writer holds them now
+            for outcome in writer.finished():
+                yielded += 1
+                yield outcome
+    except KeyboardInterrupt as err:
+        interrupted = err
+    finally:
+        stop.set()
+        writer.jobs.put(None)
+    report("writing", yielded, len(paths))
+    for outcome in writer.finished(wait=True):
+        yielded += 1
+        report("writing", yielded, len(paths))
+        yield outcome
+    if interrupted is not None:
+        raise interrupted
