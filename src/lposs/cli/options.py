@@ -110,7 +110,7 @@ def add_propagation_options(parser: argparse.ArgumentParser, *, patch: bool,
                            help=f"appearance power (paper: {defaults.gamma})")
         group.add_argument("--sigma", type=float, default=None,
                            help=f"spatial decay per pixel (paper: {defaults.sigma})")
-    group.add_argument("--r", type=int, default=None,
+    group.add_argument("--r", "--pixel-window", dest="r", type=int, default=None,
                        help=f"pixel neighbourhood side, odd (paper: {defaults.r})")
     group.add_argument("--tau", type=float, default=None,
                        help=f"colour affinity temperature (paper: {defaults.tau})")
