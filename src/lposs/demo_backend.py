@@ -6,7 +6,6 @@ method (LPOSS or LPOSS+) or the propagation settings never re-runs the encoders.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -157,11 +156,11 @@ class DemoBackend:
         if classes is None or not classes.strip(" ,;\n\t"):
             raise ClassNamesError("no class names: type some, comma-separated, e.g. "
                                   "'sky, grass;lawn, house' (';' joins synonyms)")
+        from .checks import check_unknown_threshold
         from .vocab import parse_class_names
 
         names = parse_class_names(classes)
-        if unknown_threshold is not None and not math.isfinite(unknown_threshold):
-            raise ValueError(f"unknown_threshold must be finite, got {unknown_threshold}")
+        check_unknown_threshold(unknown_threshold)
         config = self.config(preset, refine)
         with self._lock:
             segmenter = self._segmenter(config)
