@@ -304,3 +304,33 @@ def test_progress_reports_every_stage_and_changes_no_number(tiny_clip, tiny_dino
     quiet = Segmenter(tiny_clip, tiny_dino, FAST)(image, ["a", "b;c"])  # 16 windows a pass
     torch.testing.assert_close(result.scores, quiet.scores)
     assert torch.equal(result.labels, quiet.labels)
+
+
+def test_score_maps_in_bands_equal_the_whole_image_resize(monkeypatch, tmp_path):
+    """A large image is resized a band of rows at a time: the labels, the unknown mask, the
+    scores and the saved .npy equal the paper's one resize of the whole (C, H, W) stack."""
+    import numpy as np
+
+    import lposs.segmentation as segmentation
+    from lposs.files import save_scores
+
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.rand(4, 60, 90, generator=gen)
+    weight = torch.rand(60, 90, generator=gen) + 0.5
+    resized = F.interpolate(raw[None], size=(250, 371), mode="bilinear", align_corners=False)[0]
+    ones = F.interpolate(weight[None, None], size=(250, 371), mode="bilinear",
+                         align_corners=False)[0, 0]
+    expected_scores = resized / ones
+    best = expected_scores.max(dim=0).values
+    threshold = float(best.median())
+    monkeypatch.setattr(segmentation, "_BAND_PIXELS", 371 * 16)  # 16 rows a band
+    maps = segmentation.ScoreMaps(raw, weight, (250, 371))
+    labels = maps.labels(threshold, dtype=torch.uint8)
+    expected = resized.argmax(dim=0)
+    above, below = best > threshold + 1e-5, best < threshold - 1e-5  # clear of round-off
+    assert torch.equal(labels[above].long(), expected[above])
+    assert bool((labels[below] == UNKNOWN).all()) and int(below.sum()) > 1000
+    torch.testing.assert_close(maps.full(), expected_scores, rtol=1e-6, atol=1e-6)
+    save_scores(tmp_path / "s.npy", maps)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected_scores.numpy(), rtol=1e-6,
+                               atol=1e-6)

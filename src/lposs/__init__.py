@@ -51,6 +51,7 @@ _EXPORTS = {
     "load_image": "images",
     "EncodedImage": "segmenter",
     "refine_scores": "segmenter",
+    "refine_score_maps": "segmenter",
     "find_images": "images",
     # evaluation
     "mean_iou": "metrics",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -303,7 +304,11 @@ def overlay(
     names = list(class_names)
     if len(names) != colors.shape[0]:
         raise ValueError(f"got {len(names)} class names but {colors.shape[0]} colors")
-    pixels = read_image(image, max_pixels=None).cpu()  # uint8 stays uint8: scaled per band
+    if isinstance(image, Tensor) and image.ndim == 3 and image.shape[0] == 3 and (
+            image.dtype == torch.uint8):
+        pixels = image.cpu()  # an 8-bit image in memory (Segmenter.image) is not copied
+    else:
+        pixels = read_image(image, max_pixels=None).cpu()  # uint8 stays uint8: scaled per band
     arr = _check_labels(labels, len(names))
     if arr.shape != tuple(pixels.shape[1:]):
         raise ValueError(f"labels shape {arr.shape} does not match image size "
@@ -311,15 +316,6 @@ def overlay(
 
     n = len(names)
     table = np.concatenate([colors, np.array([UNKNOWN_COLOR], dtype=np.uint8)]).astype(np.float32)
-    base = Image.new("RGB", (arr.shape[1], arr.shape[0]))
-    rows = max(1, _BAND_PIXELS // max(arr.shape[1], 1))
-    for top in range(0, arr.shape[0], rows):  # blended in bands of rows: no float image
-        rgb = as_float(pixels[:, top:top + rows]).numpy().transpose(1, 2, 0)
-        band = arr[top:top + rows]
-        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
-        base.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
-                                   mode="RGB"), (0, top))
-
     if shares is None:
         shares = class_shares(arr, n)
     elif len(shares) != n + 1:
@@ -338,7 +334,13 @@ def overlay(
     n_lines = sum(len(lines) for _, lines in entries) + len(not_found)
     legend_h = 2 * margin + line * n_lines + (margin if not_found and entries else 0)
     canvas = Image.new("RGB", (width + panel_w, max(height, legend_h)), (255, 255, 255))
-    canvas.paste(base, (0, 0))
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):  # blended in bands of rows, straight into the canvas
+        rgb = as_float(pixels[:, top:top + rows]).numpy().transpose(1, 2, 0)
+        band = arr[top:top + rows]
+        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
+        canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
+                                     mode="RGB"), (0, top))
     draw = ImageDraw.Draw(canvas)
     x, y = width + margin, margin
     for i, lines in entries:

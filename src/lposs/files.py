@@ -176,22 +176,21 @@ def save_scores(path: str | os.PathLike, scores: Any) -> None:
     Args:
         path: Output file (no suffix is added).
         scores: ``(C, H, W)`` scores, numpy array or tensor; or an object with ``shape``
-            ``(C, H, W)`` and ``class_scores(c)`` giving one ``(H, W)`` map at a time
-            (``segmenter.ScoreMaps``), written class by class so that the whole array
-            never sits in memory.
+            ``(C, H, W)`` and ``class_bands(c)`` giving class ``c``'s map as consecutive
+            bands of rows (``lposs.segmentation.ScoreMaps``), written band by band so
+            that no full-size map sits in memory.
     """
-    if hasattr(scores, "class_scores"):
+    if hasattr(scores, "class_bands"):
         shape = tuple(scores.shape)
 
         def write(f: BinaryIO) -> None:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                       "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_2_0(f, header)
-            for c in range(shape[0]):  # one (H, W) map at a time, written without a copy
-                plane = np.ascontiguousarray(_as_numpy(scores.class_scores(c), "scores"),
-                                             dtype=np.float32)
-                f.write(memoryview(plane).cast("B"))
-                del plane
+            for c in range(shape[0]):  # C-order: each class's rows in turn, band by band
+                for band in scores.class_bands(c):
+                    rows = np.ascontiguousarray(_as_numpy(band, "scores"), dtype=np.float32)
+                    f.write(memoryview(rows).cast("B"))
 
         atomic_write(path, write)
         return

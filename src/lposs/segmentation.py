@@ -10,17 +10,17 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import UNKNOWN
 from .drawing import class_shares, overlay, palette
 from .errors import OutputError
 from .files import save_label_png, save_overlay, save_scores, write_json
+from .windows import BandResize
 
 __all__ = ["ScoreMaps", "Segmentation", "provenance"]
 
@@ -28,6 +28,10 @@ __all__ = ["ScoreMaps", "Segmentation", "provenance"]
 # torch reports its own (with the build, e.g. "2.4.1+cu121").
 _VERSIONED = {"open_clip": "open_clip_torch", "timm": "timm", "numpy": "numpy",
               "pillow": "pillow"}
+
+# Output pixels per band of rows when resizing scores to the original size (16 MB a plane):
+# images up to 4 MP are resized whole, larger ones a band of rows at a time.
+_BAND_PIXELS = 1 << 22
 
 # Floor for the propagated all-ones column that puts scores back on the cosine scale.
 _MIN_NORMALISER = 1e-6
@@ -41,8 +45,9 @@ class ScoreMaps:
     (``align_corners=False``) to the original size, where their argmax gives the labels.
     The scores reported divide the resized raw scores by the resized propagated
     all-ones column (``weight``), which puts them on the cosine scale without changing
-    the argmax. One class is resized at a time, so no ``(C, H, W)`` array is needed to
-    label an image.
+    the argmax. Everything at the original size is made in bands of rows
+    (:class:`lposs.windows.BandResize`), so labelling a large image holds a few
+    megabytes of scores, never a full-size float map.
 
     Args:
         raw: ``(C, h, w)`` float scores at the working size.
@@ -54,40 +59,40 @@ class ScoreMaps:
         self.raw = raw
         self.weight = weight
         self.size = (int(size[0]), int(size[1]))
-        self._weight_full: torch.Tensor | None = None
+        self._resize = BandResize(tuple(raw.shape[-2:]), self.size, raw.device)
+        self._rows = max(1, _BAND_PIXELS // self.size[1])
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""
         return (self.raw.shape[0], *self.size)
 
-    def _resized(self, plane: torch.Tensor) -> torch.Tensor:
-        """``(h, w)`` -> ``(H, W)`` float32, on the plane's device: always a new tensor (its
-        caller may write into it)."""
-        if tuple(plane.shape) == self.size:
-            return plane.to(torch.float32, copy=True)
-        plane = plane.float()
-        return F.interpolate(plane[None, None], size=self.size, mode="bilinear",
-                             align_corners=False)[0, 0]
-
-    def _weight(self) -> torch.Tensor | None:
-        if self.weight is not None and self._weight_full is None:
-            self._weight_full = self._resized(self.weight).clamp_min(_MIN_NORMALISER)
-        return self._weight_full
+    def _weight_band(self, top: int, bottom: int) -> torch.Tensor | None:
+        if self.weight is None:
+            return None
+        return self._resize.band(self.weight, top, bottom).clamp_min_(_MIN_NORMALISER)
 
     @torch.inference_mode()
+    def class_bands(self, c: int) -> Iterator[torch.Tensor]:
+        """Class ``c``'s scores (cosine scale) as consecutive ``(rows, W)`` float32 bands
+        on the CPU, top to bottom."""
+        for top, bottom in self._resize.bands(self._rows):
+            band = self._resize.band(self.raw[c], top, bottom)
+            weight = self._weight_band(top, bottom)
+            yield (band if weight is None else band.div_(weight)).cpu()
+
     def class_scores(self, c: int) -> torch.Tensor:
         """``(H, W)`` float32 scores of class ``c`` on the CPU (cosine scale)."""
-        plane = self._resized(self.raw[c])
-        weight = self._weight()
-        return (plane if weight is None else plane.div_(weight)).cpu()
+        return torch.cat(list(self.class_bands(c)))
 
-    @torch.inference_mode()
     def full(self) -> torch.Tensor:
         """``(C, H, W)`` float32 scores of every class on the CPU."""
         out = torch.empty(self.shape, dtype=torch.float32)
         for c in range(self.shape[0]):
-            out[c] = self.class_scores(c)
+            top = 0
+            for band in self.class_bands(c):
+                out[c, top:top + band.shape[0]] = band
+                top += band.shape[0]
         return out
 
     @torch.inference_mode()
@@ -101,20 +106,21 @@ class ScoreMaps:
             dtype: an integer dtype that holds ``C - 1`` and ``UNKNOWN`` (``torch.uint8``
                 below 255 classes: an eighth of the memory of int64 on a large image).
         """
-        best = self._resized(self.raw[0])
-        labels = torch.zeros(self.size, dtype=dtype, device=best.device)
-        for c in range(1, self.shape[0]):
-            plane = self._resized(self.raw[c])
-            better = plane > best
-            labels.masked_fill_(better, c)
-            torch.maximum(best, plane, out=best)
-            del plane, better
-        if unknown_threshold is not None:
-            weight = self._weight()
-            if weight is not None:
-                best /= weight
-            labels.masked_fill_(best < unknown_threshold, UNKNOWN)
-        return labels.cpu()
+        labels = torch.empty(self.size, dtype=dtype)
+        for top, bottom in self._resize.bands(self._rows):
+            best = self._resize.band(self.raw[0], top, bottom)
+            band = torch.zeros_like(best, dtype=dtype)
+            for c in range(1, self.shape[0]):
+                plane = self._resize.band(self.raw[c], top, bottom)
+                band.masked_fill_(plane > best, c)
+                torch.maximum(best, plane, out=best)
+            if unknown_threshold is not None:
+                weight = self._weight_band(top, bottom)
+                if weight is not None:
+                    best /= weight
+                band.masked_fill_(best < unknown_threshold, UNKNOWN)
+            labels[top:bottom] = band.cpu()
+        return labels
 
 
 def provenance(

@@ -31,7 +31,7 @@ from .windows import working_size as working_size_of
 
 __all__ = [
     "Segmenter", "Segmentation", "ScoreMaps", "EncodedImage", "PreparedImage", "WindowSetup",
-    "UNKNOWN", "parse_class_names", "refine_scores",
+    "UNKNOWN", "parse_class_names", "refine_score_maps", "refine_scores",
 ]
 
 @dataclass
@@ -438,23 +438,26 @@ def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
 
 
 @torch.inference_mode()
-def refine_scores(
+def refine_score_maps(
     image, scores: torch.Tensor, config: LPOSSConfig | None = None, *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
-    """LPOSS+ as a standalone post-processor for any segmenter's scores.
+) -> ScoreMaps:
+    """LPOSS+ as a standalone post-processor for any segmenter's scores, kept at the
+    working size: the result's ``labels()`` and ``class_bands(c)`` resize them to the
+    image's size a band of rows at a time, so a large image never holds ``(C, H, W)``.
 
     The image and scores are resized to the working size (shorter side
-    ``config.short_side``), propagated over the pixel graph, and resized back.
+    ``config.short_side``, longer side at most ``config.long_side``) and propagated over
+    the pixel graph.
 
     Args:
         image: what ``lposs.images.load_image`` accepts, `(3, H, W)` once loaded.
         scores: `(C, h, w)` finite scores at any size of the image's aspect ratio
-            (resized to the image).
+            (resized to the working size).
         config: r, tau, alpha, tol, max_iter, short_side and long_side are used.
 
     Returns:
-        `(C, H, W)` float32 refined scores at the image's size.
+        The refined scores, `(C, H, W)` once resized (``ScoreMaps.shape``).
 
     Raises:
         ScoresError: scores not `(C, h, w)` with C >= 1, not finite, or of another aspect
@@ -469,5 +472,13 @@ def refine_scores(
                       align_corners=False)[0]
     refined = pixel_propagation(working, y, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha, tol=cfg.tol,
                                 max_iter=cfg.max_iter)
-    return F.interpolate(refined[None], size=(height, width), mode="bilinear",
-                         align_corners=False)[0]
+    return ScoreMaps(refined, None, (height, width))
+
+
+def refine_scores(
+    image, scores: torch.Tensor, config: LPOSSConfig | None = None, *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """:func:`refine_score_maps` resized to the image: `(C, H, W)` float32 refined scores
+    (C full-size maps; for a large image use ``refine_score_maps``)."""
+    return refine_score_maps(image, scores, config, max_pixels=max_pixels).full()

@@ -15,6 +15,7 @@ from torch import Tensor
 __all__ = [
     "working_size",
     "resize_image",
+    "BandResize",
     "window_grid",
     "crop_windows",
     "pad_to_multiple",
@@ -108,6 +109,86 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     out = F.interpolate(work[None], size=(h, w), mode="bilinear", align_corners=False,
                         antialias=False)[0]
     return out.to(image.dtype)
+
+
+class BandResize:
+    """Bilinear resize of ``(..., h, w)`` planes to ``(..., H, W)``, one band of output rows
+    at a time, so that a large output never has to exist whole.
+
+    The same rule as ``F.interpolate(mode="bilinear", align_corners=False)``: output
+    index ``i`` reads the source at ``s = max(scale * (i + 0.5) - 0.5, 0)`` with ``scale =
+    in / out`` in float32, between ``floor(s)`` and the next index (clamped at the last),
+    with weights ``1 - l`` and ``l``, ``l = s - floor(s)``. Each axis is one pass (columns,
+    then rows), each tap pair evaluated as ``a * wa + (b * wb)`` with one rounding of the
+    sum, as torch's vectorised CPU kernel computes it: the bands agree with
+    ``F.interpolate`` of the whole plane to within a float32 rounding, and on the CPU
+    bit for bit at the sizes of real images (tiny planes take another kernel in torch).
+    A band of every output row is ``F.interpolate`` itself.
+
+    Args:
+        source: ``(h, w)`` the planes' size.
+        target: ``(H, W)`` the output size.
+        device: where the index and weight tables live (the planes' device).
+    """
+
+    def __init__(self, source: tuple[int, int], target: tuple[int, int],
+                 device: torch.device | str = "cpu") -> None:
+        self.source = (_positive_int(source[0], "source[0]"), _positive_int(source[1], "source[1]"))
+        self.target = (_positive_int(target[0], "target[0]"), _positive_int(target[1], "target[1]"))
+        self._rows = _linear_taps(self.source[0], self.target[0], device)
+        self._cols = _linear_taps(self.source[1], self.target[1], device)
+
+    def bands(self, rows: int) -> list[tuple[int, int]]:
+        """``(top, bottom)`` of consecutive bands of at most ``rows`` output rows."""
+        rows = _positive_int(rows, "rows")
+        return [(top, min(top + rows, self.target[0])) for top in range(0, self.target[0], rows)]
+
+    def band(self, planes: Tensor, top: int, bottom: int) -> Tensor:
+        """Output rows ``top:bottom`` of the resized ``planes``.
+
+        Args:
+            planes: ``(..., h, w)`` float32 planes (other float dtypes are cast).
+            top, bottom: ``0 <= top < bottom <= H``.
+
+        Returns:
+            ``(..., bottom - top, W)`` float32, a new tensor on the planes' device.
+        """
+        if tuple(planes.shape[-2:]) != self.source:
+            raise ValueError(f"planes must be (..., {self.source[0]}, {self.source[1]}), got "
+                             f"{tuple(planes.shape)}")
+        if not 0 <= top < bottom <= self.target[0]:
+            raise ValueError(f"band {top}:{bottom} is outside 0:{self.target[0]}")
+        if bottom - top == self.target[0]:  # the whole output: torch's kernel itself
+            flat = planes.float().reshape(-1, 1, *self.source)
+            out = F.interpolate(flat, size=self.target, mode="bilinear", align_corners=False)
+            return out.reshape(*planes.shape[:-2], *self.target)
+        r0, r1, rw0, rw1 = (t[top:bottom] for t in self._rows)
+        first, last = int(r0[0]), int(r1[-1]) + 1  # the source rows this band reads
+        planes = planes[..., first:last, :].float()
+        c0, c1, cw0, cw1 = self._cols
+        across = _lerp(planes.index_select(-1, c0), cw0, planes.index_select(-1, c1), cw1)
+        return _lerp(across.index_select(-2, r0 - first), rw0[:, None],  # (..., rows, W)
+                     across.index_select(-2, r1 - first), rw1[:, None])
+
+
+def _linear_taps(n_in: int, n_out: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(i0, i1, w0, w1)``, each ``(n_out,)``: the two source indices and weights of
+    bilinear resizing ``n_in`` values to ``n_out`` (``align_corners=False``), computed as
+    ATen does in float32 (its ``area_pixel_compute_source_index``: ``scale * (i + 0.5) -
+    0.5`` with one rounding, then ``guard_index_and_lambda``)."""
+    scale = torch.tensor(float(n_in), dtype=torch.float32) / float(n_out)
+    centres = torch.arange(n_out, dtype=torch.float64) + 0.5
+    src = (scale.double() * centres - 0.5).float().clamp_min(0)  # one rounding, as a fused op
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    w1 = (src - i0.float()).clamp(0, 1)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0.to(device), i1.to(device), (1 - w1).to(device), w1.to(device)
+
+
+def _lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
+    """``a * wa + (b * wb)`` in float32; ``addcmul`` fuses the outer multiply-add (one
+    rounding) where the CPU or GPU has fused multiply-add, as torch's resize kernel does."""
+    return torch.addcmul(b * wb, a, wa)
 
 
 def _starts(length: int, size: int, stride: int) -> list[tuple[int, int]]:

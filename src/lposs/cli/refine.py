@@ -44,11 +44,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lposs refine`` from parsed arguments; returns the exit status."""
+    import torch
+
     from ..checks import check_scores
+    from ..config import UNKNOWN
     from ..images import read_image
     from ..segmentation import provenance
-    from ..segmenter import Segmentation, refine_scores
+    from ..segmenter import Segmentation, refine_score_maps
     from ..vocab import parse_class_names
+    from ..windows import working_size
 
     if args.num_classes is not None and args.scores is not None:
         raise LpossError("--num-classes only applies to --labels (scores give C themselves)")
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         except LpossError as err:
             raise LpossError(f"{args.scores}: {err}") from None
     else:
-        scores = _label_scores(args.labels, args.num_classes, size, args.image)
+        working = working_size(*size, config.short_side, config.long_side)
+        scores = _label_scores(args.labels, args.num_classes, size, working, args.image)
     n_classes = scores.shape[0]
     if args.classes is not None:
         classes = parse_class_names(args.classes)
@@ -75,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
         classes = [f"class{i}" for i in range(n_classes)]
     with writing_to(args.out):
         start = time.perf_counter()
-        refined = refine_scores(image, scores, config)
-        result = Segmentation(refined.argmax(dim=0), refined, classes,
+        refined = refine_score_maps(image, scores, config)
+        labels = refined.labels(dtype=torch.uint8 if n_classes < UNKNOWN else torch.int64)
+        result = Segmentation(labels, refined, classes,
                               {"refine": time.perf_counter() - start},
                               {"r": config.r, "tau": config.tau, "alpha": config.alpha,
                                "short_side": config.short_side},
                               source=str(args.image.resolve()),
-                              provenance=provenance(device=refined.device, precision="fp32"))
+                              provenance=provenance(device=refined.raw.device, precision="fp32"))
         result.save(args.out, args.image.stem, image, scores=args.save_scores)
     print(f"refined {args.image} ({n_classes} classes) in {result.timings['refine']:.1f} s "
           f"-> {args.out}")
@@ -102,9 +108,12 @@ def _load_scores(path: Path):
     return torch.from_numpy(array).float()
 
 
-def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int], image: Path):
-    """A label map as one-hot `(C, h, w)` float scores; pixels with a value >= C (e.g. 255)
-    get all zeros and are filled by the propagation.
+def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
+                  working: tuple[int, int], image: Path):
+    """A label map as one-hot `(C, h, w)` float scores at the ``working`` size (each class's
+    indicator resized bilinearly, one class at a time: the same as resizing the full
+    one-hot, without holding it); pixels with a value >= C (e.g. 255) get all zeros and
+    are filled by the propagation.
 
     Raises:
         LpossError: a map of another aspect ratio than the image's ``size``, or one with no
@@ -127,5 +136,10 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int], im
     if not bool((labels < n).any()):
         which = f"below {n}" if num_classes else "index (every pixel is 255, unknown)"
         raise LpossError(f"nothing to refine: no pixel of {path} holds a class {which}")
-    one_hot = torch.nn.functional.one_hot(torch.where(labels < n, labels, n), n + 1)
-    return one_hot[..., :n].permute(2, 0, 1).float()  # (C, H, W); others all zero
+    scores = torch.empty((n, *working))
+    for c in range(n):
+        indicator = (labels == c).float()[None, None]
+        scores[c] = torch.nn.functional.interpolate(indicator, size=working, mode="bilinear",
+                                                    align_corners=False)[0, 0]
+        del indicator
+    return scores
