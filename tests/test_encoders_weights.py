@@ -269,3 +269,41 @@ def test_one_missing_model_and_a_found_one(tiny_clip, isolated):
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         resolve_weights(clip="ViT-B-16", clip_pretrained=None, dino="dino_vitb16",
                         dino_weights=folder / "nope.safetensors")
+
+
+class _WithScale(torch.nn.Module):
+    """A layer with a buffer that checkpoints do not hold (like CLIP's attention mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.register_buffer("scale", torch.full((2,), 2.0), persistent=False)
+
+
+def test_weights_become_the_parameters_and_unheld_buffers_are_rebuilt():
+    from lposs.encoders.weights import build_with_weights
+
+    state = {"linear.weight": torch.randn(2, 3), "linear.bias": torch.randn(2)}
+    builds = []
+
+    def build(device):
+        builds.append(device.type)
+        return _WithScale()
+
+    def keep(model, checkpoint):
+        return checkpoint
+
+    def fill(model):
+        model.scale = torch.full((2,), 2.0)
+
+    model = build_with_weights(build, keep, dict(state), "f", "toy", fill=fill)
+    assert builds == ["meta"]  # no random initialisation on the CPU
+    assert model.linear.weight.data_ptr() == state["linear.weight"].data_ptr()  # no copy
+    assert torch.equal(model.scale, torch.full((2,), 2.0))
+
+    builds.clear()
+    model = build_with_weights(build, keep, dict(state), "f", "toy")  # nothing fills `scale`
+    assert builds == ["meta", "cpu"]  # built again for real rather than left unset
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert torch.equal(model.scale, torch.full((2,), 2.0))
+    assert torch.equal(model.linear.weight, state["linear.weight"])

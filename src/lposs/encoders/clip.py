@@ -29,7 +29,7 @@ from .cache import CACHE_ENV, cache_root
 from .common import DenseEncoder, chunks
 from .device import PRECISIONS, resolve_device, resolve_precision
 from .sources import OPEN_CLIP_FILES, clip_tag_config, local_dir_weights, resolve_clip_weights
-from .weights import WeightsSource, hub_cached, load_strict, read_checkpoint
+from .weights import WeightsSource, build_with_weights, hub_cached, read_checkpoint
 
 __all__ = [
     "ClipEncoder",
@@ -366,22 +366,23 @@ def load_clip(
     state_dict = None
     if source.path is not None and not loaded_by_open_clip:
         state_dict = read_checkpoint(source.path)  # before building: a bad file fails fast
-    with _quiet_root_logger():
-        model = open_clip.create_model(
-            name,
-            pretrained=None,
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-            cache_dir=None if cache_dir is None else str(cache_dir),
-            **model_kwargs,
-        )
-    if state_dict is not None:
-        try:
-            from open_clip.convert import convert_state_dict
 
-            state_dict = convert_state_dict(model, state_dict)
-        except ImportError:
-            pass
-        load_strict(model, state_dict, source.path, name)
+    def build(on: torch.device) -> nn.Module:
+        with _quiet_root_logger():
+            return open_clip.create_model(
+                name,
+                pretrained=None,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                device=on,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                **model_kwargs,
+            )
+
+    if state_dict is None:
+        model = build(torch.device("cpu"))
+    else:
+        model = build_with_weights(build, _convert_clip_keys, state_dict, source.path, name,
+                                   fill=_fill_causal_mask)
     model = model.to(device=device, dtype=dtype)
     tokenizer = open_clip.get_tokenizer(name)
     if schema == "hf-hub" and source.path is None:  # open_clip has downloaded it by now
@@ -392,6 +393,23 @@ def load_clip(
                           text_cache_dir=text_cache_dir)
     encoder.weights_info = info
     return encoder
+
+
+def _convert_clip_keys(model: nn.Module, state_dict: dict) -> dict:
+    """OpenCLIP's mapping of other checkpoint layouts to its own keys, where it has one."""
+    try:
+        from open_clip.convert import convert_state_dict
+    except ImportError:
+        return state_dict
+    return convert_state_dict(model, state_dict)
+
+
+def _fill_causal_mask(model: nn.Module) -> None:
+    """Set the text tower's causal attention mask, a buffer checkpoints do not hold:
+    ``-inf`` above the diagonal, 0 elsewhere (OpenCLIP's ``build_causal_mask``)."""
+    mask = getattr(model, "attn_mask", None)
+    if isinstance(mask, torch.Tensor) and mask.is_meta:
+        model.attn_mask = torch.full(tuple(mask.shape), float("-inf")).triu_(1)
 
 
 def _text_cache_dir(name: str, model_kwargs: dict, weights_info: dict) -> Path | None:

@@ -18,7 +18,7 @@ from ..errors import WeightsNotFoundError
 from .common import DenseEncoder
 from .device import PRECISIONS, resolve_device, resolve_precision
 from .sources import DINO_MODELS, resolve_dino_weights, timm_name_and_config
-from .weights import WeightsSource, load_strict, read_checkpoint
+from .weights import WeightsSource, build_with_weights, read_checkpoint
 
 __all__ = [
     "DinoEncoder",
@@ -146,18 +146,26 @@ def load_dino(
     if path is not None:  # read before building the model: a bad file fails fast
         state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs}
-    model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    if state_dict is not None:
+
+    def build(on: torch.device) -> nn.Module:
+        with on:
+            return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+    def convert(model: nn.Module, checkpoint: dict) -> dict:
         try:
-            state_dict = checkpoint_filter_fn(state_dict, model)
+            mapped = checkpoint_filter_fn(checkpoint, model)
         except Exception as err:  # noqa: BLE001 - timm's key mapping fails on foreign files
             raise WeightsNotFoundError(
                 f"{path} does not hold weights of {name!r} (timm {timm_name}): the checkpoint "
                 f"keys do not map to a ViT ({type(err).__name__}: {str(err)[:200]}); check "
                 "the model name and the file"
             ) from err
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        load_strict(model, state_dict, path, name)
+        return {k: v for k, v in mapped.items() if not k.startswith("head.")}
+
+    if state_dict is None:
+        model = build(torch.device("cpu"))
+    else:
+        model = build_with_weights(build, convert, state_dict, path, name)
     encoder = DinoEncoder(model.to(device=device, dtype=dtype))
     encoder.weights_info = source.info()
     return encoder

@@ -30,7 +30,7 @@ import socket
 import struct
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ __all__ = [
     "find_in_hub",
     "hub_cached",
     "load_strict",
+    "build_with_weights",
 ]
 
 WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
@@ -313,10 +314,54 @@ def _hub_reachable(endpoint: str) -> tuple[bool, str]:
         return False, f"{url.hostname}:{port}: {err}"
 
 
-def load_strict(model: torch.nn.Module, state_dict: dict, path, name: str) -> None:
-    """``model.load_state_dict(state_dict, strict=True)``, a mismatch as a typed error."""
+def build_with_weights(
+    build: Callable[[torch.device], torch.nn.Module],
+    convert: Callable[[torch.nn.Module, dict], dict],
+    state_dict: dict,
+    path,
+    name: str,
+    *,
+    fill: Callable[[torch.nn.Module], None] | None = None,
+) -> torch.nn.Module:
+    """A model whose parameters are the checkpoint's tensors, built without a second copy.
+
+    The model is built on the meta device (no random initialisation, no memory) and
+    loaded with ``load_state_dict(assign=True)``, so the loaded tensors become its
+    parameters: loading takes the checkpoint's memory once instead of twice (a
+    safetensors file's tensors stay mapped from the file). ``fill(model)`` then sets the
+    buffers that checkpoints do not hold (e.g. CLIP's causal attention mask). A model
+    that still has an unset tensor after that (an architecture with other such buffers)
+    is built again on the CPU and loaded by copy, as ``load_state_dict`` usually does.
+
+    Args:
+        build: makes the architecture on the device it is given, without weights.
+        convert: maps the checkpoint's keys to the model's: ``convert(model, state_dict)``.
+        state_dict: the checkpoint (:func:`read_checkpoint`).
+        path, name: the file and the model name, for the error message.
+        fill: sets the model's non-persistent buffers after loading.
+
+    Raises:
+        WeightsNotFoundError: the checkpoint does not fit the model.
+    """
+    meta = torch.device("meta")
+    with meta:
+        model = build(meta)
+    load_strict(model, convert(model, state_dict), path, name, assign=True)
+    if fill is not None:
+        fill(model)
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return model
+    model = build(torch.device("cpu"))
+    load_strict(model, convert(model, state_dict), path, name)
+    return model
+
+
+def load_strict(model: torch.nn.Module, state_dict: dict, path, name: str, *,
+                assign: bool = False) -> None:
+    """``model.load_state_dict(state_dict, strict=True, assign=assign)``, a mismatch as a
+    typed error."""
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:400]
         raise WeightsNotFoundError(
