@@ -39,6 +39,15 @@ def test_non_finite_settings_are_one_line_before_any_work(tmp_path, capsys, flag
     assert not out.exists()  # no model loaded, no folder left behind
 
 
+def test_a_vocabulary_too_large_to_propagate_is_one_line_before_any_work(tmp_path, capsys):
+    image = _photo(tmp_path / "x.png")
+    classes = ",".join(";".join(f"c{i}s{j}" for j in range(3)) for i in range(200))  # 600 rows
+    code = main(["segment", str(image), "--classes", classes, "--out", str(tmp_path / "out")])
+    line = _one_error(capsys, code)
+    assert "at most 512 names and synonyms" in line and "600" in line
+    assert not (tmp_path / "out").exists()
+
+
 def _refine(tmp_path, *args):
     return main(["refine", str(tmp_path / "img.png"), "--out", str(tmp_path / "out"), *args])
 
@@ -52,6 +61,7 @@ def _refine(tmp_path, *args):
     (np.zeros((20, 30, 21), np.float32), "looks like (H, W, C); transpose to (C, H, W)"),
     (np.zeros((3, 60, 40), np.float32), "another aspect ratio"),
     (np.zeros((3, 40, 40), np.float32), "another aspect ratio"),
+    (np.zeros((513, 4, 6), np.float32), "at most 512 are refined"),  # 50 KB, 0.5 GB of work
 ])
 def test_refine_rejects_scores_that_are_not_this_images(tmp_path, capsys, array, message):
     _photo(tmp_path / "img.png")  # 40 x 60

@@ -52,6 +52,13 @@ def test_too_many_classes_for_the_unknown_label():
         parse_class_names([f"c{i}" for i in range(255)])
 
 
+def test_too_many_names_and_synonyms_to_propagate():
+    pairs = [f"c{i};d{i}" for i in range(200)]  # 400 rows in 200 classes
+    assert len(parse_class_names([*pairs, ";".join(f"e{j}" for j in range(112))])) == 201
+    with pytest.raises(ClassNamesError, match="at most 512 names and synonyms together.*513"):
+        parse_class_names([*pairs, ";".join(f"e{j}" for j in range(113))])
+
+
 @pytest.mark.parametrize("name,expected", [("cat", ["cat"]), (" grass ; lawn", ["grass", "lawn"])])
 def test_split_synonyms(name, expected):
     assert split_synonyms(name) == expected

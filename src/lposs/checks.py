@@ -8,6 +8,7 @@ import math
 import torch
 
 from .errors import ConfigError, ScoresError
+from .vocab import MAX_NAMES
 
 __all__ = ["same_aspect_ratio", "check_scores", "check_unknown_threshold"]
 
@@ -40,8 +41,9 @@ def check_scores(scores: torch.Tensor, image_size: tuple[int, int]) -> None:
 
     Raises:
         TypeError: ``scores`` is not a tensor.
-        ScoresError: not three axes, no classes or no pixels, NaN or infinite values, or a
-            map of another aspect ratio (with the fix when it looks like ``(H, W, C)``).
+        ScoresError: not three axes, no classes or no pixels, more than
+            :data:`lposs.vocab.MAX_NAMES` (512) classes, NaN or infinite values, or a map of
+            another aspect ratio (with the fix when it looks like ``(H, W, C)``).
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor (C, H, W), got {type(scores).__name__}")
@@ -63,6 +65,10 @@ def check_scores(scores: torch.Tensor, image_size: tuple[int, int]) -> None:
         raise ScoresError(f"scores of shape {shape} do not fit the {height}x{width} image: "
                           f"a {shape[1]}x{shape[2]} map has another aspect ratio; give "
                           "(C, H, W) scores of this image (any size of its aspect ratio)")
+    if shape[0] > MAX_NAMES:
+        raise ScoresError(f"scores of shape {shape} hold {shape[0]} classes; at most "
+                          f"{MAX_NAMES} are refined at once (each is propagated separately, "
+                          "so memory and time grow with their number): refine them in groups")
     if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
         bad = int((~torch.isfinite(scores)).sum())
         raise ScoresError(f"scores hold {bad} NaN or infinite value(s) of {scores.numel()}; "

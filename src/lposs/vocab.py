@@ -17,6 +17,7 @@ from .errors import ClassNamesError, DatasetError
 
 __all__ = [
     "MAX_CLASSES",
+    "MAX_NAMES",
     "SYNONYM_SEPARATOR",
     "check_class_names",
     "load_class_names",
@@ -26,6 +27,11 @@ __all__ = [
 
 MAX_CLASSES = UNKNOWN - 1
 """Most classes in one vocabulary (254): indices 0..253 and ``UNKNOWN`` fit an 8-bit PNG."""
+
+MAX_NAMES = 512
+"""Most text rows in one vocabulary, classes and synonyms together (three times COCO-Stuff's
+171): each is propagated separately, so memory and time grow with their number (about
+20 MB a row at the largest working size, 448 x 2048)."""
 
 SYNONYM_SEPARATOR = ";"
 """Separates the synonyms of one class name: ``"background;wall;floor"``."""
@@ -63,8 +69,9 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
         TypeError: ``classes`` is not a str, list or tuple (a set or dict has no fixed
             order, so the label order would change from run to run).
         ClassNamesError: the list is empty, a name or synonym is empty, a name repeats
-            (ignoring case), or there are more than :data:`MAX_CLASSES` (254) names:
-            class indices 0..253 and ``UNKNOWN`` (255) fit the 8-bit label PNG.
+            (ignoring case), there are more than :data:`MAX_CLASSES` (254) names (class
+            indices 0..253 and ``UNKNOWN`` (255) fit the 8-bit label PNG), or more than
+            :data:`MAX_NAMES` (512) names and synonyms together.
     """
     if isinstance(classes, str):
         classes = classes.split(",")
@@ -90,6 +97,12 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
             f"at most {MAX_CLASSES} classes are supported, got {len(names)}: the label PNG "
             f"stores class indices 0..{MAX_CLASSES - 1} in 8 bits and {UNKNOWN} = unknown; "
             "split the vocabulary into several runs")
+    rows = sum(len(split_synonyms(name)) for name in names)
+    if rows > MAX_NAMES:
+        raise ClassNamesError(
+            f"at most {MAX_NAMES} names and synonyms together are supported, got {rows}: each "
+            "is propagated separately, so memory and time grow with their number; drop "
+            "synonyms or split the vocabulary into several runs")
     return names
 
 

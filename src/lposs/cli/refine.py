@@ -51,13 +51,14 @@ def run(args: argparse.Namespace) -> int:
     from ..images import read_image
     from ..segmentation import provenance
     from ..segmenter import Segmentation, refine_score_maps
-    from ..vocab import parse_class_names
+    from ..vocab import MAX_NAMES, parse_class_names
     from ..windows import working_size
 
     if args.num_classes is not None and args.scores is not None:
         raise LpossError("--num-classes only applies to --labels (scores give C themselves)")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise LpossError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.num_classes is not None and not 1 <= args.num_classes <= MAX_NAMES:
+        raise LpossError(f"--num-classes must be 1..{MAX_NAMES}, got {args.num_classes} (each "
+                         "class is propagated separately, so memory and time grow with it)")
     config = config_from(args, LPOSSConfig())
     image = read_image(args.image)  # decoded once, for the refinement and the overlay
     size = tuple(image.shape[-2:])
@@ -124,6 +125,7 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
     from ..checks import same_aspect_ratio
     from ..config import UNKNOWN
     from ..images import load_label_map
+    from ..vocab import MAX_NAMES
 
     labels = load_label_map(path)
     height, width = labels.shape
@@ -133,6 +135,10 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
                          "image (a map of the same aspect ratio at another size is resized)")
     valid = labels[labels < UNKNOWN]
     n = num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
+    if n > MAX_NAMES:
+        raise LpossError(f"label map {path} holds class {n - 1}; at most {MAX_NAMES} classes "
+                         "are refined at once (each is propagated separately): give "
+                         f"--num-classes or map the classes to 0..{MAX_NAMES - 1}")
     if not bool((labels < n).any()):
         which = f"below {n}" if num_classes else "index (every pixel is 255, unknown)"
         raise LpossError(f"nothing to refine: no pixel of {path} holds a class {which}")
