@@ -109,3 +109,27 @@ def test_bad_arguments_fail_before_any_work(tmp_path, segmenter):
         next(segment_files(segmenter, [tmp_path / "a.png"], CLASSES, tmp_path, stems=[]))
     with pytest.raises(ValueError, match="duplicate"):
         next(segment_files(segmenter, [tmp_path / "a.png"], ["a", "a"], tmp_path))
+
+
+def test_a_file_that_cannot_be_written_leaves_none_of_its_outputs(tmp_path, segmenter):
+    out = tmp_path / "out"
+    (out / "a.json").mkdir(parents=True)  # the last of a's files cannot replace a folder
+    paths = [_photo(tmp_path / "a.png", 0), _photo(tmp_path / "b.png", 1)]
+    outcomes = list(segment_files(segmenter, paths, CLASSES, out, save_scores=True))
+    assert isinstance(outcomes[0].error, OSError) and outcomes[1].error is None
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.json", "b.json", "b.png", "b_overlay.png", "b_scores.npy"]  # a's written ones removed
+    assert (out / "a.json").is_dir()
+
+
+def test_a_file_name_that_is_not_utf8_is_segmented_and_named_in_valid_json(tmp_path, segmenter):
+    import os
+
+    folder = os.fsencode(tmp_path / "in")
+    os.mkdir(folder)
+    name = os.fsdecode(folder + b"/caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    _photo(name, 0)
+    outcomes = list(segment_files(segmenter, [name], CLASSES, tmp_path / "out"))
+    assert outcomes[0].error is None
+    summary = json.loads((tmp_path / "out" / "caf\udce9.json").read_bytes().decode("utf-8"))
+    assert summary["source"].endswith("/caf\\xe9.png")

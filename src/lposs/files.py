@@ -139,8 +139,10 @@ def save_overlay(path: str | os.PathLike, image: Image.Image) -> None:
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k.item() if isinstance(k, np.generic) else k: _jsonable(v)
+        return {_jsonable(k.item() if isinstance(k, np.generic) else k): _jsonable(v)
                 for k, v in obj.items()}
+    if isinstance(obj, str):
+        return _printable(obj)
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (Tensor, np.ndarray)):
@@ -150,8 +152,23 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
+        return _printable(os.fspath(obj))
     return obj
+
+
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: a file name's undecodable bytes (which Python holds as lone
+    surrogates) are written as ``\\xNN`` escapes, e.g. ``bad\\xff.png``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates: not from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

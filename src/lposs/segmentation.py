@@ -281,7 +281,8 @@ class Segmentation:
     ) -> list[Path]:
         """Write ``<stem>.png`` (palette label map), ``<stem>.json`` and, given the image,
         ``<stem>_overlay.png``; ``<stem>_scores.npy`` when ``scores``. Each file is
-        written atomically; the palette and the pixel shares are computed once.
+        written atomically, and when one fails those already written are removed again:
+        all of them or none. The palette and the pixel shares are computed once.
 
         Args:
             out_dir: Output folder (created if missing).
@@ -303,17 +304,23 @@ class Segmentation:
         out_dir.mkdir(parents=True, exist_ok=True)
         colors = self.colors()
         shares = class_shares(self.label_map, len(self.classes))  # C + 1: unknown last
-        written = [out_dir / f"{stem}.png"]
-        save_label_png(written[-1], self.label_map, colors)
-        if image is not None:
-            written.append(out_dir / f"{stem}_overlay.png")
-            save_overlay(written[-1], overlay(image, self.label_map, self.classes, colors,
-                                              shares=shares))
-        if scores:
-            written.append(out_dir / f"{stem}_scores.npy")
-            save_scores(written[-1], self.score_maps)
-        written.append(out_dir / f"{stem}.json")
-        write_json(written[-1], self._summary(colors, shares))
+        written: list[Path] = []
+        try:
+            save_label_png(out_dir / f"{stem}.png", self.label_map, colors)
+            written.append(out_dir / f"{stem}.png")
+            if image is not None:
+                save_overlay(out_dir / f"{stem}_overlay.png",
+                             overlay(image, self.label_map, self.classes, colors, shares=shares))
+                written.append(out_dir / f"{stem}_overlay.png")
+            if scores:
+                save_scores(out_dir / f"{stem}_scores.npy", self.score_maps)
+                written.append(out_dir / f"{stem}_scores.npy")
+            write_json(out_dir / f"{stem}.json", self._summary(colors, shares))
+            written.append(out_dir / f"{stem}.json")
+        except BaseException:
+            for path in written:  # all of this result's files or none of them
+                path.unlink(missing_ok=True)
+            raise
         return written
 
 
