@@ -54,12 +54,19 @@ def test_scores_must_be_a_tensor():
         check_scores([[[0.0]]], (1, 1))
 
 
-@pytest.mark.parametrize("value", [None, 0, -0.5, 0.2])
-def test_finite_thresholds_and_none_pass(value):
+@pytest.mark.parametrize("value", [None, 0, -0.5, 0.2, 1, -1.0])
+def test_thresholds_on_the_cosine_scale_and_none_pass(value):
     check_unknown_threshold(value)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, "0.2"])
 def test_other_thresholds_are_config_errors(value):
     with pytest.raises(ConfigError, match="unknown_threshold"):
+        check_unknown_threshold(value)
+
+
+@pytest.mark.parametrize(("value", "every_pixel"), [(30, "unknown"), (1.01, "unknown"),
+                                                    (-2, "labelled")])
+def test_thresholds_off_the_cosine_scale_say_what_they_would_do(value, every_pixel):
+    with pytest.raises(ConfigError, match=rf"-1\.\.1.*every pixel would be {every_pixel}"):
         check_unknown_threshold(value)

@@ -36,8 +36,8 @@ def test_presets_change_only_what_they_document():
 
 @pytest.mark.parametrize(
     "changes",
-    [{"alpha": 1.0}, {"alpha": 0.0}, {"k": 0}, {"r": 12}, {"r": 1}, {"tau": 0.0}, {"windows": ()},
-     {"windows": ((224, 0),)}, {"max_iter": 0}],
+    [{"alpha": 1.0}, {"alpha": 0.0}, {"k": 0}, {"r": 12}, {"r": 1}, {"r": 33}, {"tau": 0.0},
+     {"windows": ()}, {"windows": ((224, 0),)}, {"max_iter": 0}],
 )
 def test_invalid_settings_raise_config_error(changes):
     with pytest.raises(lposs.ConfigError):

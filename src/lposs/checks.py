@@ -76,10 +76,11 @@ def check_scores(scores: torch.Tensor, image_size: tuple[int, int]) -> None:
 
 
 def check_unknown_threshold(unknown_threshold: float | None) -> None:
-    """Check an abstain threshold: None (off) or a finite number.
+    """Check an abstain threshold: None (off) or a number in [-1, 1] (the scores are
+    propagation-weighted averages of cosine similarities, so they lie in [-1, 1]).
 
     Raises:
-        ConfigError: anything else (a bool, a string, NaN, infinity).
+        ConfigError: anything else (a bool, a string, NaN, infinity, e.g. 30 meant as %).
     """
     if unknown_threshold is None:
         return
@@ -88,3 +89,8 @@ def check_unknown_threshold(unknown_threshold: float | None) -> None:
                           f"{unknown_threshold!r}")
     if not math.isfinite(unknown_threshold):
         raise ConfigError(f"unknown_threshold must be a finite number, got {unknown_threshold}")
+    if not -1.0 <= unknown_threshold <= 1.0:
+        raise ConfigError(f"unknown_threshold is on the scale of cosine similarity, -1..1, "
+                          f"got {unknown_threshold}: every pixel would be "
+                          f"{'unknown' if unknown_threshold > 1 else 'labelled'}; a useful "
+                          "threshold lies between the scores of Segmentation.scores (e.g. 0.2)")

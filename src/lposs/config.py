@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
-__all__ = ["LPOSSConfig", "Stages", "METHODS", "PRESETS", "get_preset", "UNKNOWN"]
+__all__ = ["LPOSSConfig", "Stages", "METHODS", "PRESETS", "get_preset", "UNKNOWN",
+           "MAX_PIXEL_WINDOW"]
 
 UNKNOWN = 255
 """Label value of "unknown" pixels (below the abstain threshold) and of ignored ground-truth
@@ -41,6 +42,11 @@ _GRAPH_FIELDS = ("patch_stage", "k", "gamma", "sigma", "distance_power", "pixel_
 # Fields that change neither the encoders' outputs nor the propagation's settings: how many
 # windows go through an encoder at once, and the stages (chosen by the method, not swept).
 _NOT_SWEPT = ("batch_size", "pixel_stage")
+
+
+MAX_PIXEL_WINDOW = 31
+"""Largest pixel neighbourhood side ``r``: 480 graph weights a pixel, 1.8 GB at the largest
+working size (448 x 2048); the paper's 13 keeps 84."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,10 @@ class LPOSSConfig:
             raise ConfigError(f"alpha must lie in (0, 1), got {self.alpha}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
-        if self.r < 3 or self.r % 2 == 0:
-            raise ConfigError(f"r must be odd and >= 3, got {self.r}")
+        if self.r < 3 or self.r % 2 == 0 or self.r > MAX_PIXEL_WINDOW:
+            raise ConfigError(f"r must be odd, 3..{MAX_PIXEL_WINDOW}, got {self.r}: the pixel "
+                              "graph keeps (r * r - 1) / 2 weights a pixel and its product "
+                              "costs r * r a pixel (the paper: 13)")
         if self.tau <= 0 or self.sigma < 0 or self.gamma <= 0:
             raise ConfigError("tau and gamma must be > 0 and sigma >= 0")
         if (self.short_side < 1 or self.long_side < 1 or self.batch_size < 1
