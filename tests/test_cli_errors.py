@@ -238,3 +238,16 @@ def test_a_second_lposs_writing_to_the_same_folder_stops(tmp_path, capsys):
         line = _one_error(capsys, code)
     assert f"another lposs is writing to {out}" in line
     assert not (out / "x.png").exists()
+
+
+def test_a_name_cut_by_the_text_context_is_one_line_before_any_image(tmp_path, model_args,
+                                                                      capsys):
+    # Cut to CLIP's 77 tokens, these two names would get the same embedding: label 1 could
+    # never win.
+    first, second = "a " * 80 + "cat", "a " * 80 + "dog"
+    images = [_photo(tmp_path / "one.png"), _photo(tmp_path / "two.png")]
+    code = main(["segment", *map(str, images), "--classes", f"{first},{second}", "--out",
+                 str(tmp_path / "out"), *model_args])
+    line = _one_error(capsys, code)
+    assert "too long for the text encoder" in line and "77-token" in line
+    assert not (tmp_path / "out").exists()

@@ -159,7 +159,8 @@ def segment_files(
             "writing" while waiting for the writer at the end.
 
     Raises:
-        ClassNamesError: a bad vocabulary (before any file is read).
+        ClassNamesError: a bad vocabulary, e.g. a name too long for the text encoder
+            (before any file is read).
         ValueError: ``stems`` of another length, or a depth below 1.
     """
     classes = parse_class_names(classes)
@@ -169,6 +170,7 @@ def segment_files(
         raise ValueError(f"got {len(stems)} stems for {len(paths)} paths")
     if read_ahead < 1 or write_behind < 1:
         raise ValueError("read_ahead and write_behind must be >= 1")
+    segmenter.clip.encode_classes(classes)  # once, before any image: a bad name stops here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -191,8 +191,10 @@ class ClipEncoder(DenseEncoder):
             device and ``(C',)`` int64, the position in ``names`` of each row's class.
 
         Raises:
-            ClassNamesError: ``names`` is empty or not a list, or a name or synonym is
-                empty (``"a;"``; see :func:`lposs.vocab.split_synonyms`).
+            ClassNamesError: ``names`` is empty or not a list, a name or synonym is
+                empty (``"a;"``; see :func:`lposs.vocab.split_synonyms`), or one is too long
+                for the text context (77 tokens for OpenCLIP, templates included): cut, it
+                could not be told from another name with the same beginning.
         """
         if isinstance(names, str) or not isinstance(names, Sequence):
             raise ClassNamesError("names must be a sequence of class-name strings, not one string")
@@ -261,6 +263,14 @@ class ClipEncoder(DenseEncoder):
         tokens = self.tokenizer(prompts).to(self.mean.device)
         # Prompts of one token length at a time: no pass computes padding (~1.4x less work).
         lengths = (tokens != 0).sum(dim=1)
+        full = lengths.view(len(synonyms), len(self.templates)) >= tokens.shape[1]
+        if bool(full.any()):  # the tokenizer cut the prompt to its context: refuse
+            synonym = synonyms[int(full.any(dim=1).nonzero()[0])]
+            raise ClassNamesError(
+                f"class name {synonym[:60]!r}{'...' if len(synonym) > 60 else ''} is too long for "
+                f"the text encoder: in the prompt templates it fills CLIP's "
+                f"{tokens.shape[1]}-token context and would be cut, so names that differ only "
+                "after that point would get the same embedding; shorten it")
         feats = torch.empty(len(prompts), self.embed_dim, device=tokens.device)
         for length in lengths.unique().tolist():
             for rows in chunks((lengths == length).nonzero().squeeze(1), _TEXT_BATCH):
