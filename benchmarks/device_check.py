@@ -23,6 +23,9 @@ broken CUDA context stops that step only and what it finished before is kept:
    random-weight ViT-B/16 models (seed 0) and image: the share of labels equal to the
    CPU's; then the CPU's encoded image predicted on the device, patch stage alone and
    LPOSS+, its scores to 1e-4.
+5. ``folder``: images per minute of ``batch.segment_files`` over 16 VOC-size images on
+   the device, one image's windows per encoder pass and then 4 images' together (the
+   CUDA default), with the share of equal labels between the two runs.
 
 After ``--budget-s`` seconds the steps left are recorded as skipped; ``--steps`` runs
 only some of them (e.g. again, with the device time left). Exit status: 0 when
@@ -53,7 +56,8 @@ from device_check_report import hardware, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "device_check"
-STEP_BUDGETS_S = {"cuda_tests": 150, "propagation": 90, "encoders": 60, "segment": 150}
+STEP_BUDGETS_S = {"cuda_tests": 150, "propagation": 90, "encoders": 60, "segment": 150,
+                  "folder": 60}
 NOT_SELECTED = "not in --steps"
 MIN_STEP_S = 10  # a step is not started with less time than this left before the deadline
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -71,6 +75,7 @@ QUICK_WINDOW, QUICK_WINDOWS = 112, 2  # encoder windows (bench_encoders: 15 of 2
 QUICK_R = 5  # pixel neighbourhood (13 in the paper)
 QUICK_IMAGE_HW = (84, 112)  # -> 112 x 149 working size: 2 windows of 112, stride 56
 FULL_IMAGE_HW = (375, 500)  # a VOC-size image, as in bench_segment
+FOLDER_IMAGES = 16  # the folder step's images (4 with --quick)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -291,8 +296,60 @@ def step_segment(ctx: StepContext) -> None:
         ctx.part("device/fp32/same_encoded_image", same_encoded_image)
 
 
+def step_folder(ctx: StepContext) -> None:
+    """Images per minute of ``batch.segment_files`` on the device in fp32: each image's
+    windows in their own encoder passes, then ``IMAGES_PER_PASS_CUDA`` images' windows
+    together (the CUDA default); the label maps of the two runs compared."""
+    import bench_segment as bench
+    from PIL import Image
+
+    from lposs.batch import IMAGES_PER_PASS_CUDA, segment_files
+    from lposs.config import LPOSSConfig
+    from lposs.segmenter import Segmenter
+
+    clip, dino = build_models(ctx.quick)
+    config = LPOSSConfig()
+    if ctx.quick:
+        config = config.replace(short_side=QUICK_WINDOW, r=QUICK_R,
+                                windows=((QUICK_WINDOW, QUICK_WINDOW // 2),))
+    count, size = (4, QUICK_IMAGE_HW) if ctx.quick else (FOLDER_IMAGES, FULL_IMAGE_HW)
+    segmenter = Segmenter(_to_device(clip, ctx.device, "fp32"),
+                          _to_device(dino, ctx.device, "fp32"), config)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(SEED)
+        paths = []
+        for i in range(count):
+            paths.append(Path(tmp) / f"photo{i:02d}.jpg")
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(paths[-1])
+        list(segment_files(segmenter, paths[:1], bench.USER_CLASSES, Path(tmp) / "warm-up"))
+        for together in sorted({1, IMAGES_PER_PASS_CUDA}):
+            def run(together=together):
+                start = time.perf_counter()
+                outcomes = list(segment_files(segmenter, paths, bench.USER_CLASSES,
+                                              Path(tmp) / f"together{together}",
+                                              encode_together=together, read_ahead=together))
+                seconds = time.perf_counter() - start
+                failed = [f"{o.path.name}: {o.error}" for o in outcomes if o.error is not None]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} image(s) failed, first {failed[0]}")
+                return {"images": count, "encode_together": together, "seconds": seconds,
+                        "images_per_min": 60 * count / seconds}
+            ctx.part(f"device/fp32/together_{together}", run)
+
+        def compare():
+            shares = [float((np.array(Image.open(Path(tmp) / "together1" / f"{p.stem}.png"))
+                             == np.array(Image.open(Path(tmp) / f"together{IMAGES_PER_PASS_CUDA}"
+                                                    / f"{p.stem}.png"))).mean())
+                      for p in paths]
+            share = float(np.mean(shares))
+            ctx.check("folder labels, images encoded together vs alone", "fp32",
+                      share_equal_labels=share)
+            return {"share_equal_labels": share}
+        ctx.part("compare", compare)
+
+
 STEP_FUNCTIONS = {"propagation": step_propagation, "encoders": step_encoders,
-                  "segment": step_segment}
+                  "segment": step_segment, "folder": step_folder}
 
 
 # --------------------------------------------------------------------------- the driver

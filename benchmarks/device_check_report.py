@@ -145,4 +145,11 @@ def _markdown(report: dict) -> list[str]:
     if rows:
         lines += ["## Encoders on the device", ""] + table(
             ["encoder", "precision", "median s", "windows/s", "GFLOP/s", "GEMM GFLOP/s"], rows)
+    rows = [[p["encode_together"], p["images"], num(p["seconds"], ".1f"),
+             num(p["images_per_min"], ".1f")]
+            for part, p in steps.get("folder", {}).get("parts", {}).items()
+            if p["status"] == "ok" and "images_per_min" in p]
+    if rows:
+        lines += ["## Folder: batch.segment_files on the device, fp32", ""] + table(
+            ["images per encoder pass", "images", "seconds", "images/min"], rows)
     return lines

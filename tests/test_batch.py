@@ -133,3 +133,20 @@ def test_a_file_name_that_is_not_utf8_is_segmented_and_named_in_valid_json(tmp_p
     assert outcomes[0].error is None
     summary = json.loads((tmp_path / "out" / "caf\udce9.json").read_bytes().decode("utf-8"))
     assert summary["source"].endswith("/caf\\xe9.png")
+
+
+def test_images_encoded_together_write_what_one_at_a_time_writes(tmp_path, segmenter):
+    """Encoding the windows of three images in shared batches (the default on CUDA) changes
+    no output; a broken file inside the group fails alone."""
+    paths = [_photo(tmp_path / "a.png", 0), tmp_path / "b.png", _photo(tmp_path / "c.png", 1),
+             _photo(tmp_path / "d.png", 2, size=(50, 70))]
+    paths[1].write_bytes(b"not an image")
+    one = list(segment_files(segmenter, paths, CLASSES, tmp_path / "one", encode_together=1))
+    three = list(segment_files(segmenter, paths, CLASSES, tmp_path / "three", encode_together=3,
+                               read_ahead=3))
+    assert [o.error is None for o in three] == [o.error is None for o in one] == [
+        True, False, True, True]
+    for stem in "acd":
+        a = np.array(Image.open(tmp_path / "one" / f"{stem}.png"))
+        b = np.array(Image.open(tmp_path / "three" / f"{stem}.png"))
+        assert a.shape == b.shape and (a == b).mean() > 0.999  # batched matmuls round apart

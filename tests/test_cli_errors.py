@@ -81,8 +81,8 @@ def _label_map(path, values, size=(40, 60)):
 @pytest.mark.parametrize(("labels", "extra", "message"), [
     ((255, 255), [], "nothing to refine"),
     ((3, 255), ["--num-classes", "2"], "nothing to refine"),
-    ((0, 1), ["--num-classes", "-3"], "--num-classes must be >= 1"),
-    ((0, 1), ["--num-classes", "0"], "--num-classes must be >= 1"),
+    ((0, 1), ["--num-classes", "-3"], "--num-classes must be 1..512"),
+    ((0, 1), ["--num-classes", "0"], "--num-classes must be 1..512"),
 ])
 def test_refine_rejects_label_maps_with_nothing_to_refine(tmp_path, capsys, labels, extra,
                                                           message):

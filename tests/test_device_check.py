@@ -19,7 +19,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.py"
-STEPS = ["cuda_tests", "propagation", "encoders", "segment"]
+STEPS = ["cuda_tests", "propagation", "encoders", "segment", "folder"]
 QUICK_PROPAGATION_CASES = ["patch-smoke", "pixel-smoke"]  # bench_propagation's SMOKE_CASES
 
 
@@ -72,7 +72,9 @@ def test_cpu_against_itself_agrees_and_fp16_differs(quick_run):
     for stage in ("patch", "patch+pixel"):
         check = checks[(f"segment {stage} propagation, the CPU's encoded image", "fp32")]
         assert check["pass"] is True and check["share_equal_labels"] == 1.0
-    assert report["checks_failed"] == 0 and len(report["checks"]) == 12
+    together = checks[("folder labels, images encoded together vs alone", "fp32")]
+    assert together["share_equal_labels"] >= 0.99  # batched matmuls may round near-ties apart
+    assert report["checks_failed"] == 0 and len(report["checks"]) == 13
 
 
 def test_timings_per_stage_and_case(quick_run):
@@ -94,6 +96,10 @@ def test_timings_per_stage_and_case(quick_run):
         rows = encoders[f"device/{precision}"]["encoders"]
         assert set(rows) == {"clip_maskclip", "dino_values"}
         assert all(row["median_s"] > 0 and row["gflop"] > 0 for row in rows.values())
+    folder = report["steps"]["folder"]["parts"]
+    assert [(p["encode_together"], p["images"]) for k, p in folder.items()
+            if k.startswith("device")] == [(1, 4), (4, 4)]
+    assert all(p["images_per_min"] > 0 for k, p in folder.items() if k.startswith("device"))
 
 
 def test_hardware_record(quick_run):
@@ -148,7 +154,7 @@ def test_budget_spent_skips_every_step(tmp_path):
                 timeout=120)
     assert done.returncode == 1
     report = json.loads((tmp_path / "device_check.json").read_text())
-    assert [s["status"] for s in report["steps"].values()] == ["skipped"] * 4
+    assert [s["status"] for s in report["steps"].values()] == ["skipped"] * 5
     assert all("--budget-s" in s["reason"] for s in report["steps"].values())
     assert report["complete"] is False and report["checks"] == []
     assert (tmp_path / "device_check.md").is_file()
@@ -163,6 +169,7 @@ def test_failing_step_is_recorded_and_the_next_still_runs(tmp_path):
     steps = json.loads((tmp_path / "device_check.json").read_text())["steps"]
     assert steps["cuda_tests"] == {"status": "skipped", "reason": "not in --steps"}
     assert steps["segment"] == {"status": "skipped", "reason": "not in --steps"}
+    assert steps["folder"] == {"status": "skipped", "reason": "not in --steps"}
     for name in ("propagation", "encoders"):
         assert steps[name]["status"] == "error"
         assert steps[name]["error"] and "\n" not in steps[name]["error"]

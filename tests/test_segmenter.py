@@ -334,3 +334,28 @@ def test_score_maps_in_bands_equal_the_whole_image_resize(monkeypatch, tmp_path)
     save_scores(tmp_path / "s.npy", maps)
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected_scores.numpy(), rtol=1e-6,
                                atol=1e-6)
+
+
+def test_images_encoded_together_equal_each_encoded_alone(segmenter):
+    """Windows of several images share the encoders' batches (what segment_files does on
+    CUDA); each image's features and result are those of set_image alone, also for an image
+    whose windows are smaller than the others' (a 100-px working size: grouped apart)."""
+    from lposs.config import LPOSSConfig as Config
+
+    segmenter.config = Config(k=30, short_side=224, windows=((224, 112), (160, 80)))
+    images = [_image(seed=5), _image(height=120, width=260, seed=6)]
+    prepared = [segmenter.prepare_image(image) for image in images]
+    small = Segmenter(segmenter.clip, segmenter.dino, segmenter.config.replace(short_side=100))
+    prepared.append(small.prepare_image(_image(height=50, width=80, seed=7)))
+    together = segmenter.encode_images(prepared)
+    for prep, encoded in zip(prepared, together):
+        alone = segmenter.set_image(prep)
+        assert len(encoded.setups) == 2
+        for a, b in zip(encoded.setups, alone.setups):
+            assert torch.equal(a.boxes, b.boxes) and torch.equal(a.positions, b.positions)
+            torch.testing.assert_close(a.clip, b.clip, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.dino, b.dino, rtol=1e-5, atol=1e-5)
+        expected = segmenter.predict(["cat", "dog"])
+        segmenter.set_encoded(encoded)
+        result = segmenter.predict(["cat", "dog"])
+        assert (result.labels == expected.labels).float().mean() > 0.999

@@ -4,14 +4,16 @@ While the segmenter encodes one image, a reader thread decodes and resizes the n
 (``Segmenter.prepare_image``) and a writer thread saves the previous one's files
 (``Segmentation.save``: label PNG, overlay, JSON, scores). Decoding, resizing and PNG
 encoding spend most of their time outside the GIL, so on a CPU they overlap the encoders
-and on a GPU they keep it busy. The files and numbers are those of calling the segmenter
-on each image in turn; only the order of work changes.
+and on a GPU they keep it busy. On CUDA the windows of several images go through the
+encoders together (``Segmenter.encode_images``). The files and numbers are those of
+calling the segmenter on each image in turn; only the order of work changes.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +21,13 @@ from pathlib import Path
 from .errors import LpossError, is_out_of_memory
 from .images import DEFAULT_MAX_PIXELS
 from .progress import Progress
-from .segmenter import PreparedImage, Segmenter
+from .segmenter import EncodedImage, PreparedImage, Segmenter
 from .vocab import parse_class_names
 
-__all__ = ["FileOutcome", "segment_files"]
+__all__ = ["FileOutcome", "segment_files", "IMAGES_PER_PASS_CUDA"]
+
+IMAGES_PER_PASS_CUDA = 4
+"""Images encoded together on CUDA: a VOC-size image gives 15 windows, four give 60."""
 
 _EXPECTED = (LpossError, OSError)  # a bad input or a failed write: reported, not raised
 
@@ -83,6 +88,38 @@ def _read_ahead(segmenter: Segmenter, paths: Sequence[Path], max_pixels: int | N
             return
 
 
+def _encode(segmenter: Segmenter, group: list,
+            progress: Progress | None) -> list[EncodedImage | BaseException]:
+    """Each item of ``group`` (a ``PreparedImage``, or the exception reading raised) as its
+    ``EncodedImage`` or its exception, the images encoded in shared batches. When the
+    shared encoding fails on an expected error (memory), each image is tried alone, so one
+    image too large to share a pass does not fail the others."""
+    images = [i for i, item in enumerate(group) if isinstance(item, PreparedImage)]
+    out: list = list(group)
+    for item in group:
+        if isinstance(item, BaseException) and not _expected(item):
+            raise item
+    try:
+        for i, done in zip(images, segmenter.encode_images([group[i] for i in images],
+                                                           progress=progress)):
+            out[i] = done
+        return out
+    except Exception as err:  # noqa: BLE001 - decided by _expected
+        if not _expected(err):
+            raise
+        if len(images) == 1:
+            out[images[0]] = err
+            return out
+    for i in images:
+        try:
+            out[i] = segmenter.encode_images([group[i]], progress=progress)[0]
+        except Exception as err:  # noqa: BLE001 - decided by _expected
+            if not _expected(err):
+                raise
+            out[i] = err
+    return out
+
+
 class _Writer(threading.Thread):
     """Saves segmentations in the order they are queued and hands back a ``FileOutcome``
     per job; a job with an error only passes it on. Not a daemon: the interpreter waits
@@ -132,6 +169,7 @@ def segment_files(
     save_scores: bool = False,
     read_ahead: int = 1,
     write_behind: int = 2,
+    encode_together: int | None = None,
     progress: Progress | None = None,
 ) -> Iterator[FileOutcome]:
     """Segment each file into ``classes`` and write its outputs into ``out_dir``.
@@ -153,6 +191,9 @@ def segment_files(
         save_scores: also write ``<stem>_scores.npy``, `(C, H, W)` float32.
         read_ahead: images decoded and resized ahead of the segmenter (>= 1).
         write_behind: segmentations waiting for the writer (>= 1); each holds its scores.
+        encode_together: images whose windows share the encoders' forward passes
+            (``Segmenter.encode_images``); default :data:`IMAGES_PER_PASS_CUDA` on CUDA,
+            where one image's windows are too few to fill the GPU, else 1.
         progress: ``(stage, done, total)`` callback, called from the calling thread: the
             stage "images" (``done`` = the files finished before this one) when an image
             starts, the segmenter's stages, "reading" while waiting for the reader and
@@ -168,8 +209,9 @@ def segment_files(
     stems = [p.stem for p in paths] if stems is None else list(stems)
     if len(stems) != len(paths):
         raise ValueError(f"got {len(stems)} stems for {len(paths)} paths")
-    if read_ahead < 1 or write_behind < 1:
-        raise ValueError("read_ahead and write_behind must be >= 1")
+    if read_ahead < 1 or write_behind < 1 or (encode_together is not None
+                                               and encode_together < 1):
+        raise ValueError("read_ahead, write_behind and encode_together must be >= 1")
     segmenter.clip.encode_classes(classes)  # once, before any image: a bad name stops here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +220,9 @@ def segment_files(
         if progress is not None:
             progress(stage, done, total)
 
-    ready: queue.Queue = queue.Queue(maxsize=read_ahead)
+    together = encode_together or (IMAGES_PER_PASS_CUDA if segmenter.device.type == "cuda"
+                                   else 1)
+    ready: queue.Queue = queue.Queue(maxsize=max(read_ahead, together))
     stop = threading.Event()
     reader = threading.Thread(target=_read_ahead, name="lposs-reader", daemon=True,
                               args=(segmenter, paths, max_pixels, ready, stop))
@@ -187,27 +231,32 @@ def segment_files(
     writer.start()
     yielded = 0
     interrupted = None
+    encoded: deque = deque()  # the group encoded last, waiting for predict
     try:
         for index, (path, stem) in enumerate(zip(paths, stems)):
             report("images", index, len(paths))
-            if ready.empty():
-                report("reading", 0, 1)
-            prepared = ready.get()
+            if not encoded:
+                group = []
+                for _ in range(min(together, len(paths) - index)):
+                    if ready.empty():
+                        report("reading", 0, 1)
+                    group.append(ready.get())
+                encoded.extend(_encode(segmenter, group, progress))
+            item = encoded.popleft()
             outcome, result = FileOutcome(path, stem), None
-            if isinstance(prepared, BaseException):
-                if not _expected(prepared):
-                    raise prepared
-                outcome.error = prepared
+            if isinstance(item, BaseException):
+                outcome.error = item
             else:
                 try:
-                    result = segmenter(prepared, classes, unknown_threshold=unknown_threshold,
-                                       progress=progress)
+                    segmenter.set_encoded(item)
+                    result = segmenter.predict(classes, unknown_threshold=unknown_threshold,
+                                               progress=progress)
                 except Exception as err:  # noqa: BLE001 - decided by _expected
                     if not _expected(err):
                         raise
                     outcome.error = err
-            writer.jobs.put((outcome, result, None if result is None else prepared.image))
-            del prepared, result  # the writer holds them now
+            writer.jobs.put((outcome, result, None if result is None else item.image))
+            del item, result  # the writer holds them now
             for outcome in writer.finished():
                 yielded += 1
                 yield outcome

@@ -234,22 +234,55 @@ class Segmenter:
         Returns:
             The encoded image (also kept for ``predict``).
         """
-        start = time.perf_counter()
-        cfg = self.config
         if not isinstance(image, PreparedImage):
             image = self.prepare_image(image, max_pixels=max_pixels)
-        working = image.working.to(self.device)
-        boxes = [window_grid(*working.shape[-2:], size=size, stride=stride)
-                 for size, stride in cfg.windows]
-        passes = (2 if cfg.patch_stage else 1) * sum(len(b) for b in boxes)
-        counter = StageCounter(progress, "encoding windows", passes)
-        setups = [self._encode_windows(working, b, counter) for b in boxes]
-        self._state = EncodedImage(image.image, working, setups, time.perf_counter() - start,
-                                   image.source)
+        self._state = self.encode_images([image], progress=progress)[0]
         self._state_source = self._state
         self._image_graphs = None
         self._graphs(progress)
         return self._state
+
+    @torch.inference_mode()
+    def encode_images(
+        self, images: Sequence[PreparedImage], *, progress: Progress | None = None
+    ) -> list[EncodedImage]:
+        """Encode several images, their windows sharing the encoders' batches.
+
+        A VOC-size image has 15 windows, too few to fill a GPU; the windows of several
+        images in one forward pass do (``batch.segment_files`` uses this on CUDA). Each
+        image's features are those ``set_image`` computes for it alone (the same crops
+        through the same layers; batching changes no value beyond float rounding). Use
+        the results with ``set_encoded``; the segmenter's current image is unchanged.
+
+        Args:
+            images: from ``prepare_image``.
+            progress: called with ``(stage, done, total)`` (``lposs.progress.Progress``).
+
+        Returns:
+            One ``EncodedImage`` per image, in order; ``encode_s`` is each one's share of
+            the encoders' time.
+        """
+        start = time.perf_counter()
+        cfg = self.config
+        workings = [image.working.to(self.device) for image in images]
+        boxes = [[window_grid(*w.shape[-2:], size=size, stride=stride)
+                  for size, stride in cfg.windows] for w in workings]
+        passes = (2 if cfg.patch_stage else 1) * sum(len(b) for per in boxes for b in per)
+        counter = StageCounter(progress, "encoding windows", passes)
+        setups: list[list[WindowSetup | None]] = [[None] * len(cfg.windows) for _ in images]
+        for s in range(len(cfg.windows)):
+            crops = [crop_windows(w, per[s], multiple=1) for w, per in zip(workings, boxes)]
+            for group in _same_shape_groups(crops):  # windows of small images are smaller
+                batch = torch.cat([crops[i] for i in group])
+                counts = [len(crops[i]) for i in group]
+                clip = _split(self._dense_features(self.clip, batch, counter), counts)
+                dino = (_split(self._dense_features(self.dino, batch, counter), counts)
+                        if cfg.patch_stage else [None] * len(group))
+                for i, c, d in zip(group, clip, dino):
+                    setups[i][s] = self._window_setup(boxes[i][s], c, d)
+        share = (time.perf_counter() - start) / max(len(images), 1)
+        return [EncodedImage(image.image, w, per, share, image.source)
+                for image, w, per in zip(images, workings, setups)]
 
     def set_encoded(self, encoded: EncodedImage) -> None:
         """Use an image encoded earlier (``set_image``'s return value, or
@@ -296,14 +329,12 @@ class Segmenter:
             counter.advance(len(parts[-1]))
         return torch.cat(parts)
 
-    def _encode_windows(self, working: torch.Tensor, boxes: torch.Tensor,
-                        counter: StageCounter) -> WindowSetup:
-        cfg = self.config
-        crops = crop_windows(working, boxes, multiple=1)
-        clip = self._dense_features(self.clip, crops, counter)
-        if not cfg.patch_stage:
+    def _window_setup(self, boxes: torch.Tensor, clip: torch.Tensor,
+                      dino: torch.Tensor | None) -> WindowSetup:
+        """One image's window setup from its `(n, E, gh, gw)` CLIP and `(n, D, gh', gw')` DINO
+        window features (None without the patch stage)."""
+        if dino is None:
             return WindowSetup(boxes, clip, None, None, self.clip.patch_size)
-        dino = self._dense_features(self.dino, crops, counter)
         grid = tuple(dino.shape[-2:])
         if tuple(clip.shape[-2:]) != grid:  # e.g. DINO ViT-B/8: VLM features to the VM grid
             clip = F.interpolate(clip, size=grid, mode="bilinear", align_corners=False)
@@ -408,6 +439,22 @@ class Segmenter:
         """``set_image(image)`` then ``predict(classes)``."""
         self.set_image(image, max_pixels=max_pixels, progress=progress)
         return self.predict(classes, unknown_threshold=unknown_threshold, progress=progress)
+
+
+def _same_shape_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by shape (after the first axis), first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape[1:]), []).append(i)
+    return list(groups.values())
+
+
+def _split(batch: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """``batch`` cut into consecutive parts of ``counts`` rows, each its own tensor (a view
+    would keep, and ``EncodedImage.save`` would write, the whole batch)."""
+    if len(counts) == 1:
+        return [batch]
+    return [part.clone() for part in batch.split(counts)]
 
 
 def _reduce_synonyms(
