@@ -226,3 +226,11 @@ def test_load_label_map_reads_palette_indices_bilevel_and_16_bit(tmp_path):
     wide = RNG.integers(0, 65535, (7, 9)).astype(np.uint16)
     Image.fromarray(wide).save(tmp_path / "w.png")
     np.testing.assert_array_equal(load_label_map(tmp_path / "w.png").numpy(), wide)
+
+
+def test_label_map_larger_than_the_pixel_cap_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 400), np.uint8), mode="L").save(path)  # 120,000 pixels
+    assert load_label_map(path, max_pixels=120_000).shape == (300, 400)
+    with pytest.raises(ImageError, match="big.png"):
+        load_label_map(path, max_pixels=119_999)

@@ -93,3 +93,12 @@ def test_class_file(tmp_path):
 def test_old_import_paths_still_work():
     assert segmenter.parse_class_names is parse_class_names
     assert segmenter.UNKNOWN == lposs.UNKNOWN == 255
+
+
+def test_class_file_that_cannot_be_a_class_list_is_refused_before_reading(tmp_path):
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"cat\n" * (5 << 18))  # 5 MiB
+    with pytest.raises(ClassNamesError, match="5.0 MiB.*at most 4 MiB"):
+        load_class_names(huge)
+    with pytest.raises(DatasetError, match="not a regular file"):
+        load_class_names("/dev/null")

@@ -336,7 +336,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[s
 
 
 # ----------------------------------------------------------------------------- label maps
-def load_label_map(path: str | os.PathLike) -> Tensor:
+def load_label_map(path: str | os.PathLike, *,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
     """Read a label map: the one reader of label PNGs (saved predictions, ground truth).
 
     Palette images give their pixel indices (not colours), grey, 16-bit and bilevel images
@@ -345,20 +346,23 @@ def load_label_map(path: str | os.PathLike) -> Tensor:
 
     Args:
         path: Label image file.
+        max_pixels: Largest ``H * W`` accepted, checked from the header before decoding
+            (as for images); ``None`` disables the check.
 
     Returns:
         ``(H, W)`` int64 labels.
 
     Raises:
-        ImageError: Missing or unreadable file, or a colour (RGB) image, whose colours
-            cannot be mapped to labels without a palette.
+        ImageError: Missing or unreadable file, a colour (RGB) image, whose colours
+            cannot be mapped to labels without a palette, or more than ``max_pixels``.
     """
     path = Path(path)
     what = f"label map {str(path)!r}"
     if not path.is_file():
         raise ImageError(f"{what} not found" if not path.exists() else f"{what} is not a file")
     try:
-        with Image.open(path) as im:
+        with _without_pillow_cap(), Image.open(path) as im:
+            _check_pixels(im.height, im.width, max_pixels, what)
             if im.mode not in _LABEL_MODES:
                 raise ImageError(
                     f"{what} has mode {im.mode!r}; expected a single-channel (palette or grey) "

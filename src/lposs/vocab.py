@@ -33,6 +33,9 @@ MAX_NAMES = 512
 171): each is propagated separately, so memory and time grow with their number (about
 20 MB a row at the largest working size, 448 x 2048)."""
 
+MAX_CLASS_FILE_BYTES = 4 << 20
+"""Largest class-name file read (4 MiB): a list of 254 names is a few kilobytes."""
+
 SYNONYM_SEPARATOR = ";"
 """Separates the synonyms of one class name: ``"background;wall;floor"``."""
 
@@ -162,7 +165,13 @@ def load_class_names(path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"class-name file not found: {path}")
+        raise DatasetError(f"class-name file not found: {path}" if not path.exists() else
+                           f"class-name file {path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_CLASS_FILE_BYTES:
+        raise ClassNamesError(f"class-name file {path} is {size / 2**20:.1f} MiB; a class list "
+                              f"is at most {MAX_CLASS_FILE_BYTES // 2**20} MiB (is it the right "
+                              "file?)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
