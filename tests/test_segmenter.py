@@ -8,7 +8,7 @@ from PIL import Image
 
 import lposs
 from lposs.config import LPOSSConfig
-from lposs.segmenter import UNKNOWN, Segmenter, refine_scores
+from lposs.segmenter import UNKNOWN, EncodedImage, Segmenter, refine_scores
 
 # Small graphs keep these tests fast; the math is the same at the paper's k.
 FAST = LPOSSConfig(k=30, short_side=224)
@@ -359,3 +359,32 @@ def test_images_encoded_together_equal_each_encoded_alone(segmenter):
         segmenter.set_encoded(encoded)
         result = segmenter.predict(["cat", "dog"])
         assert (result.labels == expected.labels).float().mean() > 0.999
+
+
+def test_an_encoded_image_answers_only_for_the_encoders_that_made_it(
+        segmenter, tiny_clip, tiny_dino, tiny_clip_kwargs, tmp_path):
+    from safetensors.torch import save_file
+
+    from lposs.encoders import load_clip
+    from lposs.errors import ConfigError
+
+    encoded = segmenter.set_image(_image(seed=8))
+    encoded.save(tmp_path / "e.pt")
+    again = Segmenter(tiny_clip, tiny_dino, FAST)
+    again.set_encoded(EncodedImage.load(tmp_path / "e.pt"))  # the same encoders: fine
+    assert again.predict(["a", "b"]).labels.shape == (150, 200)
+    with pytest.raises(ConfigError, match="encode the image again"):
+        Segmenter(tiny_clip, tiny_dino, FAST.replace(windows=((160, 80),))).set_encoded(encoded)
+
+    state = {k: v.contiguous() for k, v in tiny_clip.model.state_dict().items()}
+    save_file(state, tmp_path / "a.safetensors")
+    save_file({k: v + 0.01 for k, v in state.items()}, tmp_path / "b.safetensors")
+    clip_a, clip_b = (load_clip("ViT-B-16", weights=tmp_path / f"{n}.safetensors",
+                                **tiny_clip_kwargs) for n in "ab")
+    from_a = Segmenter(clip_a, tiny_dino, FAST).set_image(_image(seed=8))
+    Segmenter(clip_a, tiny_dino, FAST).set_encoded(from_a)
+    with pytest.raises(ConfigError, match="other encoders, weights"):
+        Segmenter(clip_b, tiny_dino, FAST).set_encoded(from_a)  # same shapes, other weights
+    from_a.encoders = None  # as saved before identities were recorded: shapes still checked
+    with pytest.raises(ConfigError, match="does not fit"):
+        Segmenter(clip_a, tiny_dino, FAST.replace(windows=((160, 80),))).set_encoded(from_a)

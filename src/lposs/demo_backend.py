@@ -222,10 +222,10 @@ class DemoBackend:
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key], True
-        from .images import load_image
+        from .images import read_image
 
-        try:
-            image = load_image(path, max_pixels=self.max_pixels)
+        try:  # uint8, as lposs segment reads it: the same OpenCV resize, the same answer
+            image = read_image(path, max_pixels=self.max_pixels)
         except ImageError as err:  # name the upload by its file name, not the server's path
             raise ImageError(str(err).replace(str(path), path.name)) from None
         encoded = segmenter.set_image(image, max_pixels=None)

@@ -9,6 +9,7 @@ LPOSS+ over pixels, resize back, synonyms reduced by max, argmax). Both take an 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from .checks import check_scores, check_unknown_threshold
 from .config import UNKNOWN, LPOSSConfig, get_preset
+from .errors import ConfigError
 from .files import atomic_write
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .progress import Progress, StageCounter
@@ -75,6 +77,7 @@ class EncodedImage:
     setups: list[WindowSetup]
     encode_s: float  # seconds the encoders took
     source: str | None = None  # the image file (absolute path), None for an image in memory
+    encoders: str | None = None  # what encoded it (Segmenter.encoder_identity); None: unknown
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` atomically (a torch file of plain tensors, loadable with
@@ -82,7 +85,7 @@ class EncodedImage:
         setups = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(s).items()}
                   for s in self.setups]
         payload = {"image": self.image.cpu(), "working": self.working.cpu(), "setups": setups,
-                   "encode_s": self.encode_s, "source": self.source}
+                   "encode_s": self.encode_s, "source": self.source, "encoders": self.encoders}
         atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
@@ -91,7 +94,7 @@ class EncodedImage:
         payload = torch.load(path, map_location=device or "cpu", weights_only=True)
         return cls(payload["image"].cpu(), payload["working"],
                    [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"],
-                   payload.get("source"))
+                   payload.get("source"), payload.get("encoders"))
 
 
 @dataclass
@@ -281,8 +284,25 @@ class Segmenter:
                 for i, c, d in zip(group, clip, dino):
                     setups[i][s] = self._window_setup(boxes[i][s], c, d)
         share = (time.perf_counter() - start) / max(len(images), 1)
-        return [EncodedImage(image.image, w, per, share, image.source)
+        identity = self.encoder_identity()
+        return [EncodedImage(image.image, w, per, share, image.source, identity)
                 for image, w, per in zip(images, workings, setups)]
+
+    def encoder_identity(self) -> str:
+        """What decides an ``EncodedImage`` made by this segmenter, as one string: the
+        encoder settings (``LPOSSConfig.encoder_key``), the precision, and each encoder's
+        weights (content sha256, Hub repository and revision; ``"random"`` when there are
+        none, so two random-weight models cannot be told apart)."""
+        def weights(encoder) -> dict | None:
+            if encoder is None:
+                return None
+            info = getattr(encoder, "weights_info", None) or {}
+            return {k: info.get(k) for k in ("source", "sha256", "repo", "revision", "file")}
+
+        dino = self.dino if self.config.patch_stage else None
+        return json.dumps({"config": self.config.encoder_key(), "precision": self.clip.precision,
+                           "clip": weights(self.clip), "dino": weights(dino)},
+                          sort_keys=True, default=str)
 
     def set_encoded(self, encoded: EncodedImage) -> None:
         """Use an image encoded earlier (``set_image``'s return value, or
@@ -290,11 +310,34 @@ class Segmenter:
         built by the first ``predict``. Setting the image that is already set keeps them."""
         if encoded is self._state_source:
             return
+        self._check_encoded(encoded)
         self._state = EncodedImage(encoded.image, encoded.working.to(self.device),
                                    [s.to(self.device) for s in encoded.setups], encoded.encode_s,
-                                   encoded.source)
+                                   encoded.source, encoded.encoders)
         self._state_source = encoded
         self._image_graphs = None
+
+    def _check_encoded(self, encoded: EncodedImage) -> None:
+        """Raise ``ConfigError`` unless ``encoded`` could have come from these encoders
+        and window settings: its recorded identity (when it has one) and its shapes."""
+        cfg = self.config
+        if encoded.encoders is not None and encoded.encoders != self.encoder_identity():
+            raise ConfigError(
+                "this EncodedImage was made by other encoders, weights, precision or window "
+                "settings than this segmenter's, so its features would answer for another "
+                "model; encode the image again with set_image")
+        setups, working = encoded.setups, encoded.working
+        expected_boxes = [window_grid(*working.shape[-2:], size=size, stride=stride)
+                          for size, stride in cfg.windows]
+        fits = len(setups) == len(expected_boxes) and all(
+            torch.equal(s.boxes.cpu(), b) and s.clip.shape[1] == self.clip.embed_dim
+            and (s.dino is None) == (not cfg.patch_stage)
+            for s, b in zip(setups, expected_boxes))
+        if not fits:
+            raise ConfigError(
+                "this EncodedImage does not fit this segmenter (its windows or feature sizes "
+                "differ from those of these encoders and window settings); encode the image "
+                "again with set_image")
 
     def _graphs(self, progress: Progress | None = None) -> _ImageGraphs:
         """The set image's graphs under the current config, built once and then reused."""
