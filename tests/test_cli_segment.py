@@ -150,3 +150,20 @@ def test_torchrun_shards_the_files_and_writes_what_one_process_writes(tmp_path, 
             assert _without_timings(two / path.name) == _without_timings(path)
         else:  # label maps and overlays, byte for byte
             assert (two / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_a_second_run_into_an_output_folder_inside_the_inputs_does_not_segment_outputs(
+        tmp_path, model_args, capsys):
+    folder = tmp_path / "photos"
+    _photos(folder, 2)
+    args = ["segment", str(folder), "--classes", "a,b", "--out", str(folder / "out"),
+            *model_args]
+    assert main(args) == 0
+    first = sorted(p.name for p in (folder / "out").iterdir())
+    assert main(args) == 0  # the same two photos, not also last run's PNGs as photos
+    assert sorted(p.name for p in (folder / "out").iterdir()) == first
+    assert "segmented 2 of 2" in capsys.readouterr().out
+    code = main(["segment", str(folder / "out"), "--classes", "a,b", "--out",
+                 str(folder / "out"), *model_args])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds only lposs's outputs" in err and "Traceback" not in err

@@ -287,7 +287,9 @@ def _image_files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+def find_images(
+    inputs: Sequence[str | os.PathLike], *, exclude: Sequence[str | os.PathLike] = ()
+) -> tuple[list[Path], list[str]]:
     """Expand files, folders and glob patterns into a list of image files.
 
     A file is taken as given (whatever its suffix). A folder is searched recursively for
@@ -298,6 +300,9 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[s
 
     Args:
         inputs: Paths or patterns, e.g. the CLI's positional arguments.
+        exclude: Folders whose files a folder or pattern never yields (e.g. the output
+            folder, so that a second run does not take the first run's label maps and
+            overlays for photos); a file named explicitly is still taken.
 
     Returns:
         ``(found, missing)``: the image paths in order, and the inputs that matched no
@@ -308,6 +313,7 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[s
     found: list[Path] = []
     missing: list[str] = []
     seen: set[Path] = set()
+    excluded = [Path(folder).resolve() for folder in exclude]
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
@@ -325,6 +331,9 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[s
                     matches.append(hit_path)
         else:
             matches = []
+        if excluded and not path.is_file():
+            matches = [m for m in matches
+                       if not any(m.resolve().is_relative_to(folder) for folder in excluded)]
         if not matches:
             missing.append(text)
         for match in matches:

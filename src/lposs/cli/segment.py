@@ -125,10 +125,17 @@ def _segment(args: argparse.Namespace) -> int:
     rank, world, local_rank = distributed_context()
     classes = _class_names(args)
     config = config_from(args, get_preset(args.preset))
-    images, missing = find_images(args.images)
+    images, missing = find_images(args.images, exclude=[args.out])  # not our own outputs
     if rank == 0:
+        out = args.out.resolve()
         for pattern in missing:
-            fail(f"{pattern}: no such image file, folder or pattern")
+            if Path(pattern).is_dir() and Path(pattern).resolve().is_relative_to(out):
+                fail(f"{pattern}: holds only lposs's outputs (it is in --out {args.out}), "
+                     "which are not segmented again")
+            elif Path(pattern).is_dir():
+                fail(f"{pattern}: no image files in this folder")
+            else:
+                fail(f"{pattern}: no such image file, folder or pattern")
     if not images:
         if rank == 0:
             fail("no images to segment")
