@@ -62,6 +62,7 @@ def _refine(tmp_path, *args):
     (np.zeros((3, 60, 40), np.float32), "another aspect ratio"),
     (np.zeros((3, 40, 40), np.float32), "another aspect ratio"),
     (np.zeros((513, 4, 6), np.float32), "at most 512 are refined"),  # 50 KB, 0.5 GB of work
+    (np.zeros((2, 40, 60), np.complex64), "complex"),
 ])
 def test_refine_rejects_scores_that_are_not_this_images(tmp_path, capsys, array, message):
     _photo(tmp_path / "img.png")  # 40 x 60

@@ -106,6 +106,8 @@ def _load_scores(path: Path):
         raise LpossError(f"cannot read scores {path}: {err}") from None
     if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
         raise LpossError(f"scores in {path} must be a numeric .npy array (C, H, W)")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise LpossError(f"scores in {path} are complex numbers; give real scores (C, H, W)")
     return torch.from_numpy(array).float()
 
 
