@@ -307,3 +307,47 @@ def test_weights_become_the_parameters_and_unheld_buffers_are_rebuilt():
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     assert torch.equal(model.scale, torch.full((2,), 2.0))
     assert torch.equal(model.linear.weight, state["linear.weight"])
+
+
+def test_safetensors_are_read_as_the_library_writes_them_into_memory_of_their_own(tmp_path):
+    from safetensors.torch import load_file
+
+    from lposs.encoders.weights import read_checkpoint
+
+    tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).half(),
+               "b": torch.randn(2, 2).bfloat16(), "i": torch.arange(6).reshape(2, 3),
+               "flag": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 7)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    loaded = read_checkpoint(path)
+    expected = load_file(str(path))
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
+    path.write_bytes(path.read_bytes()[:20] + b"\0" * (path.stat().st_size - 20))  # in place
+    assert torch.equal(loaded["w"], tensors["w"])  # not a view of the file
+
+
+@pytest.mark.parametrize("damage", ["offsets", "truncated", "dtype"])
+def test_safetensors_that_break_the_format_are_weights_errors(tmp_path, damage):
+    import struct
+
+    from lposs.encoders.weights import read_checkpoint
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(3, 4)}, str(path))
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    if damage == "offsets":
+        header["w"]["data_offsets"] = [0, 10**9]
+    elif damage == "dtype":
+        header["w"]["dtype"] = "F128"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = raw[8 + length:]
+    path.write_bytes(struct.pack("<Q", len(text)) + text + (data[:10] if damage == "truncated"
+                                                            else data))
+    with pytest.raises(WeightsNotFoundError, match="not a readable safetensors file"):
+        read_checkpoint(path)

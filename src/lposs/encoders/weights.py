@@ -23,6 +23,8 @@ record the encoders expose as ``weights_info``.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import re
@@ -157,16 +159,68 @@ def _checkpoint_format(path: Path) -> str:
     return f"it starts with the text {text!r}"
 
 
+# safetensors dtype names -> torch dtypes (the format's spec; little-endian data).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 def _safetensors_load(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """A ``.safetensors`` file read tensor by tensor into memory of its own (no memory
+    map: a model whose parameters these become keeps working when the file is replaced
+    or rewritten in place, and nothing is held twice while loading).
+
+    Raises:
+        WeightsNotFoundError: a header or tensor that does not follow the format.
+    """
+    def bad(reason: str) -> WeightsNotFoundError:
+        return WeightsNotFoundError(f"{path} is not a readable safetensors file ({reason}): "
+                                    f"{_EXPECTED}")
 
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        reason = " ".join(str(err).split())[:200]
-        raise WeightsNotFoundError(f"{path} is not a readable safetensors file ({reason}): "
-                                   f"{_EXPECTED}") from err
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > min(size - 8, 100 << 20):
+                raise bad(f"a header of {header_len} bytes in a file of {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise bad(f"its header is not JSON: {err}") from None
+            if not isinstance(header, dict):
+                raise bad("its header is not a JSON object")
+            data_start = 8 + header_len
+            tensors = {}
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                tensors[name] = _read_tensor(f, name, entry, data_start, size, bad)
+            return tensors
+    except OSError as err:
+        raise WeightsNotFoundError(f"cannot read weights file {path}: {err}") from err
+
+
+def _read_tensor(f, name: str, entry, data_start: int, size: int, bad) -> torch.Tensor:
+    """One tensor of a safetensors file, read into a new tensor (checked against its
+    header entry: dtype, shape, and offsets that stay inside the file)."""
+    try:
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise bad(f"tensor {name!r} has no usable dtype, shape or data_offsets") from None
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes \
+            or data_start + end > size:
+        raise bad(f"tensor {name!r}: shape {shape} does not fit bytes {begin}..{end}")
+    tensor = torch.empty(shape, dtype=dtype)
+    f.seek(data_start + begin)
+    if nbytes and f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+        raise bad(f"tensor {name!r} is cut short")
+    return tensor
 
 
 def _torch_load_safe(path: Path):
