@@ -127,7 +127,6 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
     from ..checks import same_aspect_ratio
     from ..config import UNKNOWN
     from ..images import load_label_map
-    from ..vocab import MAX_NAMES
 
     labels = load_label_map(path)
     height, width = labels.shape
@@ -137,10 +136,6 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
                          "image (a map of the same aspect ratio at another size is resized)")
     valid = labels[labels < UNKNOWN]
     n = num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
-    if n > MAX_NAMES:
-        raise LpossError(f"label map {path} holds class {n - 1}; at most {MAX_NAMES} classes "
-                         "are refined at once (each is propagated separately): give "
-                         f"--num-classes or map the classes to 0..{MAX_NAMES - 1}")
     if not bool((labels < n).any()):
         which = f"below {n}" if num_classes else "index (every pixel is 255, unknown)"
         raise LpossError(f"nothing to refine: no pixel of {path} holds a class {which}")

@@ -393,6 +393,7 @@ def load_clip(
     else:
         model = build_with_weights(build, _convert_clip_keys, state_dict, source.path, name,
                                    fill=_fill_causal_mask)
+        del state_dict  # its tensors are the parameters now: a cast must not keep both
     model = model.to(device=device, dtype=dtype)
     tokenizer = open_clip.get_tokenizer(name)
     if schema == "hf-hub" and source.path is None:  # open_clip has downloaded it by now

@@ -166,6 +166,7 @@ def load_dino(
         model = build(torch.device("cpu"))
     else:
         model = build_with_weights(build, convert, state_dict, path, name)
+        del state_dict  # its tensors are the parameters now: a cast must not keep both
     encoder = DinoEncoder(model.to(device=device, dtype=dtype))
     encoder.weights_info = source.info()
     return encoder
