@@ -92,6 +92,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise
 
 
+_LABEL_BAND_PIXELS = 1 << 22  # pixels per band when building a label PNG
+
+
 def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
     """Save a label map losslessly, pixel value = class index.
 
@@ -109,9 +112,13 @@ def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
     n = colors.shape[0]
     arr = _check_labels(labels, n)
     if n < UNKNOWN:
-        arr = np.where(arr == n, UNKNOWN, arr)
         height, width = arr.shape
-        im = Image.frombytes("P", (width, height), np.ascontiguousarray(arr, np.uint8).tobytes())
+        im = Image.new("P", (width, height))
+        rows = max(1, _LABEL_BAND_PIXELS // max(width, 1))
+        for top in range(0, height, rows):  # in bands: no full-size copy of a large map
+            band = arr[top:top + rows]
+            band = np.ascontiguousarray(np.where(band == n, UNKNOWN, band), np.uint8)
+            im.paste(Image.frombytes("P", (width, band.shape[0]), band.tobytes()), (0, top))
         table = np.zeros((256, 3), dtype=np.uint8)
         table[:n] = colors
         table[UNKNOWN] = UNKNOWN_COLOR
