@@ -8,7 +8,9 @@ from PIL import Image
 
 import lposs
 from lposs.config import LPOSSConfig
-from lposs.segmenter import UNKNOWN, EncodedImage, Segmenter, refine_scores
+from lposs.encoded import EncodedImage
+from lposs.refine import refine_scores
+from lposs.segmenter import UNKNOWN, Segmenter
 
 # Small graphs keep these tests fast; the math is the same at the paper's k.
 FAST = LPOSSConfig(k=30, short_side=224)

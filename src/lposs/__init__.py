@@ -49,9 +49,9 @@ _EXPORTS = {
     "Segmentation": "segmentation",
     "ScoreMaps": "segmentation",
     "load_image": "images",
-    "EncodedImage": "segmenter",
-    "refine_scores": "segmenter",
-    "refine_score_maps": "segmenter",
+    "EncodedImage": "encoded",
+    "refine_scores": "refine",
+    "refine_score_maps": "refine",
     "find_images": "images",
     # evaluation
     "mean_iou": "metrics",

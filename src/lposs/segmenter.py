@@ -19,82 +19,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checks import check_scores, check_unknown_threshold
+from .checks import check_unknown_threshold
 from .config import UNKNOWN, LPOSSConfig, get_preset
+from .encoded import EncodedImage, PreparedImage, WindowSetup
 from .errors import ConfigError
-from .files import atomic_write
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .progress import Progress, StageCounter
-from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph, pixel_propagation
+from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph
 from .segmentation import ScoreMaps, Segmentation, provenance
 from .vocab import parse_class_names
-from .windows import crop_windows, patch_positions, resize_image, stitch_windows, window_grid
-from .windows import working_size as working_size_of
+from .windows import crop_windows, patch_positions, stitch_windows, window_grid, working_image
 
 __all__ = [
     "Segmenter", "Segmentation", "ScoreMaps", "EncodedImage", "PreparedImage", "WindowSetup",
-    "UNKNOWN", "parse_class_names", "refine_score_maps", "refine_scores",
+    "UNKNOWN", "parse_class_names",
 ]
-
-@dataclass
-class WindowSetup:
-    """Cached encoder outputs for one (window size, stride) setup."""
-
-    boxes: torch.Tensor  # (n, 4) y1, x1, y2, x2 in working pixels
-    clip: torch.Tensor  # (n, E, gh, gw) dense CLIP features (unit norm), on the graph grid
-    dino: torch.Tensor | None  # (n * gh * gw, D) DINO value features, unit norm
-    positions: torch.Tensor | None  # (n * gh * gw, 2) patch centres (y, x)
-    patch_size: int  # pixels per grid cell of `clip`
-
-    def to(self, device: torch.device) -> WindowSetup:
-        """The features and positions on ``device`` (boxes stay on the CPU)."""
-        def move(t):
-            return None if t is None else t.to(device)
-
-        return WindowSetup(self.boxes, move(self.clip), move(self.dino), move(self.positions),
-                           self.patch_size)
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """An image decoded and resized for ``set_image`` (``Segmenter.prepare_image``)."""
-
-    image: torch.Tensor  # (3, H, W) the original image (uint8, or float in [0, 1]), on the CPU
-    working: torch.Tensor  # (3, h, w) float32 in [0, 1] at the working size
-    source: str | None = None  # the image file's resolved path, when read from a file
-
-
-@dataclass
-class EncodedImage:
-    """Everything ``predict`` needs from an image: what ``set_image`` computes once.
-
-    Save it with ``save`` to skip the encoders next time (e.g. an evaluation sweep over
-    propagation settings); ``Segmenter.set_encoded`` takes it back.
-    """
-
-    image: torch.Tensor  # (3, H, W) the original image (uint8, or float in [0, 1]), on the CPU
-    working: torch.Tensor  # (3, h, w) at the working size, on the model's device
-    setups: list[WindowSetup]
-    encode_s: float  # seconds the encoders took
-    source: str | None = None  # the image file (absolute path), None for an image in memory
-    encoders: str | None = None  # what encoded it (Segmenter.encoder_identity); None: unknown
-
-    def save(self, path: str | Path) -> None:
-        """Write to ``path`` atomically (a torch file of plain tensors, loadable with
-        ``weights_only=True``)."""
-        setups = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(s).items()}
-                  for s in self.setups]
-        payload = {"image": self.image.cpu(), "working": self.working.cpu(), "setups": setups,
-                   "encode_s": self.encode_s, "source": self.source, "encoders": self.encoders}
-        atomic_write(path, lambda f: torch.save(payload, f))
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> EncodedImage:
-        """Read what ``save`` wrote (never unpickles arbitrary objects)."""
-        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
-        return cls(payload["image"].cpu(), payload["working"],
-                   [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"],
-                   payload.get("source"), payload.get("encoders"))
 
 
 @dataclass
@@ -218,7 +157,7 @@ class Segmenter:
         """
         source = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
         image = read_image(image, max_pixels=max_pixels)  # uint8 for 8-bit sources
-        working = _working_image(image, self.config)
+        working = working_image(image, self.config.short_side, self.config.long_side)
         return PreparedImage(image.cpu(), working, source)
 
     @torch.inference_mode()
@@ -510,13 +449,6 @@ def _reduce_synonyms(
     return torch.stack([synonyms[class_index == c].amax(dim=0) for c in range(n_classes)])
 
 
-def _working_image(image: torch.Tensor, cfg: LPOSSConfig) -> torch.Tensor:
-    """`(3, H, W)` uint8 or float image -> `(3, h, w)` float32 in [0, 1] at the working size
-    (short side ``cfg.short_side``, long side at most ``cfg.long_side``)."""
-    size = working_size_of(*image.shape[-2:], cfg.short_side, cfg.long_side)
-    return resize_image(image, size).float()
-
-
 def _worst(reports: list[dict[str, int | float]]) -> dict[str, int | float]:
     """One convergence report from several solves: the most iterations, the worst residual."""
     return {"iterations": max(r["iterations"] for r in reports),
@@ -525,50 +457,3 @@ def _worst(reports: list[dict[str, int | float]]) -> dict[str, int | float]:
 
 def _settings(cfg: LPOSSConfig, unknown_threshold: float | None) -> dict:
     return {**asdict(cfg), "unknown_threshold": unknown_threshold}
-
-
-@torch.inference_mode()
-def refine_score_maps(
-    image, scores: torch.Tensor, config: LPOSSConfig | None = None, *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> ScoreMaps:
-    """LPOSS+ as a standalone post-processor for any segmenter's scores, kept at the
-    working size: the result's ``labels()`` and ``class_bands(c)`` resize them to the
-    image's size a band of rows at a time, so a large image never holds ``(C, H, W)``.
-
-    The image and scores are resized to the working size (shorter side
-    ``config.short_side``, longer side at most ``config.long_side``) and propagated over
-    the pixel graph.
-
-    Args:
-        image: what ``lposs.images.load_image`` accepts, `(3, H, W)` once loaded.
-        scores: `(C, h, w)` finite scores at any size of the image's aspect ratio
-            (resized to the working size).
-        config: r, tau, alpha, tol, max_iter, short_side and long_side are used.
-
-    Returns:
-        The refined scores, `(C, H, W)` once resized (``ScoreMaps.shape``).
-
-    Raises:
-        ScoresError: scores not `(C, h, w)` with C >= 1, not finite, or of another aspect
-            ratio than the image (``lposs.checks.check_scores``).
-    """
-    cfg = config or LPOSSConfig()
-    image = read_image(image, max_pixels=max_pixels)
-    height, width = image.shape[-2:]
-    check_scores(scores, (height, width))
-    working = _working_image(image, cfg)
-    y = F.interpolate(scores.float()[None], size=working.shape[-2:], mode="bilinear",
-                      align_corners=False)[0]
-    refined = pixel_propagation(working, y, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha, tol=cfg.tol,
-                                max_iter=cfg.max_iter)
-    return ScoreMaps(refined, None, (height, width))
-
-
-def refine_scores(
-    image, scores: torch.Tensor, config: LPOSSConfig | None = None, *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
-    """:func:`refine_score_maps` resized to the image: `(C, H, W)` float32 refined scores
-    (C full-size maps; for a large image use ``refine_score_maps``)."""
-    return refine_score_maps(image, scores, config, max_pixels=max_pixels).full()

@@ -15,6 +15,7 @@ from torch import Tensor
 __all__ = [
     "working_size",
     "resize_image",
+    "working_image",
     "BandResize",
     "window_grid",
     "crop_windows",
@@ -109,6 +110,13 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     out = F.interpolate(work[None], size=(h, w), mode="bilinear", align_corners=False,
                         antialias=False)[0]
     return out.to(image.dtype)
+
+
+def working_image(image: Tensor, short_side: int = 448, long_side: int = 2048) -> Tensor:
+    """``(3, H, W)`` uint8 or float image -> ``(3, h, w)`` float32 in [0, 1] at the
+    working size (:func:`working_size`, resized by :func:`resize_image`)."""
+    size = working_size(*image.shape[-2:], short_side, long_side)
+    return resize_image(image, size).float()
 
 
 class BandResize:

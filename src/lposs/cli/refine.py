@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checks import check_scores
     from ..config import UNKNOWN
     from ..images import read_image
-    from ..segmentation import provenance
-    from ..segmenter import Segmentation, refine_score_maps
+    from ..refine import refine_score_maps
+    from ..segmentation import Segmentation, provenance
     from ..vocab import MAX_NAMES, parse_class_names
     from ..windows import working_size
 

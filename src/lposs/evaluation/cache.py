@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..config import LPOSSConfig
+from ..encoded import EncodedImage
 from ..errors import DatasetError, LpossError
 from ..files import file_sha256
-from ..segmenter import EncodedImage, Segmenter
+from ..segmenter import Segmenter
 from .records import file_name
 from .settings import settings_digest
 
