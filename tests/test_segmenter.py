@@ -325,6 +325,7 @@ def test_score_maps_in_bands_equal_the_whole_image_resize(monkeypatch, tmp_path)
     expected_scores = resized / ones
     best = expected_scores.max(dim=0).values
     threshold = float(best.median())
+    monkeypatch.setattr(segmentation, "_WHOLE_PIXELS", 0)  # as for an image above 4 MP
     monkeypatch.setattr(segmentation, "_BAND_PIXELS", 371 * 16)  # 16 rows a band
     maps = segmentation.ScoreMaps(raw, weight, (250, 371))
     labels = maps.labels(threshold, dtype=torch.uint8)

@@ -256,6 +256,8 @@ def segment_files(
                     if not _expected(err):
                         raise
                     outcome.error = err
+                finally:  # its graphs are not needed while its files are written
+                    segmenter.release_image()
             writer.jobs.put((outcome, result, None if result is None else item.image))
             del item, result  # the writer holds them now
             for outcome in writer.finished():

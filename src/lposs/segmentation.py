@@ -29,9 +29,10 @@ __all__ = ["ScoreMaps", "Segmentation", "provenance"]
 _VERSIONED = {"open_clip": "open_clip_torch", "timm": "timm", "numpy": "numpy",
               "pillow": "pillow"}
 
-# Output pixels per band of rows when resizing scores to the original size (16 MB a plane):
-# images up to 4 MP are resized whole, larger ones a band of rows at a time.
-_BAND_PIXELS = 1 << 22
+# Images up to this many pixels are resized whole (torch's F.interpolate itself); larger
+# ones a band of rows of _BAND_PIXELS at a time (4 MB a float plane).
+_WHOLE_PIXELS = 1 << 22
+_BAND_PIXELS = 1 << 20
 
 # Floor for the propagated all-ones column that puts scores back on the cosine scale.
 _MIN_NORMALISER = 1e-6
@@ -60,7 +61,8 @@ class ScoreMaps:
         self.weight = weight
         self.size = (int(size[0]), int(size[1]))
         self._resize = BandResize(tuple(raw.shape[-2:]), self.size, raw.device)
-        self._rows = max(1, _BAND_PIXELS // self.size[1])
+        height, width = self.size
+        self._rows = height if height * width <= _WHOLE_PIXELS else max(1, _BAND_PIXELS // width)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -243,6 +243,12 @@ class Segmenter:
                            "clip": weights(self.clip), "dino": weights(dino)},
                           sort_keys=True, default=str)
 
+    def release_image(self) -> None:
+        """Forget the image set last, its features and its graphs (``predict`` needs a new
+        ``set_image`` after this): a batch frees them while the result is being written."""
+        self._state = self._state_source = None
+        self._image_graphs = None
+
     def set_encoded(self, encoded: EncodedImage) -> None:
         """Use an image encoded earlier (``set_image``'s return value, or
         ``EncodedImage.load``) with these same encoders and window settings; its graphs are
