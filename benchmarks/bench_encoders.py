@@ -108,6 +108,20 @@ def _load() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+def random_vitb16(device: torch.device, precision: str, parser: argparse.ArgumentParser):
+    """``(clip, dino, precision)``: the real OpenCLIP ViT-B-16 and DINO ViT-B/16
+    architectures with random weights (seed 0) on ``device``, in ``precision`` resolved
+    (``auto``); a precision the device refuses (fp16 on the CPU) is a usage error."""
+    torch.manual_seed(0)
+    try:
+        resolved = resolve_precision(precision, device)
+    except ConfigError as err:
+        parser.error(str(err))
+    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=resolved)
+    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=resolved)
+    return clip, dino, resolved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -121,13 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    try:
-        precision = resolve_precision(args.precision, device)
-    except ConfigError as err:  # fp16 on the CPU
-        parser.error(str(err))
-    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=precision)
-    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=precision)
+    clip, dino, precision = random_vitb16(device, args.precision, parser)
     windows = torch.rand(N_WINDOWS, 3, WINDOW, WINDOW, device=device)
 
     load_before = _load()

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_encoders import random_vitb16  # benchmarks/ is on the path of its scripts
 from PIL import Image
 
 from lposs.datasets import benchmark_classes
-from lposs.encoders import load_clip, load_dino, resolve_precision
-from lposs.errors import ConfigError
 from lposs.segmenter import Segmenter
 
 # A user's vocabulary (5 text rows) for the new-vocabulary timing, next to VOC's (46 rows).
@@ -108,13 +107,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-
-    try:
-        precision = resolve_precision(args.precision, device)
-    except ConfigError as err:  # fp16 on the CPU
-        parser.error(str(err))
-    clip = load_clip("ViT-B-16", pretrained=None, device=device, precision=precision)
-    dino = load_dino("dino_vitb16", pretrained=False, device=device, precision=precision)
+    clip, dino, precision = random_vitb16(device, args.precision, parser)
     segmenter = Segmenter(clip, dino)
     classes = benchmark_classes("voc")
     rng = np.random.default_rng(0)
