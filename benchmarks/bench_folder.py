@@ -2,7 +2,7 @@
 
 "one at a time" is the plain library loop (``segmenter(path, classes)`` then
 ``Segmentation.save``), what the command ran before; "pipelined" is
-``lposs.batch.segment_files``, what the command runs now (the next image decoded and
+``lposs.pipeline.batch.segment_files``, what the command runs now (the next image decoded and
 resized, the last one's files written, while the encoders run). Both write the same files
 (label PNG, overlay, JSON) for the same images with the same loaded segmenter.
 
@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lposs.batch import segment_files
-from lposs.datasets import benchmark_classes
 from lposs.encoders import load_clip, load_dino
-from lposs.segmenter import Segmenter
+from lposs.evaluation.datasets import benchmark_classes
+from lposs.pipeline.batch import segment_files
+from lposs.pipeline.segmenter import Segmenter
 
 USER_CLASSES = ["cat", "sofa", "background;wall;floor;ceiling"]  # as bench_segment.py
 VOC_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "voc2012" \

@@ -32,8 +32,8 @@ import torch
 from bench_encoders import random_vitb16  # benchmarks/ is on the path of its scripts
 from PIL import Image
 
-from lposs.datasets import benchmark_classes
-from lposs.segmenter import Segmenter
+from lposs.evaluation.datasets import benchmark_classes
+from lposs.pipeline.segmenter import Segmenter
 
 # A user's vocabulary (5 text rows) for the new-vocabulary timing, next to VOC's (46 rows).
 USER_CLASSES = ["cat", "sofa", "background;wall;floor;ceiling"]

@@ -233,8 +233,8 @@ def step_segment(ctx: StepContext) -> None:
     from PIL import Image
 
     from lposs.config import LPOSSConfig
-    from lposs.datasets import benchmark_classes
-    from lposs.segmenter import Segmenter
+    from lposs.evaluation.datasets import benchmark_classes
+    from lposs.pipeline.segmenter import Segmenter
 
     clip, dino = build_models(ctx.quick)
     config = LPOSSConfig()
@@ -303,9 +303,9 @@ def step_folder(ctx: StepContext) -> None:
     import bench_segment as bench
     from PIL import Image
 
-    from lposs.batch import IMAGES_PER_PASS_CUDA, segment_files
     from lposs.config import LPOSSConfig
-    from lposs.segmenter import Segmenter
+    from lposs.pipeline.batch import IMAGES_PER_PASS_CUDA, segment_files
+    from lposs.pipeline.segmenter import Segmenter
 
     clip, dino = build_models(ctx.quick)
     config = LPOSSConfig()

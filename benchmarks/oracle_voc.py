@@ -1,7 +1,7 @@
 """Oracle (patch-level resolution) mIoU and Boundary IoU on PASCAL VOC 2012 val.
 
 Reads the 1,449 official val masks (palette PNGs: 0..20, 255 = void), replaces each by
-``lposs.metrics.oracle_labels`` (ground truth down to the 16-px patch grid and back) and
+``lposs.evaluation.metrics.oracle_labels`` (ground truth down to the 16-px patch grid and back) and
 scores it against the original, as the paper's "Oracle (patch-level res.)" row.
 
     python benchmarks/oracle_voc.py [MASKS_DIR] [--patch-size 16] [--limit N]
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lposs.metrics import SegmentationMetrics, oracle_labels
+from lposs.evaluation.metrics import SegmentationMetrics, oracle_labels
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MASKS = REPO.parent / "shared" / "data" / "voc2012_val_masks"

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from bench_memory import cpu_description  # benchmarks/ is on the path of its scripts
 
-from lposs.datasets import benchmark_classes
 from lposs.encoders import load_clip, load_dino
-from lposs.segmenter import Segmenter
+from lposs.evaluation.datasets import benchmark_classes
+from lposs.pipeline.segmenter import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"

@@ -3,7 +3,7 @@
 The oracle (ground truth downsampled to the 16-pixel patch grid and upsampled back) has
 exactly the blocky boundaries that LPOSS+ is meant to fix, and needs no model weights.
 Each mask's oracle label map is one-hot encoded, refined by the pixel stage on its photo
-(`lposs.refine.refine_scores`, the paper's r = 13, tau = 0.01, alpha = 0.95 at the
+(`lposs.pipeline.refine.refine_scores`, the paper's r = 13, tau = 0.01, alpha = 0.95 at the
 448 working size), and both are scored against the ground truth.
 
     python benchmarks/refine_real.py [--data ../shared/data/photos]
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from lposs.datasets import FolderDataset, benchmark_classes
-from lposs.metrics import SegmentationMetrics, oracle_labels
-from lposs.refine import refine_scores
+from lposs.evaluation.datasets import FolderDataset, benchmark_classes
+from lposs.evaluation.metrics import SegmentationMetrics, oracle_labels
+from lposs.pipeline.refine import refine_scores
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lposs.batch import segment_files
 from lposs.config import LPOSSConfig
-from lposs.segmenter import Segmenter
+from lposs.pipeline.batch import segment_files
+from lposs.pipeline.segmenter import Segmenter
 
 FAST = LPOSSConfig(k=30, short_side=224)
 CLASSES = ["red thing", "green thing;grass", "sky"]

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from lposs.checks import check_scores, check_unknown_threshold, same_aspect_ratio
 from lposs.errors import ConfigError, ScoresError
+from lposs.pipeline.checks import check_scores, check_unknown_threshold, same_aspect_ratio
 
 _SIZES = [(40, 60), (448, 600), (2, 5000), (333, 500), (1080, 1920), (7, 3)]
 _ROUNDINGS = [math.floor, math.ceil, lambda v: int(v + 0.5)]

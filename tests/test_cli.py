@@ -207,13 +207,13 @@ def _modules_after(argv: list[str]) -> set[str]:
 def test_segment_help_imports_neither_datasets_nor_demo():
     loaded = _modules_after(["segment", "--help"])
     assert "lposs.cli.segment" in loaded
-    assert not {"gradio", "lposs.datasets", "lposs.demo", "lposs.evaluation"} & loaded
+    assert not {"gradio", "lposs.evaluation.datasets", "lposs.demo", "lposs.evaluation"} & loaded
     # The check sees imports: the eval command's options name the benchmarks.
-    assert "lposs.datasets" in _modules_after(["eval", "--help"])
+    assert "lposs.evaluation.datasets" in _modules_after(["eval", "--help"])
 
 
 def test_segment_help_shows_only_meaningful_defaults(capsys):
-    from lposs.images import DEFAULT_MAX_PIXELS
+    from lposs.pipeline.images import DEFAULT_MAX_PIXELS
 
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "--help"])

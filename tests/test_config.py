@@ -102,7 +102,7 @@ def _assert_same_encoding(a, b):
 @pytest.mark.parametrize("field", list(_OTHER_VALUES))
 def test_a_sweepable_field_keeps_the_encoding_and_rebuilds_the_graphs(field, tiny_clip,
                                                                       tiny_dino):
-    from lposs.segmenter import Segmenter
+    from lposs.pipeline.segmenter import Segmenter
 
     base = LPOSSConfig(k=10, r=5, short_side=64, windows=((64, 32),))
     changed = base.replace(**{field: _OTHER_VALUES[field]})
@@ -122,7 +122,7 @@ def test_a_sweepable_field_keeps_the_encoding_and_rebuilds_the_graphs(field, tin
 @pytest.mark.parametrize("changes", [{"short_side": 48}, {"long_side": 48},
                                      {"windows": ((48, 32),)}, {"patch_stage": False}])
 def test_an_encoder_field_changes_the_encoding_and_its_key(changes, tiny_clip, tiny_dino):
-    from lposs.segmenter import Segmenter
+    from lposs.pipeline.segmenter import Segmenter
 
     base = LPOSSConfig(k=10, r=5, short_side=64, windows=((64, 32),))
     changed = base.replace(**changes)

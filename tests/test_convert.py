@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lposs.convert import (
+from lposs.errors import DatasetError
+from lposs.evaluation.convert import (
     CITYSCAPES_LABELS,
     CITYSCAPES_LUT,
     COCO_OBJECT_LUT,
@@ -18,8 +19,7 @@ from lposs.convert import (
     decode_rle,
     polygons_to_mask,
 )
-from lposs.datasets import get_dataset
-from lposs.errors import DatasetError
+from lposs.evaluation.datasets import get_dataset
 
 H, W = 32, 40
 REPO = Path(__file__).resolve().parents[1]

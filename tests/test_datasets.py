@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lposs.datasets import (
+from lposs.errors import ClassNamesError, DatasetError
+from lposs.evaluation.datasets import (
     DATASETS,
     FolderDataset,
     Sample,
@@ -16,7 +17,6 @@ from lposs.datasets import (
     get_dataset,
     load_class_names,
 )
-from lposs.errors import ClassNamesError, DatasetError
 
 H, W = 32, 40
 REPO = Path(__file__).resolve().parents[1]

@@ -303,7 +303,7 @@ def test_backend_encodes_once_and_matches_the_segmenter(tiny_model_files, tmp_pa
     and every result equals a full run of the library's Segmenter on the same models."""
     from lposs.config import PRESETS
     from lposs.demo import DemoBackend
-    from lposs.segmenter import Segmenter
+    from lposs.pipeline.segmenter import Segmenter
 
     clip_dir, dino_file = tiny_model_files
     presets = {name: c.replace(clip=f"local-dir:{clip_dir}", dino="vit_tiny_patch16_224",

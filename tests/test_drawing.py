@@ -1,12 +1,12 @@
-"""Tests for lposs.drawing: the palette, pixel shares, the overlay with its legend."""
+"""Tests for lposs.output.drawing: the palette, pixel shares, the overlay with its legend."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lposs.drawing import UNKNOWN_COLOR, class_shares, overlay, palette
-from lposs.files import save_overlay
+from lposs.output.drawing import UNKNOWN_COLOR, class_shares, overlay, palette
+from lposs.output.files import save_overlay
 
 
 def as_hwc(t):
@@ -87,21 +87,21 @@ def test_class_shares():
 
 
 def _font():
-    from lposs.drawing import _legend_font
+    from lposs.output.drawing import _legend_font
 
     return _legend_font(12)
 
 
 @pytest.mark.parametrize("name", ["house", "número", "σπίτι", "дом", "Ærøskøbing"])
 def test_the_shipped_font_draws_latin_greek_and_cyrillic(name):
-    from lposs.drawing import drawable
+    from lposs.output.drawing import drawable
 
     assert drawable(_font(), name)
 
 
 @pytest.mark.parametrize("name", ["房子", "家", "cat 猫"])
 def test_names_the_font_cannot_draw_are_shown_by_index(name):
-    from lposs.drawing import drawable, legend_lines
+    from lposs.output.drawing import drawable, legend_lines
 
     font = _font()
     assert not drawable(font, name)
@@ -111,7 +111,7 @@ def test_names_the_font_cannot_draw_are_shown_by_index(name):
 
 
 def test_legend_lists_absent_classes_as_not_found():
-    from lposs.drawing import legend_lines
+    from lposs.output.drawing import legend_lines
 
     entries, not_found = legend_lines(_font(), ["a", "b", "c", "d"],
                                       [0.25, 0.0, 0.5, 0.0, 0.25], 300, unknown_name="?")
@@ -121,7 +121,7 @@ def test_legend_lists_absent_classes_as_not_found():
 
 
 def test_long_names_wrap_and_end_in_an_ellipsis():
-    from lposs.drawing import wrap_text
+    from lposs.output.drawing import wrap_text
 
     font = _font()
     lines = wrap_text(font, "x" * 500, 150, suffix="  12.5%")

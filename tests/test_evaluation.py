@@ -21,11 +21,11 @@ from scipy import ndimage
 from lposs.cli.eval import add_parser as add_eval_parser
 from lposs.cli.eval import parse_sweep
 from lposs.config import LPOSSConfig
-from lposs.datasets import FolderDataset
 from lposs.errors import ConfigError, LpossError
 from lposs.evaluation import evaluate, sweep
-from lposs.metrics import oracle_labels
-from lposs.segmenter import Segmenter
+from lposs.evaluation.datasets import FolderDataset
+from lposs.evaluation.metrics import oracle_labels
+from lposs.pipeline.segmenter import Segmenter
 
 H, W = 40, 60
 CLASSES = ["sky", "grass;lawn", "road"]
@@ -245,7 +245,7 @@ def test_two_processes_give_the_numbers_of_one(dataset, folder, tmp_path):
     script = tmp_path / "run_eval.py"
     script.write_text(textwrap.dedent("""
         import json, os, sys
-        from lposs.datasets import FolderDataset
+        from lposs.evaluation.datasets import FolderDataset
         from lposs.evaluation import evaluate
 
         ids = []

@@ -1,4 +1,4 @@
-"""Tests for lposs.files: atomic writes, label PNGs, JSON, score arrays, file hashes."""
+"""Tests for lposs.output.files: atomic writes, label PNGs, JSON, score arrays, file hashes."""
 
 import hashlib
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lposs.drawing import UNKNOWN_COLOR, palette
 from lposs.errors import OutputError
-from lposs.files import (
+from lposs.output.drawing import UNKNOWN_COLOR, palette
+from lposs.output.files import (
     LOCK_NAME,
     atomic_write,
     file_sha256,
@@ -20,7 +20,7 @@ from lposs.files import (
     save_scores,
     write_json,
 )
-from lposs.images import load_label_map
+from lposs.pipeline.images import load_label_map
 
 RNG = np.random.default_rng(0)
 

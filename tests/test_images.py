@@ -1,4 +1,4 @@
-"""Tests for lposs.images: decoding with checks, finding image files, reading label maps."""
+"""Tests for lposs.pipeline.images - decoding, finding files, label maps."""
 
 import warnings
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from lposs.errors import ImageError
-from lposs.images import IMAGE_SUFFIXES, find_images, load_image, load_label_map
+from lposs.pipeline.images import IMAGE_SUFFIXES, find_images, load_image, load_label_map
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -184,7 +184,7 @@ def test_find_images(tmp_path):
 
 
 def test_image_suffixes_are_the_folder_dataset_images(tmp_path):
-    from lposs.datasets import FolderDataset
+    from lposs.evaluation.datasets import FolderDataset
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for lposs.metrics against independent numpy computations written here."""
+"""Tests for lposs.evaluation.metrics against independent numpy computations written here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lposs.metrics import (
+from lposs.evaluation.metrics import (
     SegmentationMetrics,
     boundary_counts,
     boundary_dilation,

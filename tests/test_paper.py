@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lposs.paper import paper_reference
+from lposs.evaluation.paper import paper_reference
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

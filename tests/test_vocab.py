@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lposs
-from lposs import segmenter
 from lposs.errors import ClassNamesError, DatasetError
+from lposs.pipeline import segmenter
 from lposs.vocab import check_class_names, load_class_names, parse_class_names, split_synonyms
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lposs.windows import (
+from lposs.pipeline.windows import (
     BandResize,
     crop_windows,
     patch_positions,
@@ -241,7 +241,7 @@ def test_stitch_keeps_half_dtype_and_validates():
 
 
 def test_pad_to_multiple_pads_bottom_right_with_zeros():
-    from lposs.windows import pad_to_multiple
+    from lposs.pipeline.windows import pad_to_multiple
 
     x = torch.rand(2, 3, 5, 7) + 1
     out = pad_to_multiple(x, 4)

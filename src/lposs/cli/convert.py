@@ -13,7 +13,7 @@ __all__ = ["SUMMARY", "add_parser", "run"]
 
 SUMMARY = "make the label files some benchmarks need (train ids)"
 
-_CONVERTERS = ("coco_stuff", "coco_object", "cityscapes")  # lposs.convert.convert_<name>
+_CONVERTERS = ("coco_stuff", "coco_object", "cityscapes")  # lposs.evaluation.convert.convert_<name>
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lposs convert`` from parsed arguments; returns the exit status."""
     from tqdm import tqdm
 
-    from .. import convert
+    from ..evaluation import convert
 
     kwargs = {"splits": args.splits, "overwrite": args.overwrite}
     if args.dataset == "coco_object":

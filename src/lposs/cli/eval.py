@@ -45,8 +45,8 @@ default RUN_DIR/cache):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``add_subparsers``)."""
-    from ..datasets import DATASETS
     from ..evaluation import METHODS
+    from ..evaluation.datasets import DATASETS
 
     p = subparsers.add_parser("eval", formatter_class=HelpFormatter, description=_DESCRIPTION,
                               help=SUMMARY)
@@ -116,7 +116,7 @@ def parse_sweep(specs: list[str] | None) -> dict[str, list]:
 
 
 def _dataset(args: argparse.Namespace):
-    from ..datasets import FolderDataset, get_dataset
+    from ..evaluation.datasets import FolderDataset, get_dataset
 
     if args.dataset == "folder":
         missing = [flag for flag, value in (("--images", args.images), ("--masks", args.masks),
@@ -136,7 +136,7 @@ def _dataset(args: argparse.Namespace):
 
 def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
     from ..config import get_preset
-    from ..segmenter import Segmenter
+    from ..pipeline.segmenter import Segmenter
 
     config = config_from(args, get_preset(args.preset).with_method(args.method))
     return Segmenter.from_pretrained(config, clip_weights=args.clip_weights,

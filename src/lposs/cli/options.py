@@ -152,14 +152,14 @@ def writing_to(folder: Path) -> Iterator[None]:
     """Hold ``folder`` as a command's output folder while the command runs.
 
     Creates it (with its missing parents) and checks that it is writable
-    (:func:`ensure_writable`), holds its lock (``lposs.files.folder_lock``) so that a
+    (:func:`ensure_writable`), holds its lock (``lposs.output.files.folder_lock``) so that a
     second lposs writing there stops at once, and on leaving removes the folders it
     created if nothing was written into them.
 
     Raises:
         LpossError: the folder cannot be written, or another lposs is writing to it.
     """
-    from ..files import folder_lock
+    from ..output.files import folder_lock
 
     folder = Path(folder)
     created = []  # the folders this call creates, innermost first

@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lposs refine`` from parsed arguments; returns the exit status."""
     import torch
 
-    from ..checks import check_scores
     from ..config import UNKNOWN
-    from ..images import read_image
-    from ..refine import refine_score_maps
-    from ..segmentation import Segmentation, provenance
+    from ..output.segmentation import Segmentation, provenance
+    from ..pipeline.checks import check_scores
+    from ..pipeline.images import read_image
+    from ..pipeline.refine import refine_score_maps
+    from ..pipeline.windows import working_size
     from ..vocab import MAX_NAMES, parse_class_names
-    from ..windows import working_size
 
     if args.num_classes is not None and args.scores is not None:
         raise LpossError("--num-classes only applies to --labels (scores give C themselves)")
@@ -124,9 +124,9 @@ def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
     """
     import torch
 
-    from ..checks import same_aspect_ratio
     from ..config import UNKNOWN
-    from ..images import load_label_map
+    from ..pipeline.checks import same_aspect_ratio
+    from ..pipeline.images import load_label_map
 
     labels = load_label_map(path)
     height, width = labels.shape

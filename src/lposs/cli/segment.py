@@ -30,7 +30,7 @@ SUMMARY = "segment images into free-text classes"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``segment`` command to ``subparsers`` (from ``add_subparsers``)."""
-    from ..images import DEFAULT_MAX_PIXELS
+    from ..pipeline.images import DEFAULT_MAX_PIXELS
 
     p = subparsers.add_parser(
         "segment", formatter_class=HelpFormatter, help=SUMMARY,
@@ -95,8 +95,8 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lposs segment`` from parsed arguments; returns the exit status."""
-    from ..checks import check_unknown_threshold
     from ..errors import ConfigError
+    from ..pipeline.checks import check_unknown_threshold
 
     try:
         check_unknown_threshold(args.unknown_threshold)
@@ -119,8 +119,8 @@ def _segment(args: argparse.Namespace) -> int:
     """
     from ..config import get_preset
     from ..distributed import distributed_context, process_group
-    from ..images import find_images
-    from ..segmenter import Segmenter
+    from ..pipeline.images import find_images
+    from ..pipeline.segmenter import Segmenter
 
     rank, world, local_rank = distributed_context()
     classes = _class_names(args)
@@ -191,7 +191,7 @@ def _segment_share(args: argparse.Namespace, segmenter, classes: list[str], path
     Raises:
         _Interrupted: Ctrl-C (the files of the images finished by then are written).
     """
-    from ..batch import segment_files
+    from ..pipeline.batch import segment_files
 
     done = failed = 0
     outcomes = segment_files(

@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from .. import files
-from ..files import atomic_write
+from ..output import files
+from ..output.files import atomic_write
 
 __all__ = ["CACHE_ENV", "cache_root", "file_sha256"]
 
@@ -57,7 +57,7 @@ def file_sha256(path: str | os.PathLike) -> str:
         digest = known.get("sha256")
         if isinstance(digest, str) and len(digest) == 64:
             return digest
-    digest = files.file_sha256(path)  # the one file hash (lposs.files)
+    digest = files.file_sha256(path)  # the one file hash (lposs.output.files)
     index = _read_index(index_path)  # read again: another process may have added entries
     index = {name: entry for name, entry in index.items() if os.path.isfile(name)}
     index[str(path)] = {**identity, "sha256": digest}

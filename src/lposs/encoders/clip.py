@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClassNamesError
-from ..files import atomic_write
+from ..output.files import atomic_write
 from ..vocab import split_synonyms
 from .cache import CACHE_ENV, cache_root
 from .common import DenseEncoder, chunks

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..windows import pad_to_multiple
+from ..pipeline.windows import pad_to_multiple
 from .device import PRECISIONS
 
 __all__ = [

@@ -1,8 +1,8 @@
 """Evaluation over a dataset: mIoU, Boundary IoU and pixel accuracy, resumable and distributed.
 
-``evaluate`` runs a :class:`~lposs.segmenter.Segmenter` (or the patch-resolution oracle) over
-a :class:`~lposs.datasets.SegmentationDataset` and sums per-image integer counts
-(:mod:`lposs.metrics`) into one result.
+``evaluate`` runs a ``Segmenter`` (or the patch-resolution oracle) over
+a :class:`~lposs.evaluation.datasets.SegmentationDataset` and sums per-image integer counts
+(:mod:`lposs.evaluation.metrics`) into one result.
 
 With a ``run_dir``, every image's counts are written as soon as they exist, atomically, to
 ``run_dir/records/<image id>.json`` (sparse confusion-matrix counts, Boundary IoU band

@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..config import LPOSSConfig
-from ..encoded import EncodedImage
 from ..errors import DatasetError, LpossError
-from ..files import file_sha256
-from ..segmenter import Segmenter
+from ..output.files import file_sha256
+from ..pipeline.encoded import EncodedImage
+from ..pipeline.segmenter import Segmenter
 from .records import file_name
 from .settings import settings_digest
 

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from ..datasets import SegmentationDataset
 from ..distributed import distributed_context, process_group
 from ..errors import DatasetError, LpossError
-from ..files import atomic_write, write_json
-from ..metrics import oracle_labels
-from ..paper import paper_reference
-from ..segmentation import provenance
-from ..segmenter import Segmenter
+from ..output.files import atomic_write, write_json
+from ..output.segmentation import provenance
+from ..pipeline.segmenter import Segmenter
 from .cache import cache_folder, encode_cached
+from .datasets import SegmentationDataset
+from .metrics import oracle_labels
+from .paper import paper_reference
 from .records import (
     DamagedRecord,
     RecordSpec,
@@ -107,7 +107,7 @@ def evaluate(
     images are summed exactly (int64) and turned into IoUs (METHOD.md conventions).
 
     Args:
-        dataset: the images, labels and classes (``lposs.datasets``).
+        dataset: the images, labels and classes (``lposs.evaluation.datasets``).
         segmenter: runs the model methods; None for ``method="oracle"``. Its stages are set
             from ``method`` (a copy sharing the encoders; the argument is not changed).
         method: ``"lposs+"``, ``"lposs"``, ``"maskclip"`` (no propagation) or ``"oracle"``

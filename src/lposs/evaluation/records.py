@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from ..datasets import SegmentationDataset
 from ..distributed import ProcessGroup
 from ..errors import DatasetError, LpossError
-from ..files import write_json
-from ..metrics import SegmentationMetrics
+from ..output.files import write_json
+from .datasets import SegmentationDataset
+from .metrics import SegmentationMetrics
 from .settings import DILATION_RATIO, RECORD_FORMAT, canonical_json, settings_digest
 
 __all__ = [

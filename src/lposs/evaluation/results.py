@@ -49,7 +49,7 @@ class EvalResult:
         stats: images, computed, reused, redone (damaged records), cache_hits,
             cache_misses (summed over processes), seconds (this process's wall time).
         run_dir: where records and results were written, or None.
-        provenance: what made it (``lposs.segmentation.provenance``): package versions,
+        provenance: what made it (``lposs.output.segmentation.provenance``): package versions,
             device, precision and where each encoder's weights came from (file path or
             Hub repository, revision and file, sha256).
     """

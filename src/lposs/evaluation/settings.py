@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..config import METHODS as _MODEL_METHODS
-from ..datasets import SegmentationDataset
-from ..segmenter import Segmenter
+from ..pipeline.segmenter import Segmenter
+from .datasets import SegmentationDataset
 
 __all__ = [
     "METHODS",
@@ -96,7 +96,7 @@ def resolve_method(segmenter: Segmenter | None,
 def check_dataset(dataset: Any) -> None:
     """Raises ``TypeError`` unless ``dataset`` is a ``SegmentationDataset``."""
     if not isinstance(dataset, SegmentationDataset):
-        raise TypeError(f"dataset must be a SegmentationDataset (lposs.datasets.get_dataset or "
+        raise TypeError(f"dataset must be a SegmentationDataset (datasets.get_dataset or "
                         f"FolderDataset), got {type(dataset).__name__}")
 
 

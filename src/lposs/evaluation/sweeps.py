@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LPOSSConfig
-from ..datasets import SegmentationDataset
 from ..distributed import distributed_context, process_group
 from ..errors import ConfigError
-from ..files import atomic_write, write_json
-from ..segmenter import Segmenter
+from ..output.files import atomic_write, write_json
+from ..pipeline.segmenter import Segmenter
+from .datasets import SegmentationDataset
 from .loop import evaluate
 from .results import ProgressEvent, SweepResult
 from .settings import resolve_method

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import ImageError
+from ..errors import ImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -351,7 +351,7 @@ def load_label_map(path: str | os.PathLike, *,
 
     Palette images give their pixel indices (not colours), grey, 16-bit and bilevel images
     their values; 255 keeps its meaning (unknown / ignore, :data:`lposs.config.UNKNOWN`).
-    Reads what :func:`lposs.files.save_label_png` writes, and every benchmark's labels.
+    Reads what :func:`lposs.output.files.save_label_png` writes, and every benchmark's labels.
 
     Args:
         path: Label image file.

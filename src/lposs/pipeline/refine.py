@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import LPOSSConfig
+from ..output.segmentation import ScoreMaps
+from ..propagation import pixel_propagation
 from .checks import check_scores
-from .config import LPOSSConfig
 from .images import DEFAULT_MAX_PIXELS, read_image
-from .propagation import pixel_propagation
-from .segmentation import ScoreMaps
 from .windows import working_image
 
 __all__ = ["refine_score_maps", "refine_scores"]
@@ -30,7 +30,7 @@ def refine_score_maps(
     the pixel graph.
 
     Args:
-        image: what ``lposs.images.load_image`` accepts, `(3, H, W)` once loaded.
+        image: what ``lposs.pipeline.images.load_image`` accepts, `(3, H, W)` once loaded.
         scores: `(C, h, w)` finite scores at any size of the image's aspect ratio
             (resized to the working size).
         config: r, tau, alpha, tol, max_iter, short_side and long_side are used.
@@ -40,7 +40,7 @@ def refine_score_maps(
 
     Raises:
         ScoresError: scores not `(C, h, w)` with C >= 1, not finite, or of another aspect
-            ratio than the image (``lposs.checks.check_scores``).
+            ratio than the image (``lposs.pipeline.checks.check_scores``).
     """
     cfg = config or LPOSSConfig()
     image = read_image(image, max_pixels=max_pixels)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .config import UNKNOWN
+from ..config import UNKNOWN
+from ..errors import OutputError
+from ..pipeline.windows import BandResize
 from .drawing import class_shares, overlay, palette
-from .errors import OutputError
 from .files import save_label_png, save_overlay, save_scores, write_json
-from .windows import BandResize
 
 __all__ = ["ScoreMaps", "Segmentation", "provenance"]
 
@@ -47,7 +47,7 @@ class ScoreMaps:
     The scores reported divide the resized raw scores by the resized propagated
     all-ones column (``weight``), which puts them on the cosine scale without changing
     the argmax. Everything at the original size is made in bands of rows
-    (:class:`lposs.windows.BandResize`), so labelling a large image holds a few
+    (:class:`lposs.pipeline.windows.BandResize`), so labelling a large image holds a few
     megabytes of scores, never a full-size float map.
 
     Args:
@@ -150,7 +150,7 @@ def provenance(
         "device", "precision", "weights"}``; a package that is not installed has version
         None.
     """
-    from . import __version__
+    from .. import __version__
 
     versions: dict[str, str | None] = {"lposs": __version__, "torch": torch.__version__}
     for key, distribution in _VERSIONED.items():
@@ -273,7 +273,7 @@ class Segmentation:
 
         Args:
             image: the `(3, H, W)` image (uint8 or float in [0, 1]) already in memory (e.g.
-                ``Segmenter.image``), or anything ``lposs.images.load_image`` accepts, at
+                ``Segmenter.image``), or anything ``lposs.pipeline.images.load_image`` accepts, at
                 the labels' size.
         """
         return overlay(image, self.label_map, self.classes, self.colors())
@@ -291,7 +291,7 @@ class Segmentation:
             stem: File name stem.
             image: For the overlay: the `(3, H, W)` image (uint8 or float in [0, 1]) in memory
                 (``Segmenter.image``; not decoded again), or anything
-                ``lposs.images.load_image`` accepts; None writes no overlay.
+                ``lposs.pipeline.images.load_image`` accepts; None writes no overlay.
             scores: Also write the `(C, H, W)` float32 scores.
 
         Returns:

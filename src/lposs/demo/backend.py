@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import LPOSSConfig
-from .errors import ClassNamesError, ImageError, LpossError
+from ..config import LPOSSConfig
+from ..errors import ClassNamesError, ImageError, LpossError
 
 __all__ = ["DemoBackend", "DemoResult", "DEFAULT_MAX_PIXELS"]
 
@@ -156,8 +156,8 @@ class DemoBackend:
         if classes is None or not classes.strip(" ,;\n\t"):
             raise ClassNamesError("no class names: type some, comma-separated, e.g. "
                                   "'sky, grass;lawn, house' (';' joins synonyms)")
-        from .checks import check_unknown_threshold
-        from .vocab import parse_class_names
+        from ..pipeline.checks import check_unknown_threshold
+        from ..vocab import parse_class_names
 
         names = parse_class_names(classes)
         check_unknown_threshold(unknown_threshold)
@@ -169,7 +169,7 @@ class DemoBackend:
             result = segmenter.predict(names, unknown_threshold=unknown_threshold)
             result.timings = {**result.timings, "encode": 0.0 if reused else encoded.encode_s}
             files = self._save(result, Path(image).stem)
-        from .drawing import UNKNOWN_COLOR
+        from ..output.drawing import UNKNOWN_COLOR
 
         overlay = result.overlay(encoded.image)
         colors = [tuple(int(v) for v in c) for c in result.colors()]
@@ -181,7 +181,7 @@ class DemoBackend:
     # ------------------------------------------------------------------ internals
     def _segmenter(self, config: LPOSSConfig):
         """One Segmenter per config; the encoders are shared by every config naming them."""
-        from .segmenter import Segmenter
+        from ..pipeline.segmenter import Segmenter
 
         if config not in self._segmenters:
             clip = self._clip(config)
@@ -192,7 +192,7 @@ class DemoBackend:
     def _clip(self, config: LPOSSConfig):
         key = (config.clip, config.clip_pretrained)
         if key not in self._clips:
-            from .encoders import load_clip
+            from ..encoders import load_clip
 
             self._clips[key] = load_clip(config.clip, config.clip_pretrained,
                                          weights=self._clip_weights.get(key), device=self.device,
@@ -201,7 +201,7 @@ class DemoBackend:
 
     def _dino(self, config: LPOSSConfig):
         if config.dino not in self._dinos:
-            from .encoders import load_dino
+            from ..encoders import load_dino
 
             self._dinos[config.dino] = load_dino(config.dino,
                                                  weights=self._dino_weights.get(config.dino),
@@ -211,7 +211,7 @@ class DemoBackend:
     def _encode(self, segmenter, path: Path):
         """The encoded image, from the cache when this content was encoded with these
         encoders and windows before. Returns ``(EncodedImage, reused)``."""
-        from .files import file_sha256
+        from ..output.files import file_sha256
 
         cfg = segmenter.config
         try:
@@ -222,7 +222,7 @@ class DemoBackend:
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key], True
-        from .images import read_image
+        from ..pipeline.images import read_image
 
         try:  # uint8, as lposs segment reads it: the same OpenCV resize, the same answer
             image = read_image(path, max_pixels=self.max_pixels)

@@ -1,7 +1,7 @@
 """Drawing segmentations: the class palette, pixel shares, and the overlay with a legend.
 
 No model code; numpy and Pillow. The files these end up in are written by
-:mod:`lposs.files`.
+:mod:`lposs.output.files`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .config import UNKNOWN
-from .images import as_float, read_image
+from ..config import UNKNOWN
+from ..pipeline.images import as_float, read_image
 
 __all__ = [
     "UNKNOWN_COLOR",

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .errors import ConfigError, ScoresError
-from .vocab import MAX_NAMES
+from ..errors import ConfigError, ScoresError
+from ..vocab import MAX_NAMES
 
 __all__ = ["same_aspect_ratio", "check_scores", "check_unknown_threshold"]
 

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import UNKNOWN, LPOSSConfig, get_preset
+from ..errors import ConfigError
+from ..output.segmentation import ScoreMaps, Segmentation, provenance
+from ..progress import Progress, StageCounter
+from ..propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph
+from ..vocab import parse_class_names
 from .checks import check_unknown_threshold
-from .config import UNKNOWN, LPOSSConfig, get_preset
 from .encoded import EncodedImage, PreparedImage, WindowSetup
-from .errors import ConfigError
 from .images import DEFAULT_MAX_PIXELS, read_image
-from .progress import Progress, StageCounter
-from .propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph
-from .segmentation import ScoreMaps, Segmentation, provenance
-from .vocab import parse_class_names
 from .windows import crop_windows, patch_positions, stitch_windows, window_grid, working_image
 
 __all__ = [
@@ -98,7 +98,7 @@ class Segmenter:
         Raises:
             WeightsNotFoundError: weights neither cached, downloadable nor given.
         """
-        from .encoders import load_clip, load_dino, resolve_weights
+        from ..encoders import load_clip, load_dino, resolve_weights
 
         config = get_preset(preset) if isinstance(preset, str) else preset
         config = config.replace(**overrides) if overrides else config
@@ -119,7 +119,7 @@ class Segmenter:
 
     def provenance(self) -> dict:
         """What this segmenter's results are made with, for their JSON
-        (:func:`lposs.segmentation.provenance`): package versions, device, the precision
+        (:func:`lposs.output.segmentation.provenance`): package versions, device, the precision
         the encoders compute in, and per encoder its model name and where its weights came
         from (``weights_info``: file path or Hub repository, revision and file, sha256;
         ``"random"`` for random weights). The OpenCLIP tag (``pretrained``) is listed only

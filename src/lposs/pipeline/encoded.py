@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write
+from ..output.files import atomic_write
 
 __all__ = ["WindowSetup", "PreparedImage", "EncodedImage"]
 

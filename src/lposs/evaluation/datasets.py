@@ -10,7 +10,7 @@ Layouts (``data_root`` holds the dataset folders below, or is one of them itself
     VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/val.txt}
     VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/val.txt}
     coco_stuff164k/{images,annotations}/val2017  (labels <stem>_labelTrainIds.png and
-                                                  <stem>_instanceTrainIds.png; see lposs.convert)
+                                                  <stem>_instanceTrainIds.png; see convert.py)
     ADEChallengeData2016/{images,annotations}/validation  (also found under ade/)
     cityscapes/leftImg8bit/val/<city>/*_leftImg8bit.png,
     cityscapes/gtFine/val/<city>/*_gtFine_labelTrainIds.png
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UNKNOWN
-from .errors import DatasetError, ImageError
-from .images import IMAGE_SUFFIXES, load_label_map
-from .vocab import check_class_names, load_class_names
+from ..config import UNKNOWN
+from ..errors import DatasetError, ImageError
+from ..pipeline.images import IMAGE_SUFFIXES, load_label_map
+from ..vocab import check_class_names, load_class_names
 
 __all__ = [
     "Sample",
@@ -82,7 +82,7 @@ class Sample:
 
 
 def _read_label(path: str | os.PathLike) -> np.ndarray:
-    """``(H, W)`` int64 label values as stored (:func:`lposs.images.load_label_map`), with a
+    """``(H, W)`` int64 label values as stored (``load_label_map``), with a
     ``DatasetError`` for a missing or unusable file."""
     try:
         return load_label_map(path).numpy()

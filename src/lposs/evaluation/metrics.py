@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import UNKNOWN
+from ..config import UNKNOWN
 
 __all__ = [
     "SegmentationMetrics",

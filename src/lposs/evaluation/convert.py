@@ -1,4 +1,4 @@
-"""Turn raw benchmark annotations into the train-id label PNGs that :mod:`lposs.datasets` reads.
+"""Turn raw benchmark annotations into the train-id label PNGs that ``datasets`` reads.
 
 Three conversions, each with its mapping written out as a 256-entry lookup table (raw value ->
 train id, 255 = ignored):
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import DatasetError
+from ..output.files import atomic_write
 from .datasets import _dataset_dir, _read_label
-from .errors import DatasetError
-from .files import atomic_write
 
 __all__ = [
     "ConversionResult",
@@ -455,7 +455,7 @@ def _run(jobs, overwrite: bool, progress: Progress | None) -> ConversionResult:
 
 
 def _write_png_atomic(label: np.ndarray, path: Path) -> None:
-    """Write ``(H, W)`` uint8 labels as a greyscale PNG (:func:`lposs.files.atomic_write`)."""
+    """Write ``(H, W)`` uint8 labels as a greyscale PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
     atomic_write(path, lambda f: image.save(f, format="PNG"))

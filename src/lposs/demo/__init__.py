@@ -18,9 +18,9 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-from .config import METHODS as _METHOD_STAGES
-from .demo_backend import DEFAULT_MAX_PIXELS, DemoBackend, DemoResult
-from .errors import LpossError
+from ..config import METHODS as _METHOD_STAGES
+from ..errors import LpossError
+from .backend import DEFAULT_MAX_PIXELS, DemoBackend, DemoResult
 
 __all__ = [
     "DemoBackend",

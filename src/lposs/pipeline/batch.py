@@ -18,12 +18,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import LpossError, is_out_of_memory
+from ..progress import Progress
+from ..vocab import parse_class_names
 from .encoded import EncodedImage, PreparedImage
-from .errors import LpossError, is_out_of_memory
 from .images import DEFAULT_MAX_PIXELS
-from .progress import Progress
 from .segmenter import Segmenter
-from .vocab import parse_class_names
 
 __all__ = ["FileOutcome", "segment_files", "IMAGES_PER_PASS_CUDA"]
 

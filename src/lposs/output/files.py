@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from .config import UNKNOWN
+from ..config import UNKNOWN
+from ..errors import OutputError
 from .drawing import UNKNOWN_COLOR, _as_numpy, _check_colors, _check_labels
-from .errors import OutputError
 
 try:  # POSIX only; elsewhere folder_lock locks nothing
     import fcntl
@@ -106,7 +106,7 @@ def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
     Args:
         path: Output ``.png`` file (written atomically).
         labels: ``(H, W)`` integer labels in ``0..n`` (``n`` = unknown) or 255.
-        colors: ``(n, 3)`` uint8 class colours, e.g. :func:`lposs.drawing.palette`.
+        colors: ``(n, 3)`` uint8 class colours, e.g. :func:`lposs.output.drawing.palette`.
     """
     colors = _check_colors(colors)
     n = colors.shape[0]
@@ -131,7 +131,7 @@ def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
 
 
 def save_overlay(path: str | os.PathLike, image: Image.Image) -> None:
-    """Save an image made by :func:`lposs.drawing.overlay` atomically, in the format of
+    """Save an image made by :func:`lposs.output.drawing.overlay` atomically, in the format of
     ``path``'s suffix.
 
     Args:
@@ -201,7 +201,7 @@ def save_scores(path: str | os.PathLike, scores: Any) -> None:
         path: Output file (no suffix is added).
         scores: ``(C, H, W)`` scores, numpy array or tensor; or an object with ``shape``
             ``(C, H, W)`` and ``class_bands(c)`` giving class ``c``'s map as consecutive
-            bands of rows (``lposs.segmentation.ScoreMaps``), written band by band so
+            bands of rows (``lposs.output.segmentation.ScoreMaps``), written band by band so
             that no full-size map sits in memory.
     """
     if hasattr(scores, "class_bands"):
