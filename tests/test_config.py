@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import lposs
-from lposs.config import PRESETS, LPOSSConfig, get_preset
+from lposs.config import LPOSSConfig
+from lposs.methods import METHODS, PRESETS, get_preset, method_of, with_method
 
 
 def test_defaults_are_the_papers():
@@ -57,18 +58,36 @@ def test_config_is_frozen():
 
 
 def test_methods_set_their_stages_and_are_read_back():
-    from lposs.config import METHODS
-
-    assert {name: tuple(stages) for name, stages in METHODS.items()} == {
-        "lposs+": (True, True), "lposs": (True, False), "maskclip": (False, False)}
+    assert {name: m.refiners for name, m in METHODS.items() if not m.protocol} == {
+        "lposs+": ("lposs", "lposs+"), "lposs": ("lposs",), "maskclip": ()}
     dino_b8 = get_preset("dino-b8")
-    for name in METHODS:
-        cfg = dino_b8.with_method(name)
-        assert cfg.method == name and (cfg.dino, cfg.k) == ("dino_vitb8", 800)
-    assert get_preset("lposs").method == "lposs" and get_preset("maskclip").method == "maskclip"
-    assert LPOSSConfig(patch_stage=False, pixel_stage=True).method is None
+    for name in ("lposs+", "lposs", "maskclip"):
+        cfg = with_method(dino_b8, name)
+        assert method_of(cfg) == name and (cfg.dino, cfg.k) == ("dino_vitb8", 800)
+    assert method_of(get_preset("lposs")) == "lposs"
+    assert method_of(LPOSSConfig(patch_stage=False, pixel_stage=True)) is None
     with pytest.raises(lposs.ConfigError, match="unknown method"):
-        LPOSSConfig().with_method("oracle")
+        with_method(LPOSSConfig(), "oracle")
+
+
+def test_every_preset_is_a_row_of_the_method_table_or_its_alias():
+    assert set(PRESETS) == {*METHODS, "dino-b16"}
+    for name, method in METHODS.items():
+        cfg = PRESETS[name]
+        assert (cfg.patch_stage, cfg.pixel_stage) == ("lposs" in method.refiners,
+                                                      "lposs+" in method.refiners)
+        assert all(getattr(cfg, field) == value for field, value in method.protocol)
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"windows": ((224, 500),)}, "stride <= size"), ({"windows": ((224.0, 112),)}, "ints"),
+    ({"tau": -1.0}, "tau must be > 0, got -1.0"), ({"sigma": -0.5}, "sigma must be >= 0"),
+    ({"k": True}, "k must be int"), ({"clip": 3}, "clip must be str"),
+    ({"patch_stage": 1}, "patch_stage must be bool"),
+])
+def test_a_bad_setting_is_named_with_its_value(changes, field):
+    with pytest.raises(lposs.ConfigError, match=field.replace("(", r"\(")):
+        LPOSSConfig().replace(**changes)
 
 
 # A value other than the default for every field a sweep may vary.

@@ -301,8 +301,8 @@ def test_bad_inputs_show_their_message(page, tmp_path):
 def test_backend_encodes_once_and_matches_the_segmenter(tiny_model_files, tmp_path):
     """Without a browser: new class names and the other method reuse the encoded image,
     and every result equals a full run of the library's Segmenter on the same models."""
-    from lposs.config import PRESETS
     from lposs.demo import DemoBackend
+    from lposs.methods import PRESETS
     from lposs.pipeline.segmenter import Segmenter
 
     clip_dir, dino_file = tiny_model_files

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # settings
     "LPOSSConfig": "config",
-    "PRESETS": "config",
-    "get_preset": "config",
+    "PRESETS": "methods",
+    "get_preset": "methods",
     "UNKNOWN": "config",
     # errors
     "LpossError": "errors",

@@ -1,52 +1,42 @@
-"""The one settings dataclass, with the paper's defaults, the methods and the named presets."""
+"""The one settings dataclass with the paper's defaults, and every limit lposs enforces."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["LPOSSConfig", "Stages", "METHODS", "PRESETS", "get_preset", "UNKNOWN",
-           "MAX_PIXEL_WINDOW"]
+__all__ = ["LPOSSConfig", "UNKNOWN", "MAX_CLASSES", "MAX_NAMES", "MAX_CLASS_FILE_BYTES",
+           "MAX_PIXEL_WINDOW", "DEFAULT_MAX_PIXELS"]
 
 UNKNOWN = 255
-"""Label value of "unknown" pixels (below the abstain threshold) and of ignored ground-truth
-pixels (VOC's "void"): the one definition of 255 that the segmenter, the saved PNGs, the
-datasets and the metrics share."""
+"""Label of "unknown" pixels (below the abstain threshold) and of ignored ground truth (VOC's
+"void"), shared by the segmenter, the saved PNGs, the datasets and the metrics."""
 
+# Limits: no input may ask for unbounded work.
+MAX_CLASSES = UNKNOWN - 1
+"""Most classes in one vocabulary (254): indices 0..253 and ``UNKNOWN`` fit an 8-bit PNG."""
+MAX_NAMES = 512
+"""Most text rows (classes and synonyms together) propagated at once: each is a column of
+every solve (about 20 MB a row at the largest working size, 448 x 2048)."""
+MAX_CLASS_FILE_BYTES = 4 << 20
+"""Largest class-name file read (4 MiB): a list of 254 names is a few kilobytes."""
+MAX_PIXEL_WINDOW = 31
+"""Largest pixel neighbourhood side ``r``: 480 graph weights a pixel (the paper's 13: 84)."""
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Largest image (and label map) decoded, read from the file header before decoding."""
 
-class Stages(NamedTuple):
-    """Which label propagations a method runs."""
-
-    patch_stage: bool  # over patches (LPOSS)
-    pixel_stage: bool  # over pixels (LPOSS+)
-
-
-METHODS: dict[str, Stages] = {
-    "lposs+": Stages(patch_stage=True, pixel_stage=True),
-    "lposs": Stages(patch_stage=True, pixel_stage=False),
-    "maskclip": Stages(patch_stage=False, pixel_stage=False),  # no propagation: the baseline
-}
-"""Method name -> the stages it runs (the one place that says so)."""
-
-# Fields that decide the encoder outputs of an image (``Segmenter.set_image``): the models,
-# the working size, the windows and whether DINO runs at all (it runs for the patch stage).
+# Fields that decide an image's encoder outputs (``Segmenter.set_image``).
 _ENCODER_FIELDS = ("clip", "clip_pretrained", "dino", "short_side", "long_side", "windows",
                    "patch_stage")
-# Fields that decide the graphs built from those outputs (``Segmenter._graphs``).
+# Fields that decide the graphs built from those outputs.
 _GRAPH_FIELDS = ("patch_stage", "k", "gamma", "sigma", "distance_power", "pixel_stage", "r",
                  "tau", "alpha")
-# Fields that change neither the encoders' outputs nor the propagation's settings: how many
-# windows go through an encoder at once, and the stages (chosen by the method, not swept).
+# Fields a sweep never varies: windows per pass, and the stages (chosen by the method).
 _NOT_SWEPT = ("batch_size", "pixel_stage")
-
-
-MAX_PIXEL_WINDOW = 31
-"""Largest pixel neighbourhood side ``r``: 480 graph weights a pixel, 1.8 GB at the largest
-working size (448 x 2048); the paper's 13 keeps 84."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +56,7 @@ class LPOSSConfig:
     patch_stage: bool = True  # run label propagation over patches (False: MaskCLIP scores)
     k: int = 400  # neighbours per patch in the kNN graph
     gamma: float = 3.0  # power of the clamped appearance similarity
-    sigma: float = 0.01  # spatial decay per pixel of patch-centre distance
+    sigma: float = 0.01  # spatial decay per pixel of patch-centre distance (0: no spatial term)
     distance_power: float = 1.0  # exponent of the distance in exp(-sigma * d**p)
     # LPOSS+: pixel graph.
     pixel_stage: bool = True  # run label propagation over pixels (LPOSS+)
@@ -80,60 +70,21 @@ class LPOSSConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-                or (f.type == "int" and not isinstance(value, int))
-            ):
-                raise ConfigError(f"{f.name} must be {'an int' if f.type == 'int' else 'a number'}"
-                                  f", got {value!r}")
+            wanted = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(f.type)
+            if wanted and (not isinstance(value, wanted) or (
+                    f.type != "bool" and isinstance(value, bool))):
+                raise ConfigError(f"{f.name} must be {f.type}, got {value!r}")
             if f.type == "float" and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"alpha must lie in (0, 1), got {self.alpha}")
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
-        if self.r < 3 or self.r % 2 == 0 or self.r > MAX_PIXEL_WINDOW:
-            raise ConfigError(f"r must be odd, 3..{MAX_PIXEL_WINDOW}, got {self.r}: the pixel "
-                              "graph keeps (r * r - 1) / 2 weights a pixel and its product "
-                              "costs r * r a pixel (the paper: 13)")
-        if self.tau <= 0 or self.sigma < 0 or self.gamma <= 0:
-            raise ConfigError("tau and gamma must be > 0 and sigma >= 0")
-        if (self.short_side < 1 or self.long_side < 1 or self.batch_size < 1
-                or self.max_iter < 1 or self.tol <= 0):
-            raise ConfigError("short_side, long_side, batch_size, max_iter must be >= 1 "
-                              "and tol > 0")
-        if not self.windows:
-            raise ConfigError("windows must hold at least one (size, stride) pair")
-        for size, stride in self.windows:
-            if size < 1 or stride < 1:
-                raise ConfigError(f"window size and stride must be >= 1, got ({size}, {stride})")
+        _check_range(self)
+        _check_windows(self.windows)
 
     def replace(self, **changes) -> LPOSSConfig:
         """A copy with some fields changed (validated like the original)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
-
-    def with_method(self, method: str) -> LPOSSConfig:
-        """A copy running the stages of ``method`` (a key of ``METHODS``).
-
-        Raises:
-            ConfigError: an unknown method name.
-        """
-        try:
-            stages = METHODS[method]
-        except (KeyError, TypeError):
-            raise ConfigError(f"unknown method {method!r}; choose one of: "
-                              f"{', '.join(METHODS)}") from None
-        return self.replace(**stages._asdict())
-
-    @property
-    def method(self) -> str | None:
-        """The name of the method whose stages this config runs (None for pixel stage only)."""
-        stages = Stages(self.patch_stage, self.pixel_stage)
-        return next((name for name, s in METHODS.items() if s == stages), None)
 
     def encoder_key(self) -> tuple[tuple[str, Any], ...]:
         """``(field, value)`` pairs that decide an image's encoder outputs: two configs with
@@ -141,36 +92,47 @@ class LPOSSConfig:
         return tuple((name, getattr(self, name)) for name in _ENCODER_FIELDS)
 
     def graph_key(self) -> tuple:
-        """The values that decide an encoded image's graphs: two configs with the same key
-        build the same graphs from the same ``EncodedImage``."""
+        """The values that decide an encoded image's graphs."""
         return tuple(getattr(self, name) for name in _GRAPH_FIELDS)
 
     @classmethod
     def sweepable_fields(cls) -> tuple[str, ...]:
-        """The fields a sweep may vary over one set of encoder outputs: every field but the
-        encoder fields, ``batch_size`` and the stages, in declaration order."""
+        """The fields a sweep may vary over one set of encoder outputs, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls)
                      if f.name not in _ENCODER_FIELDS and f.name not in _NOT_SWEPT)
 
 
-_DEFAULT = LPOSSConfig()
+def _check_range(cfg: LPOSSConfig) -> None:
+    """Raise ``ConfigError`` naming the first field outside its range."""
+    rules = [
+        ("alpha", 0.0 < cfg.alpha < 1.0, "lie in (0, 1)"),
+        ("k", cfg.k >= 1, "be >= 1"),
+        ("r", 3 <= cfg.r <= MAX_PIXEL_WINDOW and cfg.r % 2 == 1,
+         f"be odd, 3..{MAX_PIXEL_WINDOW} (the pixel graph costs r * r a pixel; the paper: 13)"),
+        ("tau", cfg.tau > 0, "be > 0"),
+        ("gamma", cfg.gamma > 0, "be > 0"),
+        ("sigma", cfg.sigma >= 0, "be >= 0"),
+        ("distance_power", cfg.distance_power > 0, "be > 0"),
+        ("tol", cfg.tol > 0, "be > 0"),
+    ] + [(name, getattr(cfg, name) >= 1, "be >= 1")
+         for name in ("short_side", "long_side", "batch_size", "max_iter")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{name} must {rule}, got {getattr(cfg, name)!r}")
 
-PRESETS: dict[str, LPOSSConfig] = {
-    "lposs+": _DEFAULT,
-    "lposs": _DEFAULT.with_method("lposs"),
-    "maskclip": _DEFAULT.with_method("maskclip"),
-    "ensemble": _DEFAULT.replace(windows=((224, 112), (448, 224))),
-    "dino-b16": _DEFAULT,
-    "dino-b8": _DEFAULT.replace(dino="dino_vitb8", k=800),
-    "dinov2-b14": _DEFAULT.replace(dino="dinov2_vitb14", gamma=7.0),
-}
 
-
-def get_preset(name: str) -> LPOSSConfig:
-    """The preset called ``name``; raises ``ConfigError`` listing the known names."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}"
-        ) from None
+def _check_windows(windows: Any) -> None:
+    """Raise ``ConfigError`` unless ``windows`` holds (size, stride) int pairs that cover
+    the image (stride <= size)."""
+    if not isinstance(windows, tuple) or not windows:
+        raise ConfigError(f"windows must be a non-empty tuple of (size, stride) pairs, got "
+                          f"{windows!r}")
+    for pair in windows:
+        if (not isinstance(pair, tuple) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            raise ConfigError(f"each window setup must be a (size, stride) pair of ints, got "
+                              f"{pair!r}")
+        size, stride = pair
+        if not 1 <= stride <= size:
+            raise ConfigError(f"window ({size}, {stride}): size and stride must be >= 1 and "
+                              "stride <= size, or pixels between windows get no score")

@@ -8,8 +8,8 @@ import os
 import re
 import sys
 
-from ..config import PRESETS
 from ..errors import LpossError
+from ..methods import PRESETS
 from .options import HelpFormatter, add_model_options, add_propagation_options, config_from
 
 __all__ = ["SUMMARY", "add_parser", "run"]

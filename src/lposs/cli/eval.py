@@ -135,10 +135,10 @@ def _dataset(args: argparse.Namespace):
 
 
 def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
-    from ..config import get_preset
+    from ..methods import get_preset, with_method
     from ..pipeline.segmenter import Segmenter
 
-    config = config_from(args, get_preset(args.preset).with_method(args.method))
+    config = config_from(args, with_method(get_preset(args.preset), args.method))
     return Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
                                      dino_weights=args.dino_weights,
                                      device=rank_device(args.device, world, local_rank),

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import PRESETS, LPOSSConfig
+from ..config import LPOSSConfig
 from ..errors import LpossError
+from ..methods import PRESETS
 
 __all__ = [
     "EXIT_FAILED",

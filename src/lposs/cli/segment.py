@@ -117,8 +117,8 @@ def _segment(args: argparse.Namespace) -> int:
     Under ``torchrun`` each process segments every WORLD_SIZE-th file (the output names
     are those of one process) and rank 0 prints the totals.
     """
-    from ..config import get_preset
     from ..distributed import distributed_context, process_group
+    from ..methods import get_preset
     from ..pipeline.images import find_images
     from ..pipeline.segmenter import Segmenter
 

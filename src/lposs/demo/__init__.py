@@ -18,8 +18,8 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-from ..config import METHODS as _METHOD_STAGES
 from ..errors import LpossError
+from ..methods import METHODS as _TABLE
 from .backend import DEFAULT_MAX_PIXELS, DemoBackend, DemoResult
 
 __all__ = [
@@ -46,7 +46,7 @@ DEFAULT_MAX_QUEUE = 16
 #: Seconds a stop (Ctrl-C, SIGTERM) waits for the request being computed to finish.
 _STOP_GRACE_S = 10.0
 #: The method choice: the name shown -> whether the pixel stage (LPOSS+) runs.
-METHODS = {name.upper(): _METHOD_STAGES[name].pixel_stage for name in ("lposs+", "lposs")}
+METHODS = {name.upper(): "lposs+" in _TABLE[name].refiners for name in ("lposs+", "lposs")}
 #: Bundled example images (drawn procedurally for lposs) and suggested class names.
 EXAMPLES = {
     "house.png": "sky, grass;lawn, house;wall, roof, door, window, sun",

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..config import METHODS as _MODEL_METHODS
+from ..methods import METHODS as _TABLE
+from ..methods import method_of, with_method
 from ..pipeline.segmenter import Segmenter
 from .datasets import SegmentationDataset
 
@@ -31,8 +32,8 @@ __all__ = [
     "canonical_json",
 ]
 
-METHODS = (*_MODEL_METHODS, "oracle")
-"""Evaluation methods: the pipelines of ``lposs.config.METHODS`` and the ground-truth oracle."""
+METHODS = (*(name for name, m in _TABLE.items() if not m.protocol), "oracle")
+"""Evaluation methods: the base rows of ``lposs.methods.METHODS`` and the ground-truth oracle."""
 
 RECORD_FORMAT = 1  # version of the settings and record files
 DILATION_RATIO = 0.02  # Boundary IoU band width (fraction of the image diagonal)
@@ -74,7 +75,7 @@ def resolve_method(segmenter: Segmenter | None,
     if method is None:
         if segmenter is None:
             return "oracle", None
-        method = segmenter.config.method
+        method = method_of(segmenter.config)
         if method is None:
             raise ValueError("method: the segmenter's config (patch_stage=False, "
                              "pixel_stage=True) is none of the methods; pass method=")
@@ -85,7 +86,7 @@ def resolve_method(segmenter: Segmenter | None,
         return method, None
     if segmenter is None:
         raise ValueError(f"method {method!r} needs a segmenter (only 'oracle' runs without)")
-    config = segmenter.config.with_method(method)
+    config = with_method(segmenter.config, method)
     if config != segmenter.config:
         segmenter = Segmenter(segmenter.clip, segmenter.dino, config)
     if config.patch_stage and segmenter.dino is None:

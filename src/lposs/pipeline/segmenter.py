@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import UNKNOWN, LPOSSConfig, get_preset
+from ..config import UNKNOWN, LPOSSConfig
 from ..errors import ConfigError
+from ..methods import get_preset
 from ..output.segmentation import ScoreMaps, Segmentation, provenance
 from ..progress import Progress, StageCounter
 from ..propagation import CGInfo, PatchGraph, PixelGraph, patch_graph, pixel_graph
