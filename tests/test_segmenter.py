@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import lposs
-from lposs.config import LPOSSConfig
+from lposs.config import UNKNOWN, LPOSSConfig
 from lposs.pipeline.encoded import EncodedImage
 from lposs.pipeline.refine import refine_scores
-from lposs.pipeline.segmenter import UNKNOWN, Segmenter
+from lposs.pipeline.segmenter import Segmenter
 
 # Small graphs keep these tests fast; the math is the same at the paper's k.
 FAST = LPOSSConfig(k=30, short_side=224)
@@ -389,5 +389,23 @@ def test_an_encoded_image_answers_only_for_the_encoders_that_made_it(
     with pytest.raises(ConfigError, match="other encoders, weights"):
         Segmenter(clip_b, tiny_dino, FAST).set_encoded(from_a)  # same shapes, other weights
     from_a.encoders = None  # as saved before identities were recorded: shapes still checked
-    with pytest.raises(ConfigError, match="does not fit"):
+    with pytest.raises(ConfigError, match="other encoders, weights, precision or window"):
         Segmenter(clip_a, tiny_dino, FAST.replace(windows=((160, 80),))).set_encoded(from_a)
+
+
+@pytest.mark.parametrize("bad", [-5, 0, 2.5, True])
+def test_a_pixel_cap_that_is_not_positive_is_refused(tiny_clip, tiny_dino, bad):
+    with pytest.raises(lposs.ConfigError, match="max_pixels must be a positive int or None"):
+        Segmenter(tiny_clip, tiny_dino, FAST).set_image(_image(), max_pixels=bad)
+
+
+def test_text_time_is_what_the_vocabulary_took_even_when_encoded_before(tiny_clip, tiny_dino):
+    segmenter = Segmenter(tiny_clip, tiny_dino, FAST)
+    tiny_clip.text_cache.clear()
+    vocab = segmenter.encode_vocabulary(["tiger", "zebra;horse"])  # as a batch does first
+    assert vocab.rows == ("tiger", "zebra", "horse")
+    segmenter.set_image(_image())
+    first = segmenter.predict(["tiger", "zebra;horse"])
+    second = segmenter.predict(vocab)
+    assert first.timings["text"] == second.timings["text"] > 0
+    assert torch.equal(first.labels, second.labels)

@@ -119,11 +119,6 @@ def test_class_file(tmp_path):
         load_class_names(tmp_path / "missing.txt")
 
 
-def test_old_import_paths_still_work():
-    assert segmenter.parse_class_names is parse_class_names
-    assert segmenter.UNKNOWN == lposs.UNKNOWN == 255
-
-
 def test_class_file_that_cannot_be_a_class_list_is_refused_before_reading(tmp_path):
     huge = tmp_path / "huge.txt"
     huge.write_bytes(b"cat\n" * (5 << 18))  # 5 MiB

@@ -1,17 +1,23 @@
-"""What ``Segmenter.set_image`` computes from an image, as plain data: the decoded and
-resized image (``PreparedImage``), and per window setup the encoders' outputs
-(``WindowSetup``), together an ``EncodedImage`` that can be saved and loaded."""
+"""What ``Segmenter.set_image`` computes from an image: the decoded and resized image
+(``PreparedImage``), and per window setup the encoders' outputs (``WindowSetup``), together
+an ``EncodedImage`` that can be saved and loaded; ``encode_images`` makes them."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from ..config import LPOSSConfig
 from ..output.files import atomic_write
+from ..progress import Progress, StageCounter
+from .windows import crop_windows, patch_positions, window_grid
 
-__all__ = ["WindowSetup", "PreparedImage", "EncodedImage"]
+__all__ = ["WindowSetup", "PreparedImage", "EncodedImage", "encode_images"]
 
 
 @dataclass
@@ -73,3 +79,76 @@ class EncodedImage:
         return cls(payload["image"].cpu(), payload["working"],
                    [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"],
                    payload.get("source"), payload.get("encoders"))
+
+
+def encode_images(clip, dino, config: LPOSSConfig, images: Sequence[PreparedImage], *,
+                  identity: str | None = None,
+                  progress: Progress | None = None) -> list[EncodedImage]:
+    """Every window of several images through the encoders, the windows of all images
+    sharing the batches of ``config.batch_size`` (``Segmenter.encode_images``).
+
+    Args:
+        clip: the ``ClipEncoder``; dino: the ``DinoEncoder`` (used with the patch stage).
+        config: windows, batch size and whether the patch stage runs.
+        images: from ``Segmenter.prepare_image``.
+        identity: what encoded them (``Segmenter.encoder_identity``), recorded.
+        progress: called with ``("encoding windows", done, total)``.
+    """
+    start = time.perf_counter()
+    device = next(clip.parameters()).device
+    workings = [image.working.to(device) for image in images]
+    boxes = [[window_grid(*w.shape[-2:], size=size, stride=stride)
+              for size, stride in config.windows] for w in workings]
+    passes = (2 if config.patch_stage else 1) * sum(len(b) for per in boxes for b in per)
+    counter = StageCounter(progress, "encoding windows", passes)
+    setups: list[list[WindowSetup]] = [[] for _ in images]
+    for s in range(len(config.windows)):
+        crops = [crop_windows(w, per[s], multiple=1) for w, per in zip(workings, boxes)]
+        groups: dict[tuple, list[int]] = {}  # the windows of small images are smaller
+        for i, c in enumerate(crops):
+            groups.setdefault(tuple(c.shape[1:]), []).append(i)
+        for group in groups.values():
+            batch = torch.cat([crops[i] for i in group])
+            counts = [len(crops[i]) for i in group]
+            clip_parts = _split(_features(clip, batch, config.batch_size, counter), counts)
+            dino_parts = (_split(_features(dino, batch, config.batch_size, counter), counts)
+                          if config.patch_stage else [None] * len(group))
+            for i, c, d in zip(group, clip_parts, dino_parts):
+                setups[i].append(_window_setup(boxes[i][s], c, d, clip, dino))
+    share = (time.perf_counter() - start) / max(len(images), 1)
+    return [EncodedImage(image.image, w, per, share, image.source, identity)
+            for image, w, per in zip(images, workings, setups)]
+
+
+def _features(encoder, crops: torch.Tensor, batch_size: int,
+              counter: StageCounter) -> torch.Tensor:
+    """`(n, 3, s, s)` windows -> `(n, E, gh, gw)` float32, ``batch_size`` a pass, counted."""
+    parts = []
+    for first in range(0, len(crops), batch_size):
+        batch = crops[first:first + batch_size]
+        parts.append(encoder.dense_features(batch, batch_size=len(batch)).float())
+        counter.advance(len(batch))
+    return torch.cat(parts)
+
+
+def _split(batch: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """``batch`` cut into consecutive parts of ``counts`` rows, each its own tensor (a view
+    would keep, and ``EncodedImage.save`` would write, the whole batch)."""
+    if len(counts) == 1:
+        return [batch]
+    return [part.clone() for part in batch.split(counts)]
+
+
+def _window_setup(boxes: torch.Tensor, clip_features: torch.Tensor,
+                  dino_features: torch.Tensor | None, clip, dino) -> WindowSetup:
+    """One image's window setup from its `(n, E, gh, gw)` CLIP and `(n, D, gh', gw')` DINO
+    window features (None without the patch stage)."""
+    if dino_features is None:
+        return WindowSetup(boxes, clip_features, None, None, clip.patch_size)
+    grid = tuple(dino_features.shape[-2:])
+    if tuple(clip_features.shape[-2:]) != grid:  # e.g. DINO ViT-B/8: CLIP to the DINO grid
+        clip_features = F.interpolate(clip_features, size=grid, mode="bilinear",
+                                      align_corners=False)
+    positions = patch_positions(boxes, grid, dino.patch_size).to(dino_features.device)
+    flat = dino_features.permute(0, 2, 3, 1).reshape(-1, dino_features.shape[1])
+    return WindowSetup(boxes, clip_features, flat, positions, dino.patch_size)
