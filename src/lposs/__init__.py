@@ -11,60 +11,38 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # settings
+    # settings and methods
     "LPOSSConfig": "config",
-    "PRESETS": "methods",
-    "get_preset": "methods",
     "UNKNOWN": "config",
-    # errors
+    "METHODS": "methods",
+    "PRESETS": "methods",
+    # errors (all of them: lposs.errors)
     "LpossError": "errors",
     "ImageError": "errors",
     "ClassNamesError": "errors",
     "WeightsNotFoundError": "errors",
-    "UnsafeCheckpointError": "errors",
-    "DatasetError": "errors",
     "ConfigError": "errors",
     "ScoresError": "errors",
     "OutputError": "errors",
-    # label propagation
+    "DatasetError": "errors",
+    # the pipeline
+    "Segmenter": "pipeline.segmenter",
+    "Segmentation": "output.segmentation",
+    "EncodedImage": "pipeline.encoded",
+    "load_image": "pipeline.images",
+    "load_class_names": "vocab",
+    "refine_scores": "pipeline.refine",
+    "load_clip": "encoders",
+    "load_dino": "encoders",
+    # label propagation (the building blocks: lposs.propagation)
     "patch_propagation": "propagation",
     "pixel_propagation": "propagation",
     "patch_graph": "propagation",
     "pixel_graph": "propagation",
-    "PatchGraph": "propagation",
-    "PixelGraph": "propagation",
-    "knn_affinity": "propagation",
-    "pixel_affinity": "propagation",
-    "normalized_adjacency": "propagation",
-    "conjugate_gradient": "propagation",
-    "CGInfo": "propagation",
-    "rgb_to_lab": "propagation",
-    # encoders
-    "load_clip": "encoders",
-    "load_dino": "encoders",
-    "ClipEncoder": "encoders",
-    "DinoEncoder": "encoders",
-    # pipeline
-    "Segmenter": "pipeline.segmenter",
-    "Segmentation": "output.segmentation",
-    "ScoreMaps": "output.segmentation",
-    "load_image": "pipeline.images",
-    "EncodedImage": "pipeline.encoded",
-    "refine_scores": "pipeline.refine",
-    "refine_score_maps": "pipeline.refine",
-    "find_images": "pipeline.images",
-    # evaluation
-    "mean_iou": "evaluation.metrics",
-    "boundary_iou": "evaluation.metrics",
-    "oracle_labels": "evaluation.metrics",
-    "get_dataset": "evaluation.datasets",
-    "FolderDataset": "evaluation.datasets",
-    "DATASETS": "evaluation.datasets",
-    "load_class_names": "vocab",
-    "paper_reference": "evaluation.paper",
+    # evaluation (more: lposs.evaluation)
     "evaluate": "evaluation",
-    "sweep": "evaluation",
-    "EvalResult": "evaluation",
+    "get_dataset": "evaluation.datasets",
+    "mean_iou": "evaluation.metrics",
 }
 
 __all__ = ["__version__", *_EXPORTS]
