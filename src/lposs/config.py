@@ -10,7 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["LPOSSConfig", "UNKNOWN", "MAX_CLASSES", "MAX_NAMES", "MAX_CLASS_FILE_BYTES",
-           "MAX_PIXEL_WINDOW", "DEFAULT_MAX_PIXELS"]
+           "MAX_PIXEL_WINDOW", "DEFAULT_MAX_PIXELS", "DEMO_MAX_PIXELS"]
 
 UNKNOWN = 255
 """Label of "unknown" pixels (below the abstain threshold) and of ignored ground truth (VOC's
@@ -28,6 +28,8 @@ MAX_PIXEL_WINDOW = 31
 """Largest pixel neighbourhood side ``r``: 480 graph weights a pixel (the paper's 13: 84)."""
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image (and label map) decoded, read from the file header before decoding."""
+DEMO_MAX_PIXELS = 16_000_000
+"""Largest upload the web demo takes (a large phone photo): a page serves anyone."""
 
 # Fields that decide an image's encoder outputs (``Segmenter.set_image``).
 _ENCODER_FIELDS = ("clip", "clip_pretrained", "dino", "short_side", "long_side", "windows",

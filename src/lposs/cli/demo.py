@@ -19,7 +19,8 @@ SUMMARY = "web page to try LPOSS on your own images (needs lposs[demo])"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` command to ``subparsers`` (from ``add_subparsers``)."""
-    from ..demo import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUEUE
+    from ..config import DEMO_MAX_PIXELS
+    from ..demo import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_QUEUE
 
     p = subparsers.add_parser(
         "demo", formatter_class=HelpFormatter, help=SUMMARY,
@@ -34,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 serves your whole network")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS, metavar="N",
                    help="refuse images with more pixels (height x width)")
     p.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
                    help="refuse larger uploads, e.g. 10mb, 1gb")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import LpossError
 from ..methods import METHODS as _TABLE
-from .backend import DEFAULT_MAX_PIXELS, DemoBackend, DemoResult
+from .backend import DemoBackend, DemoResult
 
 __all__ = [
     "DemoBackend",
@@ -28,7 +28,6 @@ __all__ = [
     "EXAMPLES",
     "METHODS",
     "GRADIO_MISSING",
-    "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_FILE_SIZE",
     "DEFAULT_MAX_QUEUE",
     "require_gradio",

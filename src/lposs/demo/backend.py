@@ -16,13 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LPOSSConfig
+from ..config import DEMO_MAX_PIXELS, LPOSSConfig
 from ..errors import ClassNamesError, ImageError, LpossError
 
-__all__ = ["DemoBackend", "DemoResult", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DemoBackend", "DemoResult"]
 
-#: Largest image (height x width) the demo accepts: 16 megapixels, a large phone photo.
-DEFAULT_MAX_PIXELS = 16_000_000
 _KEEP_RUNS = 32  # output folders (label PNG + JSON) kept for download
 
 
@@ -71,7 +69,7 @@ class DemoBackend:
         dino_weights: str | os.PathLike | None = None,
         device: str | None = None,
         precision: str = "fp32",
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEMO_MAX_PIXELS,
         cache_size: int = 8,
     ) -> None:
         if default_preset not in presets:
