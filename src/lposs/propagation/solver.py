@@ -19,6 +19,7 @@ from .graph import check_shape
 __all__ = ["CGInfo", "conjugate_gradient"]
 
 _DOT_CHUNK_ROWS = 1 << 15  # rows per chunk of the conjugate-gradient column dots
+_SAFE_EXPONENT = 40  # columns within 2**+-40 of 1 are solved unscaled: their dots cannot overflow
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,11 @@ def conjugate_gradient(
 
     Every column runs its own conjugate-gradient recursion, exactly as if it were solved
     alone, and stops changing once ``||r|| <= tol * ||b||``; a zero column gives a zero
-    solution. ``A`` must be symmetric positive definite. Each column is solved divided by a
-    power of two near its largest magnitude (exact, and scores of any finite size cannot
-    overflow the dot products). A ``RuntimeWarning`` says when a column ends with a relative
-    residual above 1 (the solve diverged); stopping at ``max_iter`` is only reported.
+    solution. ``A`` must be symmetric positive definite. A column of huge or tiny values is
+    solved divided by a power of two near its largest magnitude (exact), so that scores of
+    any finite size cannot overflow the dot products. A ``RuntimeWarning`` says when a column
+    ends with a relative residual above 1 (the solve diverged); stopping at ``max_iter`` is
+    only reported.
 
     Args:
         operator: ``(N, N)`` dense or sparse tensor, or a function mapping ``(N, C)`` to
@@ -84,7 +86,10 @@ def conjugate_gradient(
         check_shape(operator, "operator", (b.shape[0], b.shape[0]))
         operator = operator.__matmul__
     scale = _column_scale(b)
-    r = b.div_(scale) if overwrite_b else b / scale
+    if scale is None:
+        r = b if overwrite_b else b.clone()
+    else:
+        r = b.div_(scale) if overwrite_b else b / scale
     x = torch.zeros_like(r)
     p = r.clone()
     rs = _column_dot(r, r)
@@ -112,17 +117,20 @@ def conjugate_gradient(
         warnings.warn(f"lposs: conjugate gradient diverged (relative residual "
                       f"{float(residual.nan_to_num(math.inf).max()):.3g} > 1): the result is "
                       f"unreliable; lower alpha", RuntimeWarning, stacklevel=2)
-    return x.mul_(scale), CGInfo(converged=rs.sqrt() <= bound, iterations=iterations,
-                                 residual=residual)
+    if scale is not None:
+        x.mul_(scale)
+    return x, CGInfo(converged=rs.sqrt() <= bound, iterations=iterations, residual=residual)
 
 
-def _column_scale(b: Tensor) -> Tensor:
-    """``(C,)`` powers of two near each column's largest magnitude, dividing and multiplying
-    by which is exact in the dtype of ``b``."""
-    largest = math.frexp(torch.finfo(b.dtype).max)[1] - 1  # 127 for float32
+def _column_scale(b: Tensor) -> Tensor | None:
+    """``(C,)`` powers of two near each column's largest magnitude (dividing and multiplying
+    by them is exact), or None when no column is far enough from 1 to need it."""
     magnitude = torch.linalg.vector_norm(b, math.inf, dim=0)
-    exponent = torch.frexp(magnitude).exponent.clamp(1 - largest, largest)
-    return torch.exp2(exponent.to(b.dtype))
+    exponent = torch.frexp(magnitude).exponent
+    if bool(((exponent.abs() <= _SAFE_EXPONENT) | (magnitude == 0)).all()):
+        return None
+    largest = math.frexp(torch.finfo(b.dtype).max)[1] - 1  # 127 for float32
+    return torch.exp2(exponent.clamp(1 - largest, largest).to(b.dtype))
 
 
 def _column_dot(a: Tensor, b: Tensor) -> Tensor:
