@@ -1,9 +1,5 @@
-"""LPOSS's graph over the patches of all windows: kNN affinity, normalisation, propagation.
-
-``W`` joins each patch to its ``k`` most similar patches (vision-model features, decayed by
-patch-centre distance); the propagation solves ``(I - alpha * S) X = Y`` with
-``S = D^-1/2 W D^-1/2`` for every class column of ``Y`` (see ``METHOD.md``).
-"""
+"""LPOSS's graph over the patches of all windows: each patch joined to its ``k`` most similar
+patches (vision-model features, decayed by patch-centre distance), normalised, propagated."""
 
 from __future__ import annotations
 

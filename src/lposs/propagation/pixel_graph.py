@@ -1,10 +1,6 @@
-"""LPOSS+'s graph over the pixels of an image: Lab colour affinity, normalisation, propagation.
-
-Each pixel is joined to the pixels of its ``r x r`` neighbourhood by a Lab colour affinity;
-``W`` is never formed, its product is a stencil (:mod:`lposs.propagation.stencil`). The
-propagation solves ``(I - alpha * S) X = Y`` with ``S = D^-1/2 W D^-1/2`` for every class map
-of ``Y`` (see ``METHOD.md``).
-"""
+"""LPOSS+'s graph over the pixels of an image: each pixel joined to its ``r x r`` neighbourhood
+by a Lab colour affinity, normalised, propagated; ``W`` is never formed, its product is a
+stencil (:mod:`lposs.propagation.stencil`)."""
 
 from __future__ import annotations
 
@@ -152,13 +148,6 @@ class PixelGraph:
             self.weights[o, a:b] *= inv_sqrt[a:b] * inv_sqrt[a + s:b + s]
         F.threshold_(self.weights, torch.finfo(self.weights.dtype).tiny, 0.0)  # no subnormals
 
-    def propagation_operator(self, p: Tensor, out: Tensor | None = None) -> Tensor:
-        """``(I - S) p`` for ``p`` ``(Hp * Wp, C)``, S the normalised (alpha-scaled) graph;
-        ``out`` (laid out like ``p``) receives it when given."""
-        columns = p.T  # (C, Hp * Wp), contiguous for vectors laid out like b
-        return stencil_product(columns, self.weights, self.shifts, self.start, self.stop,
-                               out=None if out is None else out.T).T
-
     def propagate(self, scores: Tensor, *, tol: float = 1e-6, max_iter: int = 10,
                   return_info: bool = False) -> Tensor | tuple[Tensor, CGInfo]:
         """Solve ``(I - alpha * S) X = scores`` column by column with conjugate gradient from
@@ -176,8 +165,12 @@ class PixelGraph:
         check_shape(scores, "scores", (None, self.height, self.width))
         b = self.pad(scores.to(self.weights.dtype)).T
         product = torch.empty_like(b)  # one buffer for every product: no fresh pages each time
-        x, info = conjugate_gradient(lambda p: self.propagation_operator(p, product), b,
-                                     tol=tol, max_iter=max_iter, overwrite_b=True)
+
+        def operator(p: Tensor) -> Tensor:  # (I - S) p, the (C, Hp * Wp) maps seen as (N, C)
+            return stencil_product(p.T, self.weights, self.shifts, self.start, self.stop,
+                                   out=product.T).T
+
+        x, info = conjugate_gradient(operator, b, tol=tol, max_iter=max_iter, overwrite_b=True)
         del b
         x = self.unpad(x.T).to(scores.dtype)
         return (x, info) if return_info else x

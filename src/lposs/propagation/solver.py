@@ -1,8 +1,5 @@
-"""The conjugate-gradient solver shared by both propagation stages, with its convergence report.
-
-Solves ``A X = B`` for many right-hand sides at once (one column per class), each column with
-its own recursion, on the device of the inputs.
-"""
+"""The conjugate-gradient solver shared by both propagation stages, with its convergence report
+(one column per class, each with its own recursion)."""
 
 from __future__ import annotations
 
@@ -57,13 +54,11 @@ def conjugate_gradient(
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``A X = B`` for many right-hand sides at once, starting from ``X = 0``.
 
-    Every column runs its own conjugate-gradient recursion, exactly as if it were solved
-    alone, and stops changing once ``||r|| <= tol * ||b||``; a zero column gives a zero
-    solution. ``A`` must be symmetric positive definite. A column of huge or tiny values is
-    solved divided by a power of two near its largest magnitude (exact), so that scores of
-    any finite size cannot overflow the dot products. A ``RuntimeWarning`` says when a column
-    ends with a relative residual above 1 (the solve diverged); stopping at ``max_iter`` is
-    only reported.
+    Each column runs its own recursion, as if solved alone, until ``||r|| <= tol * ||b||``
+    (a zero column gives zero). ``A`` must be symmetric positive definite. A column of huge
+    or tiny values is solved divided by a power of two (exact), so its dot products cannot
+    overflow. A relative residual above 1 at the end (divergence) is warned about with a
+    ``RuntimeWarning``; stopping at ``max_iter`` is only reported in the :class:`CGInfo`.
 
     Args:
         operator: ``(N, N)`` dense or sparse tensor, or a function mapping ``(N, C)`` to
@@ -85,11 +80,10 @@ def conjugate_gradient(
     if isinstance(operator, Tensor):
         check_shape(operator, "operator", (b.shape[0], b.shape[0]))
         operator = operator.__matmul__
-    scale = _column_scale(b)
-    if scale is None:
-        r = b if overwrite_b else b.clone()
-    else:
-        r = b.div_(scale) if overwrite_b else b / scale
+    r = b if overwrite_b else b.clone()
+    scale = _column_scale(r)  # None: no column needs it
+    if scale is not None:
+        r.div_(scale)
     x = torch.zeros_like(r)
     p = r.clone()
     rs = _column_dot(r, r)
