@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from reference_propagation import reference_lab
 
@@ -18,3 +19,8 @@ def test_rgb_to_lab_known_colours():
     image = torch.rand(2, 3, 5, 6, dtype=torch.float64)
     np.testing.assert_allclose(rgb_to_lab(image)[1].numpy(), reference_lab(image[1].numpy()),
                                atol=1e-9)
+
+
+def test_rgb_to_lab_needs_three_channels():
+    with pytest.raises(ValueError, match="image"):
+        rgb_to_lab(torch.rand(4, 5, 6))

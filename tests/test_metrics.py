@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lposs.evaluation.metrics import (
-    SegmentationMetrics,
-    boundary_counts,
-    boundary_dilation,
-    boundary_iou,
-    confusion_matrix,
-    mask_boundary,
-    mean_iou,
-    oracle_labels,
-)
+from lposs.evaluation.metrics import SegmentationMetrics, boundary_iou, mean_iou, oracle_labels
 
 VOC_MASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012_val_masks"
 
@@ -60,13 +51,14 @@ def ref_erode(mask, iterations):
     return m
 
 
-def ref_boundary_counts(pred, gt, num_classes, ignore_index=255, ratio=0.02):
+def ref_boundary_counts(pred, gt, num_classes, ignore_index=255, ratio=0.02, d=None):
     """Cheng et al. per class: band = mask - erosion, pred ignored where gt is ignored."""
     pred = np.array(pred, dtype=np.int64)
     gt = np.asarray(gt, dtype=np.int64)
     pred[gt == ignore_index] = ignore_index
     h, w = gt.shape
-    d = max(1, int(round(ratio * math.sqrt(h * h + w * w))))
+    if d is None:
+        d = max(1, int(round(ratio * math.sqrt(h * h + w * w))))
     inter = np.zeros(num_classes, dtype=np.int64)
     union = np.zeros(num_classes, dtype=np.int64)
     for c in range(num_classes):
@@ -98,12 +90,18 @@ def blocky(rng, h, w, values, block):
     return np.kron(tiles, np.ones((block, block), dtype=np.int64))[:h, :w].astype(np.int64)
 
 
+def counts(pred, gt, num_classes, **kwargs):
+    """One image's confusion matrix and Boundary IoU counts, as ``update`` records them."""
+    record = SegmentationMetrics(num_classes, **kwargs).update(pred, gt)
+    return record["confusion"], record["boundary_intersection"], record["boundary_union"]
+
+
 # ------------------------------------------------------------------------------- mIoU
 def test_confusion_matrix_by_hand():
     gt = np.array([[0, 0, 1], [1, 2, 255]])
     pred = np.array([[0, 1, 1], [255, 2, 0]])
     expected = np.array([[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]])  # last column: misses
-    assert confusion_matrix(pred, gt, 3).tolist() == expected.tolist()
+    assert counts(pred, gt, 3)[0].tolist() == expected.tolist()
     result = SegmentationMetrics(3, boundary=False)
     result.update(pred, gt)
     out = result.compute()
@@ -134,7 +132,7 @@ def test_absent_classes_are_nan_and_skipped():
 def test_out_of_range_predictions_are_misses(miss):
     gt = np.array([[0, 1], [1, 2]])
     pred = np.array([[0, 1], [miss, 2]])
-    conf = confusion_matrix(torch.tensor(pred), torch.tensor(gt), 3)
+    conf = counts(torch.tensor(pred), torch.tensor(gt), 3)[0]
     assert conf.tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
     # Class 1: one hit, one gt pixel missed -> IoU 1/2 (the miss is a false negative).
     assert mean_iou(pred, gt, 3) == pytest.approx((1 + 1 / 2 + 1) / 3)
@@ -145,12 +143,12 @@ def test_reduce_zero_label_shift():
     raw = rng.integers(0, 6, size=(7, 9))  # 0 = "other", classes 1..5
     shifted = np.where(raw == 0, 255, raw - 1)
     pred = rng.integers(0, 6, size=(7, 9))  # 5 is out of range after the shift: a miss
-    conf = confusion_matrix(pred, shifted, 5)
+    conf = counts(pred, shifted, 5)[0]
     assert conf.numpy().tolist() == ref_confusion(pred, shifted, 5).tolist()
     iou, _ = ref_scores(ref_confusion(pred, shifted, 5))
     assert mean_iou(pred, shifted, 5) == pytest.approx(np.nanmean(iou))
     with pytest.raises(ValueError, match="gt holds labels"):
-        confusion_matrix(pred, raw, 5)  # forgot the shift: label 5 is not a class
+        SegmentationMetrics(5).update(pred, raw)  # forgot the shift: label 5 is not a class
 
 
 def test_random_maps_match_reference():
@@ -159,7 +157,7 @@ def test_random_maps_match_reference():
         gt = rng.choice([0, 1, 2, 3, 255], size=(13, 17))
         pred = rng.choice([0, 1, 2, 3, 4, 255], size=(13, 17))
         conf = ref_confusion(pred, gt, 4)
-        assert confusion_matrix(pred, gt, 4).tolist() == conf.tolist()
+        assert counts(pred, gt, 4)[0].tolist() == conf.tolist()
         metrics = SegmentationMetrics(4, boundary=False)
         metrics.update(pred.astype(np.uint8), gt.astype(np.uint8))
         iou, acc = ref_scores(conf)
@@ -194,7 +192,7 @@ def test_merge_and_state_dict():
     for i, (g, p) in enumerate(pairs):
         records.append(whole.update(p, g))
         (first if i < 2 else second).update(p, g)
-    merged = SegmentationMetrics.from_state_dict(first.state_dict()).merge(second)
+    merged = SegmentationMetrics(3).merge(first.state_dict()).merge(second)
     from_records = SegmentationMetrics(3)
     for record in records:
         from_records.merge(record)
@@ -212,48 +210,54 @@ def test_merge_and_state_dict():
 
 def test_input_validation():
     gt = np.zeros((4, 4), dtype=np.int64)
+    metrics = SegmentationMetrics(2)
     with pytest.raises(ValueError, match="same shape"):
-        confusion_matrix(np.zeros((4, 5), dtype=np.int64), gt, 2)
+        metrics.update(np.zeros((4, 5), dtype=np.int64), gt)
     with pytest.raises(TypeError, match="pred"):
-        confusion_matrix(np.zeros((4, 4), dtype=np.float32), gt, 2)
+        metrics.update(np.zeros((4, 4), dtype=np.float32), gt)
     with pytest.raises(ValueError, match="gt"):
-        confusion_matrix(gt, np.zeros((2, 4, 4), dtype=np.int64), 2)
+        metrics.update(gt, np.zeros((2, 4, 4), dtype=np.int64))
     with pytest.raises(ValueError, match="ignore_index"):
-        confusion_matrix(gt, gt, 2, ignore_index=1)
+        SegmentationMetrics(2, ignore_index=1)
     with pytest.raises(ValueError, match="num_classes"):
         SegmentationMetrics(0)
+    with pytest.raises(ValueError, match="dilation_ratio"):
+        SegmentationMetrics(2, dilation_ratio=0)
     with pytest.raises(ValueError, match="preds and gts"):
         mean_iou([gt, gt], [gt], 2)
-    with pytest.raises(ValueError, match="dilation"):
-        mask_boundary(gt, 0)
     with pytest.raises(ValueError, match="patch_size"):
         oracle_labels(gt, patch_size=0)
+    assert metrics.num_images == 0 and int(metrics.confusion.sum()) == 0  # nothing counted
 
 
 # ------------------------------------------------------------------------ Boundary IoU
-def test_dilation_rounding():
-    assert boundary_dilation(375, 500) == 12  # diagonal 625: round(12.5) = 12 (half to even)
-    assert boundary_dilation(10, 10) == 1  # 0.28 -> at least 1
-    assert boundary_dilation(300, 400) == 10
+@pytest.mark.parametrize("size,d", [((375, 500), 12), ((10, 10), 1), ((300, 400), 10)])
+def test_dilation_rounding(size, d):
+    # diagonal 625: round(12.5) = 12 (half to even); 10 x 10: 0.28 -> at least 1
+    rng = np.random.default_rng(d)
+    gt, pred = blocky(rng, *size, [0, 1, 2], 13), blocky(rng, *size, [0, 1, 2], 11)
+    _, inter, union = counts(pred, gt, 3)
+    expected = ref_boundary_counts(pred, gt, 3, d=d)
+    assert inter.tolist() == expected[0].tolist() and union.tolist() == expected[1].tolist()
+    assert union.tolist() != ref_boundary_counts(pred, gt, 3, d=d + 1)[1].tolist()
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 5])
-def test_mask_boundary_equals_iterated_erosion(d):
+def test_boundary_band_equals_iterated_erosion(d):
     rng = np.random.default_rng(d)
     for h, w in [(23, 31), (9, 4), (1, 12), (12, 1), (40, 40)]:
-        mask = blocky(rng, h, w, [0, 1], int(rng.integers(1, 6)))
-        expected = mask.astype(bool) & ~ref_erode(mask, d)
-        assert mask_boundary(mask, d).numpy().tolist() == expected.tolist()
-    stack = np.stack([blocky(rng, 20, 25, [0, 1], 3) for _ in range(3)])
-    expected = np.stack([m.astype(bool) & ~ref_erode(m, d) for m in stack])
-    assert np.array_equal(mask_boundary(torch.from_numpy(stack), d).numpy(), expected)
+        gt = blocky(rng, h, w, [0, 1, 2], int(rng.integers(1, 6)))
+        pred = blocky(rng, h, w, [0, 1, 2], int(rng.integers(1, 6)))
+        _, inter, union = counts(pred, gt, 3, dilation_ratio=d / math.hypot(h, w))
+        expected = ref_boundary_counts(pred, gt, 3, d=d)
+        assert inter.tolist() == expected[0].tolist()
+        assert union.tolist() == expected[1].tolist()
 
 
-def test_mask_boundary_border_counts_as_boundary():
-    full = np.ones((10, 12), dtype=bool)
-    band = mask_boundary(full, 2).numpy()
-    assert band[:2].all() and band[-2:].all() and band[:, :2].all() and band[:, -2:].all()
-    assert not band[2:-2, 2:-2].any()
+def test_boundary_band_border_counts_as_boundary():
+    full = np.ones((10, 12), dtype=np.int64)
+    _, inter, union = counts(full, full, 2, dilation_ratio=2 / math.hypot(10, 12))
+    assert inter.tolist() == union.tolist() == [0, 10 * 12 - 6 * 8]  # a ring 2 pixels wide
 
 
 @pytest.mark.parametrize("size", [(40, 60), (80, 90), (110, 120)])
@@ -269,7 +273,7 @@ def test_boundary_iou_matches_reference(size):
         replace = blocky(rng, *size, [0, 0, 1], 9).astype(bool)
         pred[replace] = noise[replace]
         inter, union = ref_boundary_counts(pred, gt, 4)
-        got_inter, got_union = boundary_counts(pred, gt, 4)
+        _, got_inter, got_union = counts(pred, gt, 4)
         assert got_inter.tolist() == inter.tolist() and got_union.tolist() == union.tolist()
         inter_sum += inter
         union_sum += union

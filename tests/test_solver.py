@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +61,48 @@ def test_cg_info_summary_is_the_worst_column():
     summary = info.summary()
     assert summary["iterations"] == 4 and isinstance(summary["iterations"], int)
     assert summary["max_relative_residual"] == pytest.approx(float(true_residual), rel=1e-6)
+
+
+def test_huge_and_tiny_columns_are_solved_without_overflow():
+    # float32 dot products of 1e20-sized residuals overflow; each column is solved scaled.
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((30, 30))
+    matrix = q @ q.T / 30 + np.eye(30)
+    b = rng.standard_normal((30, 3))
+    sizes = np.array([1e20, 1.0, 1e-30])
+    x, info = conjugate_gradient(torch.tensor(matrix, dtype=torch.float32),
+                                 torch.tensor(b * sizes, dtype=torch.float32), max_iter=10)
+    expected = reference_solve_columns(matrix, b) * sizes
+    np.testing.assert_allclose(x.double().numpy() / sizes, expected / sizes, rtol=0,
+                               atol=1e-4 * np.abs(expected / sizes).max())
+    assert bool(torch.isfinite(info.residual).all()) and float(info.residual.max()) < 1
+    # A power-of-two scale is exact: the scaled solve is the unscaled one, bit for bit.
+    b32 = torch.tensor(b, dtype=torch.float32)
+    unit = conjugate_gradient(torch.tensor(matrix, dtype=torch.float32), b32)[0]
+    assert torch.equal(conjugate_gradient(torch.tensor(matrix, dtype=torch.float32),
+                                          b32 * 2.0**70)[0], unit * 2.0**70)
+
+
+def test_divergence_is_warned_and_truncation_is_not():
+    # CG minimises the A^-1-norm of the residual, not its 2-norm: after one step on
+    # diag(1, 100) from b = (10, 1) the residual is (4.95, -49.5), 4.9 times ||b||.
+    matrix = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
+    b = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        _, info = conjugate_gradient(matrix, b, max_iter=1)
+    assert not bool(info.converged[0])
+    assert float(info.residual[0]) == pytest.approx(np.hypot(4.95, 49.5) / np.hypot(10, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, info = conjugate_gradient(matrix, b, max_iter=2)  # two eigenvalues: exact
+        np.testing.assert_allclose(x.numpy(), [10.0, 0.01])
+        wide = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+        _, info = conjugate_gradient(wide, torch.ones(20, dtype=torch.float64), max_iter=3)
+        assert not bool(info.converged.any())  # truncated, reported, not warned
+
+
+def test_conjugate_gradient_checks_shapes():
+    with pytest.raises(ValueError, match="operator"):
+        conjugate_gradient(torch.eye(3), torch.ones(4))
+    with pytest.raises(ValueError, match="b must be"):
+        conjugate_gradient(torch.eye(3), torch.ones(3, 2, 1))

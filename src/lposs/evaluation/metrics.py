@@ -22,7 +22,7 @@ fractions in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,196 +31,51 @@ import torch.nn.functional as F
 
 from ..config import UNKNOWN
 
-__all__ = [
-    "SegmentationMetrics",
-    "confusion_matrix",
-    "boundary_counts",
-    "boundary_dilation",
-    "mask_boundary",
-    "mean_iou",
-    "boundary_iou",
-    "oracle_labels",
-]
+__all__ = ["SegmentationMetrics", "boundary_iou", "mean_iou", "oracle_labels"]
 
 
-def _as_label_map(x: Any, name: str) -> torch.Tensor:
-    """Converts an integer (H, W) numpy array or tensor to an int64 tensor."""
+def _label_map(x: Any, name: str) -> torch.Tensor:
+    """An integer ``(H, W)`` numpy array or tensor as an int64 tensor."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer labels, got dtype {x.dtype}")
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+    if x.ndim != 2 or x.numel() == 0:
         raise ValueError(f"{name} must be a non-empty (H, W) label map, got shape {tuple(x.shape)}")
     return x.long()
 
 
-def _check_pair(pred: Any, gt: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    gt_t = _as_label_map(gt, "gt")
-    pred_t = _as_label_map(pred, "pred").to(gt_t.device)
-    if pred_t.shape != gt_t.shape:
-        raise ValueError(
-            f"pred and gt must have the same shape, got {tuple(pred_t.shape)} and "
-            f"{tuple(gt_t.shape)}"
-        )
-    return pred_t, gt_t
-
-
-def _check_classes(num_classes: Any, ignore_index: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"ignore_index ({ignore_index}) must lie outside the class range 0..{num_classes - 1}"
-        )
-
-
-def _valid_gt(gt: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """(H, W) bool: ground-truth pixels that belong to a class; rejects unexpected labels."""
-    valid = (gt >= 0) & (gt < num_classes)
-    stray = ~valid & (gt != ignore_index)
-    if bool(stray.any()):
-        bad = torch.unique(gt[stray])[:5].tolist()
-        raise ValueError(
-            f"gt holds labels {bad} outside 0..{num_classes - 1} that are not ignore_index "
-            f"({ignore_index}); check num_classes and the dataset's label mapping"
-        )
-    return valid
-
-
-def confusion_matrix(
-    pred: Any, gt: Any, num_classes: int, *, ignore_index: int = UNKNOWN
-) -> torch.Tensor:
-    """Confusion matrix of one label map, with a column for missed pixels.
-
-    Args:
-        pred: (H, W) integer predicted labels; values outside 0..C-1 are misses.
-        gt: (H, W) integer ground truth in 0..C-1 or ``ignore_index``.
-        num_classes: C.
-        ignore_index: ground-truth value to ignore.
-
-    Returns:
-        (C, C + 1) int64 counts on gt's device: rows = ground truth, columns 0..C-1 = the
-        predicted class, last column = predictions outside 0..C-1 (misses: in no class's
-        predicted area, but in the gt class's union).
-    """
-    _check_classes(num_classes, ignore_index)
-    pred, gt = _check_pair(pred, gt)
-    valid = _valid_gt(gt, num_classes, ignore_index)
-    gt_v, pred_v = gt[valid], pred[valid]
-    pred_v = torch.where((pred_v >= 0) & (pred_v < num_classes), pred_v, num_classes)
-    counts = torch.bincount(gt_v * (num_classes + 1) + pred_v,
-                            minlength=num_classes * (num_classes + 1))
-    return counts.view(num_classes, num_classes + 1)
-
-
-def boundary_dilation(height: int, width: int, ratio: float = 0.02) -> int:
-    """Band width d = max(1, round(ratio * image diagonal)) (Python rounding, half to even)."""
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
-    if not ratio > 0:
-        raise ValueError(f"dilation_ratio must be positive, got {ratio!r}")
-    return max(1, int(round(ratio * math.sqrt(height * height + width * width))))
-
-
-def _prefix_sum(flags: torch.Tensor, dim: int) -> torch.Tensor:
-    """Exclusive prefix sum along ``dim``: one longer, starting with 0."""
-    csum = torch.cumsum(flags, dim=dim, dtype=torch.int32)
-    shape = list(csum.shape)
-    shape[dim] = 1
-    return torch.cat([csum.new_zeros(shape), csum], dim=dim)
-
-
-def _constant_windows(
-    labels: torch.Tensor, ok: torch.Tensor | None, d: int, dim: int
-) -> torch.Tensor:
+def _constant_windows(labels: torch.Tensor, ok: torch.Tensor | None, d: int,
+                      dim: int) -> torch.Tensor:
     """True where the window [i-d, i+d] along ``dim`` lies inside the map, ``ok`` holds on
     all of it and ``labels`` is constant on it. Counts come from prefix sums: O(1) per pixel.
     """
+    def prefix_sum(flags: torch.Tensor) -> torch.Tensor:  # exclusive: one longer, 0 first
+        csum = torch.cumsum(flags, dim=dim, dtype=torch.int32)
+        return F.pad(csum, (0, 0) * (flags.ndim - 1 - dim) + (1, 0))
+
     n = labels.shape[dim]
     idx = torch.arange(n, device=labels.device)
     lo, hi = (idx - d).clamp(0, n - 1), (idx + d).clamp(0, n - 1)
     # change[k] is set when labels[k] != labels[k + 1]; the window holds the pairs lo..hi-1.
-    change = labels.narrow(dim, 1, n - 1) != labels.narrow(dim, 0, n - 1)
-    changes = _prefix_sum(change, dim)
+    changes = prefix_sum(labels.narrow(dim, 1, n - 1) != labels.narrow(dim, 0, n - 1))
     result = (changes.index_select(dim, hi) - changes.index_select(dim, lo)) == 0
     if ok is not None:
-        bad = _prefix_sum(~ok, dim)
+        bad = prefix_sum(~ok)
         result &= (bad.index_select(dim, hi + 1) - bad.index_select(dim, lo)) == 0
-    inside = (idx >= d) & (idx < n - d)
     view = [1] * labels.ndim
     view[dim] = n
-    return result & inside.view(view)
+    return result & ((idx >= d) & (idx < n - d)).view(view)
 
 
 def _interior(labels: torch.Tensor, d: int) -> torch.Tensor:
-    """(..., H, W) bool: pixels whose (2d+1)^2 window is inside the image and of one label.
-
-    For the mask of the pixel's own label this is exactly d iterations of 3x3 erosion with
-    the outside of the image counting as background.
-    """
+    """``(..., H, W)`` bool: pixels whose (2d+1)^2 window is inside the image and of one
+    label; for the mask of a pixel's own label, d iterations of 3x3 erosion with the outside
+    of the image counting as background."""
     rows_ok = _constant_windows(labels, None, d, labels.ndim - 1)
     return _constant_windows(labels, rows_ok, d, labels.ndim - 2)
-
-
-def mask_boundary(mask: Any, dilation: int) -> torch.Tensor:
-    """Boundary band of binary masks: the mask minus its erosion.
-
-    The erosion is ``dilation`` iterations of a 3x3 kernel on the zero-padded mask, so mask
-    pixels within ``dilation`` pixels of the image border are boundary too.
-
-    Args:
-        mask: (..., H, W) bool or 0/1 integer masks (numpy or torch).
-        dilation: number of 3x3 erosions d >= 1 (see ``boundary_dilation``).
-
-    Returns:
-        (..., H, W) bool band.
-    """
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a numpy array or a torch tensor, got {type(mask).__name__}")
-    if mask.ndim < 2 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
-        raise ValueError(f"mask must have shape (..., H, W), got {tuple(mask.shape)}")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
-    mask = mask != 0
-    return mask & ~_interior(mask, dilation)
-
-
-def boundary_counts(
-    pred: Any, gt: Any, num_classes: int, *, ignore_index: int = UNKNOWN,
-    dilation_ratio: float = 0.02,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class Boundary IoU intersection and union of one image.
-
-    Args:
-        pred: (H, W) integer predicted labels; values outside 0..C-1 are misses.
-        gt: (H, W) integer ground truth in 0..C-1 or ``ignore_index``.
-        num_classes: C.
-        ignore_index: ground-truth value to ignore (predictions there are ignored too).
-        dilation_ratio: band width as a fraction of the image diagonal.
-
-    Returns:
-        intersection (C,) and union (C,) int64 pixel counts of the gt and predicted bands.
-    """
-    _check_classes(num_classes, ignore_index)
-    pred, gt = _check_pair(pred, gt)
-    d = boundary_dilation(*gt.shape, ratio=dilation_ratio)
-    gt_valid = _valid_gt(gt, num_classes, ignore_index)
-    pred_valid = gt_valid & (pred >= 0) & (pred < num_classes)
-    # Every pixel that is in no class (ignored, out of range) becomes -1: it then bounds
-    # every class's mask, as its 0 does in each per-class binary mask.
-    labels = torch.stack([torch.where(gt_valid, gt, -1), torch.where(pred_valid, pred, -1)])
-    gt_band, pred_band = ~_interior(labels, d) & (labels >= 0)
-    gt_area = torch.bincount(gt[gt_band], minlength=num_classes)
-    pred_area = torch.bincount(pred[pred_band], minlength=num_classes)
-    both = gt_band & pred_band & (gt == pred)
-    intersection = torch.bincount(gt[both], minlength=num_classes)
-    return intersection, gt_area + pred_area - intersection
 
 
 def _iou(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
@@ -238,16 +93,16 @@ class SegmentationMetrics:
     """Streaming mIoU, accuracies and (optionally) Boundary IoU over a split.
 
     ``update`` one image at a time, then ``compute``. The state is three int64 tensors,
-    ``confusion`` (C, C + 1) (rows = ground truth, last column = misses, see
-    ``confusion_matrix``), ``boundary_intersection`` (C,) and
+    ``confusion`` (C, C + 1) (rows = ground truth, columns = the predicted class, the last
+    column = predictions outside 0..C-1), ``boundary_intersection`` (C,) and
     ``boundary_union`` (C,), plus ``num_images``: states add up exactly, with ``merge`` or
     an in-place all-reduce of the tensors.
 
     Args:
         num_classes: C.
-        ignore_index: ground-truth value to ignore.
+        ignore_index: ground-truth value to ignore (outside 0..C-1).
         boundary: also accumulate Boundary IoU (a few ms per image).
-        dilation_ratio: Boundary IoU band width as a fraction of the image diagonal.
+        dilation_ratio: Boundary IoU band width as a fraction of the image diagonal, > 0.
         device: where the state lives (default CPU).
     """
 
@@ -257,8 +112,15 @@ class SegmentationMetrics:
         self, num_classes: int, *, ignore_index: int = UNKNOWN, boundary: bool = True,
         dilation_ratio: float = 0.02, device: torch.device | str | None = None,
     ) -> None:
-        _check_classes(num_classes, ignore_index)
-        boundary_dilation(1, 1, ratio=dilation_ratio)  # validates the ratio
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index ({ignore_index}) must lie outside the class range "
+                             f"0..{num_classes - 1}")
+        if not dilation_ratio > 0:
+            raise ValueError(f"dilation_ratio must be positive, got {dilation_ratio!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.boundary = bool(boundary)
@@ -285,19 +147,46 @@ class SegmentationMetrics:
             This image's counts in ``state_dict`` form (a per-image record that ``merge``
             accepts).
         """
-        kwargs = {"ignore_index": self.ignore_index}
-        confusion = confusion_matrix(pred, gt, self.num_classes, **kwargs).to(self.device)
+        gt = _label_map(gt, "gt")
+        pred = _label_map(pred, "pred").to(gt.device)
+        if pred.shape != gt.shape:
+            raise ValueError(f"pred and gt must have the same shape, got {tuple(pred.shape)} "
+                             f"and {tuple(gt.shape)}")
+        c = self.num_classes
+        valid = (gt >= 0) & (gt < c)
+        stray = ~valid & (gt != self.ignore_index)
+        if bool(stray.any()):
+            raise ValueError(f"gt holds labels {torch.unique(gt[stray])[:5].tolist()} outside "
+                             f"0..{c - 1} that are not ignore_index ({self.ignore_index}); "
+                             "check num_classes and the dataset's label mapping")
+        pred_valid = valid & (pred >= 0) & (pred < c)
+        hits = torch.where(pred_valid, pred, c)[valid]  # misses go to the last column
+        confusion = torch.bincount(gt[valid] * (c + 1) + hits, minlength=c * (c + 1))
+        record = self._settings()
+        record.update(num_images=1, confusion=confusion.view(c, c + 1).to(self.device))
         if self.boundary:
-            inter, union = boundary_counts(pred, gt, self.num_classes,
-                                           dilation_ratio=self.dilation_ratio, **kwargs)
-            inter, union = inter.to(self.device), union.to(self.device)
+            inter, union = self._boundary_counts(pred, gt, valid, pred_valid)
         else:
             inter = union = torch.zeros_like(self.boundary_union)
-        record = self._settings()
-        record.update(num_images=1, confusion=confusion, boundary_intersection=inter,
-                      boundary_union=union)
+        record.update(boundary_intersection=inter.to(self.device),
+                      boundary_union=union.to(self.device))
         self.merge(record)
         return record
+
+    def _boundary_counts(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
+                         pred_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) intersections and unions of one image's ground-truth and predicted bands."""
+        height, width = gt.shape
+        d = max(1, int(round(self.dilation_ratio * math.sqrt(height**2 + width**2))))
+        # Every pixel that is in no class (ignored, out of range) becomes -1: it then bounds
+        # every class's mask, as its 0 does in each per-class binary mask.
+        labels = torch.stack([torch.where(valid, gt, -1), torch.where(pred_valid, pred, -1)])
+        gt_band, pred_band = ~_interior(labels, d) & (labels >= 0)
+        gt_area = torch.bincount(gt[gt_band], minlength=self.num_classes)
+        pred_area = torch.bincount(pred[pred_band], minlength=self.num_classes)
+        both = gt_band & pred_band & (gt == pred)
+        intersection = torch.bincount(gt[both], minlength=self.num_classes)
+        return intersection, gt_area + pred_area - intersection
 
     def _settings(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,
@@ -317,8 +206,6 @@ class SegmentationMetrics:
             ValueError: if the two were set up differently or a tensor has the wrong shape.
         """
         state = other.state_dict() if isinstance(other, SegmentationMetrics) else other
-        if not isinstance(state, Mapping):
-            raise TypeError(f"other must be SegmentationMetrics or a state dict, got {state!r}")
         for key, value in self._settings().items():
             if key in state and state[key] != value:
                 raise ValueError(f"cannot merge metrics with {key}={state[key]!r} into {value!r}")
@@ -330,14 +217,6 @@ class SegmentationMetrics:
             mine += theirs.to(device=mine.device, dtype=torch.int64)
         self.num_images += int(state.get("num_images", 0))
         return self
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> SegmentationMetrics:
-        """Rebuilds a metrics object from ``state_dict()`` output."""
-        metrics = cls(int(state["num_classes"]), ignore_index=int(state["ignore_index"]),
-                      boundary=bool(state["boundary"]),
-                      dilation_ratio=float(state["dilation_ratio"]))
-        return metrics.merge(state)
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything added so far, as fractions in [0, 1].
@@ -370,23 +249,10 @@ class SegmentationMetrics:
         return result
 
 
-def _label_maps(maps: Any, name: str) -> list[Any]:
-    """A single (H, W) map, a (B, H, W) stack or a sequence of (H, W) maps -> list."""
-    if isinstance(maps, (np.ndarray, torch.Tensor)):
-        if maps.ndim == 2:
-            return [maps]
-        if maps.ndim == 3:
-            return list(maps)
-        raise ValueError(f"{name} must be (H, W), (B, H, W) or a sequence of (H, W) maps, "
-                         f"got shape {tuple(maps.shape)}")
-    if isinstance(maps, Sequence) and not isinstance(maps, (str, bytes)):
-        return list(maps)
-    raise TypeError(f"{name} must be an array, a tensor or a sequence of them")
-
-
 def _evaluate(preds: Any, gts: Any, num_classes: int, ignore_index: int, boundary: bool,
               dilation_ratio: float) -> dict[str, Any]:
-    pred_list, gt_list = _label_maps(preds, "preds"), _label_maps(gts, "gts")
+    """``compute()`` over one (H, W) map, a (B, H, W) stack or a sequence of (H, W) maps."""
+    pred_list, gt_list = ([m] if getattr(m, "ndim", None) == 2 else list(m) for m in (preds, gts))
     if len(pred_list) != len(gt_list):
         raise ValueError(f"preds and gts must hold as many maps, got {len(pred_list)} and "
                          f"{len(gt_list)}")
@@ -448,11 +314,9 @@ def oracle_labels(gt: Any, *, patch_size: int = 16, ignore_index: int = UNKNOWN)
     Returns:
         (H, W) int64 labels on gt's device, values taken from those present in ``gt``.
     """
-    gt = _as_label_map(gt, "gt")
+    gt = _label_map(gt, "gt")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     height, width = gt.shape
     values, inverse = torch.unique(gt, return_inverse=True)
     onehot = F.one_hot(inverse, len(values)).permute(2, 0, 1)[None].float()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .graph import check_shape
+
 __all__ = ["rgb_to_lab"]
 
 _RGB_TO_XYZ = (  # sRGB (D65) to CIE XYZ
@@ -13,6 +15,7 @@ _RGB_TO_XYZ = (  # sRGB (D65) to CIE XYZ
     (0.019334, 0.119193, 0.950227),
 )
 _WHITE_D65 = (0.95047, 1.0, 1.08883)
+
 
 def rgb_to_lab(image: Tensor) -> Tensor:
     """Convert sRGB in [0, 1] to CIE L*a*b* under the D65 white point.
@@ -23,14 +26,7 @@ def rgb_to_lab(image: Tensor) -> Tensor:
     Returns:
         ``(*, 3, H, W)`` Lab: L in [0, 100], a and b roughly in [-128, 127].
     """
-    if not isinstance(image, Tensor) or image.dim() < 3 or image.shape[-3] != 3 or \
-            not image.is_floating_point():
-        raise ValueError("image must be a floating-point tensor of shape (*, 3, H, W)")
-    return _rgb_to_lab(image)
-
-
-def _rgb_to_lab(image: Tensor) -> Tensor:
-    """:func:`rgb_to_lab` of a trusted ``(*, 3, H, W)`` floating-point tensor."""
+    check_shape(image, "image", (*image.shape[:-3], 3, None, None))
     rgb = image.clamp(0, 1)
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).pow(2.4), rgb / 12.92)
     matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)

@@ -1,11 +1,5 @@
-"""LPOSS's graph over the patches of all windows: kNN affinity, normalisation, propagation.
-
-Tensor in, tensor out, on the device of the inputs. ``W`` joins each patch to its ``k``
-most similar patches (vision-model features, decayed by patch-centre distance); the
-propagation solves ``(I - alpha * S) X = Y`` with ``S = D^-1/2 W D^-1/2`` for every class
-column of ``Y`` by a conjugate-gradient solve truncated at ``max_iter`` iterations
-(:mod:`lposs.propagation.solver`; see ``METHOD.md``).
-"""
+"""LPOSS's graph over the patches of all windows: each patch joined to its ``k`` most similar
+patches (vision-model features, decayed by patch-centre distance), normalised, propagated."""
 
 from __future__ import annotations
 
@@ -16,16 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_alpha, check_same_device, check_solver_args, check_tensor, compute_dtype
-from .solver import CGInfo, solve
+from .graph import check_shape, compute_dtype, inverse_sqrt_degree
+from .solver import CGInfo, conjugate_gradient
 
-__all__ = [
-    "PatchGraph",
-    "knn_affinity",
-    "normalized_adjacency",
-    "patch_graph",
-    "patch_propagation",
-]
+__all__ = ["PatchGraph", "knn_affinity", "normalized_adjacency", "patch_graph",
+           "patch_propagation"]
 
 _GRAM_CACHE_ELEMENTS = 1 << 25  # keep the whole N x N similarity matrix up to this size
 _GRAM_BLOCK_ELEMENTS = 1 << 23  # otherwise compute it in (block x N) rows of about this size
@@ -35,9 +24,8 @@ _GRAM_MIN_BLOCK = 256  # fewest rows per block of the similarity matrix
 def normalized_adjacency(weights: Tensor) -> Tensor:
     """The symmetric normalisation ``S = D^-1/2 W D^-1/2`` of an affinity matrix.
 
-    ``D`` holds the row sums of ``W``; a zero degree is replaced by 1 (isolated nodes keep a
-    zero row). The propagation system is ``L = I - alpha * S``; with a zero diagonal in
-    ``W``, ``L`` has ones on its diagonal.
+    ``D`` holds the row sums of ``W``; a node of zero degree keeps a zero row, so that
+    ``L = I - alpha * S`` leaves its score unchanged.
 
     Args:
         weights: ``(N, N)`` symmetric non-negative affinity, dense, sparse COO or sparse CSR.
@@ -45,39 +33,21 @@ def normalized_adjacency(weights: Tensor) -> Tensor:
     Returns:
         ``(N, N)`` ``S`` in the layout of ``weights``.
     """
-    if not isinstance(weights, Tensor) or weights.dim() != 2 or \
-            weights.shape[0] != weights.shape[1]:
-        raise ValueError("weights must be a square (N, N) tensor")
-    if weights.layout not in (torch.sparse_csr, torch.sparse_coo, torch.strided):
-        raise ValueError(f"weights has an unsupported layout {weights.layout}")
-    return _normalize(weights)
-
-
-def _normalize(weights: Tensor) -> Tensor:
-    """:func:`normalized_adjacency` of a trusted square dense, COO or CSR matrix."""
-    if weights.layout == torch.sparse_csr:
-        values = weights.values()
-        rows = _csr_rows(weights)
-        cols = weights.col_indices()
-    elif weights.layout == torch.sparse_coo:
-        weights = weights.coalesce()
-        values = weights.values()
-        rows, cols = weights.indices()
-    else:
-        inv_sqrt = _inverse_sqrt_degree(weights.sum(1))
+    check_shape(weights, "weights", (len(weights), len(weights)))
+    if weights.layout == torch.strided:
+        inv_sqrt = inverse_sqrt_degree(weights.sum(1))
         return weights * inv_sqrt[:, None] * inv_sqrt[None, :]
-    degree = torch.zeros(weights.shape[0], dtype=values.dtype, device=values.device)
-    degree.index_add_(0, rows, values)
-    inv_sqrt = _inverse_sqrt_degree(degree)
+    if weights.layout == torch.sparse_coo:
+        weights = weights.coalesce()
+        (rows, cols), values = weights.indices(), weights.values()
+    else:
+        rows, cols, values = _csr_rows(weights), weights.col_indices(), weights.values()
+    inv_sqrt = inverse_sqrt_degree(values.new_zeros(len(weights)).index_add_(0, rows, values))
     values = values * inv_sqrt[rows] * inv_sqrt[cols]
     if weights.layout == torch.sparse_coo:
         return torch.sparse_coo_tensor(weights.indices(), values, weights.shape,
                                        is_coalesced=True, check_invariants=False)
     return _csr(weights.crow_indices(), cols, values, weights.shape)
-
-
-def _inverse_sqrt_degree(degree: Tensor) -> Tensor:
-    return torch.where(degree > 0, degree, 1).rsqrt()
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
@@ -90,20 +60,13 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
 def _csr_rows(matrix: Tensor) -> Tensor:
     """The row index of every stored entry of a CSR matrix."""
     crow = matrix.crow_indices()
-    counts = crow[1:] - crow[:-1]
     rows = torch.arange(matrix.shape[0], device=crow.device, dtype=crow.dtype)
-    return torch.repeat_interleave(rows, counts, output_size=matrix.values().numel())
+    return torch.repeat_interleave(rows, crow[1:] - crow[:-1],
+                                   output_size=matrix.values().numel())
 
 
-def knn_affinity(
-    features: Tensor,
-    positions: Tensor,
-    *,
-    k: int = 400,
-    gamma: float = 3.0,
-    sigma: float = 0.01,
-    distance_power: float = 1.0,
-) -> Tensor:
+def knn_affinity(features: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
+                 sigma: float = 0.01, distance_power: float = 1.0) -> Tensor:
     """The symmetric kNN affinity of the LPOSS patch graph, as a sparse CSR matrix.
 
     ``A[i, j] = max(z_i . z_j, 0) ** gamma * exp(-sigma * ||p_i - p_j|| ** distance_power)``
@@ -121,31 +84,23 @@ def knn_affinity(
         distance_power: power of the distance inside the exponential, > 0.
 
     Returns:
-        ``(N, N)`` sparse CSR ``W`` in the dtype of ``features``.
+        ``(N, N)`` sparse CSR ``W``, float64 for float64 features, else float32.
     """
-    _check_nodes(features, positions)
-    _check_graph_args(k, gamma, sigma, distance_power)
-    return _knn_affinity(features, positions, k, gamma, sigma, distance_power)
-
-
-def _knn_affinity(features, positions, k, gamma, sigma, distance_power) -> Tensor:
-    n = features.shape[0]
-    k = min(k, n)
-    z = F.normalize(features, dim=1)
-    positions = positions.to(z.dtype)
+    check_shape(features, "features", (None, None))
+    check_shape(positions, "positions", (len(features), 2))
+    n, k = len(features), min(k, len(features))
+    z = F.normalize(features.to(compute_dtype(features)), dim=1)
     cache = n * n <= _GRAM_CACHE_ELEMENTS
     block = -(-n // 4) if cache else _GRAM_BLOCK_ELEMENTS // n  # 4 blocks: 40% fewer flops
-    block = max(_GRAM_MIN_BLOCK, block)
-    similarity = _BlockedSimilarity(z, min(block, n), cache)
-    starts = similarity.starts
-
+    similarity = _BlockedSimilarity(z, min(max(_GRAM_MIN_BLOCK, block), n), cache)
     # Pass 1: the k-th largest similarity of every row (the node itself ranks first).
     kth = torch.cat([torch.topk(similarity.rows(s), k, dim=1, sorted=False).values.amin(1)
-                     for s in starts])
+                     for s in similarity.starts])
     # Pass 2: j is a neighbour of i or i of j  <=>  z_i . z_j >= min(kth_i, kth_j).
-    y, x = positions.T.contiguous()
+    y, x = positions.to(z.dtype).T.contiguous()
+    decay = min(sigma, torch.finfo(z.dtype).max)  # sigma = 1e308 must not become inf (0 * inf)
     counts, cols, values = [], [], []
-    for s in starts:
+    for s in similarity.starts:
         sim = similarity.rows(s)
         rows = sim.shape[0]
         keep = sim >= torch.minimum(kth[s:s + rows, None], kth[None, :])
@@ -161,14 +116,16 @@ def _knn_affinity(features, positions, k, gamma, sigma, distance_power) -> Tenso
         weight = (sim >= kth.index_select(0, r)).to(sim.dtype)
         weight.add_((sim >= kth.index_select(0, c)).to(sim.dtype))
         weight.mul_(sim.clamp_(min=0).pow_(gamma))
-        distance = torch.hypot(y.index_select(0, r) - y.index_select(0, c),
-                               x.index_select(0, r) - x.index_select(0, c))
-        if distance_power != 1:
-            distance.pow_(distance_power)
-        weight.mul_(distance.mul_(-sigma).exp_())
+        if decay > 0:
+            distance = torch.hypot(y.index_select(0, r) - y.index_select(0, c),
+                                   x.index_select(0, r) - x.index_select(0, c))
+            if distance_power != 1:
+                distance.pow_(distance_power)
+            weight.mul_(distance.mul_(-decay).exp_())
+            del distance
         cols.append(c)
         values.append(weight)
-        del sim, r, c, distance
+        del sim, r, c
     index_dtype = torch.int32 if n * k < 2**30 else torch.int64
     crow = torch.zeros(n + 1, dtype=index_dtype, device=z.device)
     torch.cumsum(torch.cat(counts), 0, out=crow[1:])
@@ -185,8 +142,8 @@ class _BlockedSimilarity:
     """
 
     def __init__(self, z: Tensor, block: int, cache: bool):
-        self.z, self.block, self.n = z, block, z.shape[0]
-        self.starts = range(0, self.n, block)
+        self.z, self.block = z, block
+        self.starts = range(0, z.shape[0], block)
         self.cache: dict[int, Tensor] | None = {} if cache else None
 
     def _block(self, i: int, j: int) -> Tensor:
@@ -237,38 +194,21 @@ class PatchGraph:
             scores: ``(N, C)`` initial class scores, on the graph's device.
             tol: conjugate-gradient relative residual tolerance, > 0.
             max_iter: conjugate-gradient iterations, >= 1.
-            return_info: also return the solver's convergence report.
+            return_info: also return the solver's :class:`CGInfo`.
 
         Returns:
-            ``(N, C)`` refined scores, in the dtype of ``scores``; with ``return_info``,
-            ``(scores, info)`` with the :class:`lposs.propagation.solver.CGInfo` of the solve.
+            ``(N, C)`` refined scores in the dtype of ``scores``, or ``(scores, info)``.
         """
-        check_tensor("scores", scores, 2)
-        if scores.shape[0] != self.num_nodes:
-            raise ValueError(f"scores must have shape ({self.num_nodes}, C) with C >= 1, "
-                             f"got {tuple(scores.shape)}")
-        check_same_device(self.scaled, scores=scores)
-        check_solver_args(tol, max_iter)
-        x, info = self._solve(scores, tol, max_iter)
+        check_shape(scores, "scores", (self.num_nodes, None))
+        x, info = conjugate_gradient(lambda p: torch.addmm(p, self.scaled, p, alpha=-1),
+                                     scores.to(self.scaled.dtype), tol=tol, max_iter=max_iter)
+        x = x.to(scores.dtype)
         return (x, info) if return_info else x
 
-    def _solve(self, scores: Tensor, tol: float, max_iter: int) -> tuple[Tensor, CGInfo]:
-        """:meth:`propagate` on trusted inputs."""
-        x, info = solve(lambda p: torch.addmm(p, self.scaled, p, alpha=-1),
-                        scores.to(self.scaled.dtype), tol, max_iter)
-        return x.to(scores.dtype), info
 
-
-def patch_graph(
-    features: Tensor,
-    positions: Tensor,
-    *,
-    k: int = 400,
-    gamma: float = 3.0,
-    sigma: float = 0.01,
-    distance_power: float = 1.0,
-    alpha: float = 0.95,
-) -> PatchGraph:
+def patch_graph(features: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
+                sigma: float = 0.01, distance_power: float = 1.0,
+                alpha: float = 0.95) -> PatchGraph:
     """The LPOSS graph over all patches of all windows: ``W`` from :func:`knn_affinity`,
     ``S`` from :func:`normalized_adjacency`, scaled by ``alpha``.
 
@@ -276,46 +216,23 @@ def patch_graph(
         features: ``(N, D)`` patch features of the vision model (L2-normalised inside);
             float64 builds a float64 graph, any other float dtype a float32 one.
         positions: ``(N, 2)`` patch centres in working-image pixels, ``(y, x)``.
-        k: neighbours per patch (``min(k, N)`` is used), >= 1.
-        gamma: power of the clamped feature similarity, > 0.
-        sigma: spatial decay per pixel of patch-centre distance, >= 0.
-        distance_power: power of the distance inside the exponential, > 0.
+        k, gamma, sigma, distance_power: as in :func:`knn_affinity`.
         alpha: propagation strength, in (0, 1).
     """
-    _check_nodes(features, positions)
-    _check_graph_args(k, gamma, sigma, distance_power)
-    check_alpha(alpha)
-    return _build(features.to(compute_dtype(features)), positions, k, gamma, sigma,
-                  distance_power, alpha)
+    adjacency = normalized_adjacency(knn_affinity(features, positions, k=k, gamma=gamma,
+                                                  sigma=sigma, distance_power=distance_power))
+    adjacency.values().mul_(alpha)
+    return PatchGraph(adjacency)
 
 
-def _build(features, positions, k, gamma, sigma, distance_power, alpha) -> PatchGraph:
-    """:func:`patch_graph` on trusted inputs, ``features`` already in the compute dtype."""
-    weights = _knn_affinity(features, positions, k, gamma, sigma, distance_power)
-    adjacency = _normalize(weights)
-    del weights
-    return PatchGraph(_csr(adjacency.crow_indices(), adjacency.col_indices(),
-                           adjacency.values() * alpha, adjacency.shape))
-
-
-def patch_propagation(
-    features: Tensor,
-    positions: Tensor,
-    scores: Tensor,
-    *,
-    k: int = 400,
-    gamma: float = 3.0,
-    sigma: float = 0.01,
-    distance_power: float = 1.0,
-    alpha: float = 0.95,
-    tol: float = 1e-6,
-    max_iter: int = 10,
-) -> Tensor:
+def patch_propagation(features: Tensor, positions: Tensor, scores: Tensor, *, k: int = 400,
+                      gamma: float = 3.0, sigma: float = 0.01, distance_power: float = 1.0,
+                      alpha: float = 0.95, tol: float = 1e-6, max_iter: int = 10) -> Tensor:
     """LPOSS: propagate class scores over the kNN graph of all patches of all windows.
 
-    ``patch_graph(features, positions, ...).propagate(scores, ...)``, the graph built in
-    the compute dtype of ``scores``; build the graph once with :func:`patch_graph` to
-    propagate several score sets over one image.
+    ``patch_graph(features, positions, ...).propagate(scores, ...)`` with the graph in the
+    compute dtype of ``scores``; build the graph once with :func:`patch_graph` to propagate
+    several score sets over one image.
 
     Args:
         features: ``(N, D)`` patch features of the vision model (L2-normalised inside).
@@ -327,38 +244,6 @@ def patch_propagation(
     Returns:
         ``(N, C)`` refined scores, on the device and in the dtype of ``scores``.
     """
-    _check_nodes(features, positions)
-    check_tensor("scores", scores, 2)
-    if scores.shape[0] != features.shape[0] or scores.shape[1] < 1:
-        raise ValueError(f"scores must have shape ({features.shape[0]}, C) with C >= 1, "
-                         f"got {tuple(scores.shape)}")
-    check_same_device(features, scores=scores)
-    _check_graph_args(k, gamma, sigma, distance_power)
-    check_alpha(alpha)
-    check_solver_args(tol, max_iter)
-    graph = _build(features.to(compute_dtype(scores)), positions, k, gamma, sigma,
-                   distance_power, alpha)
-    return graph._solve(scores, tol, max_iter)[0]
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _check_nodes(features: Tensor, positions: Tensor) -> None:
-    check_tensor("features", features, 2)
-    check_tensor("positions", positions, 2)
-    if positions.shape != (features.shape[0], 2):
-        raise ValueError(f"positions must have shape ({features.shape[0]}, 2) to match "
-                         f"features, got {tuple(positions.shape)}")
-    check_same_device(features, positions=positions)
-
-
-def _check_graph_args(k: int, gamma: float, sigma: float, distance_power: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not gamma > 0 or not math.isfinite(gamma):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    if not sigma >= 0 or not math.isfinite(sigma):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if not distance_power > 0 or not math.isfinite(distance_power):
-        raise ValueError(f"distance_power must be a finite number > 0, got {distance_power!r}")
+    graph = patch_graph(features.to(compute_dtype(scores)), positions, k=k, gamma=gamma,
+                        sigma=sigma, distance_power=distance_power, alpha=alpha)
+    return graph.propagate(scores, tol=tol, max_iter=max_iter)

@@ -1,12 +1,6 @@
-"""LPOSS+'s graph over the pixels of an image: Lab colour affinity, normalisation, propagation.
-
-Tensor in, tensor out, on the device of the inputs. Each pixel is joined to the pixels of
-its ``r x r`` neighbourhood by a Lab colour affinity; ``W`` is never formed, its product
-is a stencil (:mod:`lposs.propagation.stencil`). The propagation solves
-``(I - alpha * S) X = Y`` with ``S = D^-1/2 W D^-1/2`` for every class map of ``Y`` by a
-conjugate-gradient solve truncated at ``max_iter`` iterations (:mod:`lposs.propagation.solver`;
-see ``METHOD.md``).
-"""
+"""LPOSS+'s graph over the pixels of an image: each pixel joined to its ``r x r`` neighbourhood
+by a Lab colour affinity, normalised, propagated; ``W`` is never formed, its product is a
+stencil (:mod:`lposs.propagation.stencil`)."""
 
 from __future__ import annotations
 
@@ -16,18 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_alpha, check_same_device, check_solver_args, check_tensor, compute_dtype
-from .color import _rgb_to_lab
-from .patch_graph import _inverse_sqrt_degree
-from .solver import CGInfo, solve
+from .color import rgb_to_lab
+from .graph import check_shape, compute_dtype, inverse_sqrt_degree
+from .solver import CGInfo, conjugate_gradient
 from .stencil import stencil_product
 
-__all__ = [
-    "PixelGraph",
-    "pixel_affinity",
-    "pixel_graph",
-    "pixel_propagation",
-]
+__all__ = ["PixelGraph", "pixel_affinity", "pixel_graph", "pixel_propagation"]
 
 _LAB_SCALE = (100.0, 128.0, 128.0)  # Lab channels are divided by these for the pixel graph
 
@@ -50,13 +38,9 @@ def pixel_affinity(image: Tensor, *, r: int = 13, tau: float = 0.01) -> tuple[Te
         ``(weights, offsets)``: ``((r * r - 1) // 2, H, W)`` weights and
         ``((r * r - 1) // 2, 2)`` int64 offsets ``(dy, dx)``.
     """
-    _check_image(image)
-    _check_pixel_args(r, tau)
-    dtype = compute_dtype(image)
-    offsets = _half_offsets(r, image.shape[1], image.shape[2], clip=False)
-    graph = PixelGraph(image.to(dtype), offsets, r, tau)
-    weights = graph.unpad(graph.weights.view(len(offsets), -1)).to(image.dtype)
-    return weights, torch.tensor(offsets, dtype=torch.long, device=image.device)
+    graph = PixelGraph(image, r=r, tau=tau, clip_offsets=False)
+    weights = graph.unpad(graph.weights).to(image.dtype)
+    return weights, torch.tensor(graph.offsets, dtype=torch.long, device=image.device)
 
 
 def pixel_graph(image: Tensor, *, r: int = 13, tau: float = 0.01,
@@ -64,9 +48,7 @@ def pixel_graph(image: Tensor, *, r: int = 13, tau: float = 0.01,
     """The LPOSS+ graph over the pixels of an image (:func:`pixel_affinity`), normalised
     and scaled by ``alpha``, ready to propagate any class scores over that image.
 
-    ``W`` is never formed: its product is a stencil over the ``r x r`` neighbourhood
-    (:func:`lposs.propagation.stencil.stencil_product`); the graph's memory is ``(r * r - 1) / 2``
-    weight maps of the padded image.
+    Its memory is ``(r * r - 1) / 2`` weight maps of the padded image.
 
     Args:
         image: ``(3, H, W)`` RGB in [0, 1]; float64 builds a float64 graph, any other float
@@ -75,35 +57,18 @@ def pixel_graph(image: Tensor, *, r: int = 13, tau: float = 0.01,
         tau: temperature of the colour distance, > 0.
         alpha: propagation strength, in (0, 1).
     """
-    _check_image(image)
-    _check_pixel_args(r, tau)
-    check_alpha(alpha)
-    return _build(image.to(compute_dtype(image)), r, tau, alpha)
-
-
-def _build(image: Tensor, r: int, tau: float, alpha: float) -> PixelGraph:
-    """:func:`pixel_graph` on trusted inputs, ``image`` already in the compute dtype."""
-    offsets = _half_offsets(r, image.shape[1], image.shape[2], clip=True)
-    graph = PixelGraph(image, offsets, r, tau)
+    graph = PixelGraph(image, r=r, tau=tau)
     graph.normalize(alpha)
     return graph
 
 
-def pixel_propagation(
-    image: Tensor,
-    scores: Tensor,
-    *,
-    r: int = 13,
-    tau: float = 0.01,
-    alpha: float = 0.95,
-    tol: float = 1e-6,
-    max_iter: int = 10,
-) -> Tensor:
+def pixel_propagation(image: Tensor, scores: Tensor, *, r: int = 13, tau: float = 0.01,
+                      alpha: float = 0.95, tol: float = 1e-6, max_iter: int = 10) -> Tensor:
     """LPOSS+: propagate class scores over the pixel graph of :func:`pixel_affinity`.
 
-    ``pixel_graph(image, ...).propagate(scores, ...)``, the graph built in the compute dtype
-    of ``scores``; build the graph once with :func:`pixel_graph` to propagate several score
-    sets over one image.
+    ``pixel_graph(image, ...).propagate(scores, ...)`` with the graph in the compute dtype of
+    ``scores``; build the graph once with :func:`pixel_graph` to propagate several score sets
+    over one image.
 
     Args:
         image: ``(3, H, W)`` RGB in [0, 1].
@@ -114,27 +79,8 @@ def pixel_propagation(
     Returns:
         ``(C, H, W)`` refined scores, on the device and in the dtype of ``scores``.
     """
-    _check_image(image)
-    check_tensor("scores", scores, 3)
-    if scores.shape[1:] != image.shape[1:] or scores.shape[0] < 1:
-        raise ValueError(f"scores must have shape (C, {image.shape[1]}, {image.shape[2]}) "
-                         f"with C >= 1, got {tuple(scores.shape)}")
-    check_same_device(image, scores=scores)
-    _check_pixel_args(r, tau)
-    check_alpha(alpha)
-    check_solver_args(tol, max_iter)
-    graph = _build(image.to(compute_dtype(scores)), r, tau, alpha)
-    return graph._solve(scores, tol, max_iter)[0]
-
-
-def _half_offsets(r: int, height: int, width: int, *, clip: bool) -> list[tuple[int, int]]:
-    """Offsets (dy, dx) of one half of the r x r window; ``clip`` drops those that fit no
-    pixel pair of a ``height x width`` image."""
-    half = r // 2
-    max_dy = min(half, height - 1) if clip else half
-    max_dx = min(half, width - 1) if clip else half
-    return [(dy, dx) for dy in range(max_dy + 1) for dx in range(-max_dx, max_dx + 1)
-            if dy > 0 or dx > 0]
+    graph = pixel_graph(image.to(compute_dtype(scores)), r=r, tau=tau, alpha=alpha)
+    return graph.propagate(scores, tol=tol, max_iter=max_iter)
 
 
 class PixelGraph:
@@ -143,27 +89,36 @@ class PixelGraph:
     Weights are stored flat over the image padded by ``r // 2`` on every side: in that
     layout an offset (dy, dx) is a fixed shift ``dy * Wp + dx``, so the stencil works on
     long contiguous slices. Weights are zero at padding pixels, and vectors are kept zero
-    there, so padding never leaks into the result.
+    there, so padding never leaks into the result. ``clip_offsets`` drops the offsets that
+    join no pixel pair of the image.
     """
 
-    def __init__(self, image: Tensor, offsets: list[tuple[int, int]], r: int, tau: float):
+    def __init__(self, image: Tensor, *, r: int, tau: float, clip_offsets: bool = True):
+        check_shape(image, "image", (3, None, None))
+        image = image.to(compute_dtype(image))
         _, height, width = image.shape
-        self.height, self.width, self.pad_by = height, width, r // 2
-        self.padded_height, self.padded_width = height + 2 * self.pad_by, width + 2 * self.pad_by
-        self.shifts = [dy * self.padded_width + dx for dy, dx in offsets]
-        self.start = self.pad_by * self.padded_width + self.pad_by  # first image pixel
+        half = r // 2
+        max_dy, max_dx = (min(half, height - 1), min(half, width - 1)) if clip_offsets \
+            else (half, half)
+        self.offsets = [(dy, dx) for dy in range(max_dy + 1) for dx in range(-max_dx, max_dx + 1)
+                        if dy > 0 or dx > 0]
+        self.height, self.width, self.pad_by = height, width, half
+        self.padded_height, self.padded_width = height + 2 * half, width + 2 * half
+        self.shifts = [dy * self.padded_width + dx for dy, dx in self.offsets]
+        self.start = half * self.padded_width + half  # first image pixel
         self.stop = self.start + (height - 1) * self.padded_width + width  # one past the last
         scale = torch.tensor(_LAB_SCALE, dtype=image.dtype, device=image.device)
-        lab = self.pad(_rgb_to_lab(image) / scale[:, None, None])
+        lab = self.pad(rgb_to_lab(image) / scale[:, None, None])
         inside = self.pad(torch.ones_like(image[:1], dtype=torch.bool))[0]
         a, b = self.start, self.stop
         # Weights within e of the subnormal range are flushed to 0 (exp is 10x slower there).
         floor = math.log(torch.finfo(lab.dtype).tiny) + 1
         cutoff = 1.001 * math.exp(floor)
-        self.weights = lab.new_zeros(len(offsets), lab.shape[1])
+        inverse_tau = min(1 / tau, torch.finfo(lab.dtype).max)  # finite: 0 * inf would be NaN
+        self.weights = lab.new_zeros(len(self.offsets), lab.shape[1])
         for o, s in enumerate(self.shifts):
             difference = lab[:, a:b] - lab[:, a + s:b + s]
-            weight = difference.square_().sum(0).sqrt_().mul_(-1 / tau)
+            weight = difference.square_().sum(0).sqrt_().mul_(-inverse_tau)
             weight = F.threshold_(weight.clamp_(min=floor).exp_(), cutoff, 0.0)
             self.weights[o, a:b] = weight.mul_(inside[a:b] & inside[a + s:b + s])
 
@@ -187,18 +142,11 @@ class PixelGraph:
         for o, s in enumerate(self.shifts):
             degree[a:b] += self.weights[o, a:b]
             degree[a + s:b + s] += self.weights[o, a:b]
-        inv_sqrt = _inverse_sqrt_degree(degree)
+        inv_sqrt = inverse_sqrt_degree(degree)
         inv_sqrt[a:b] *= math.sqrt(alpha)
         for o, s in enumerate(self.shifts):
             self.weights[o, a:b] *= inv_sqrt[a:b] * inv_sqrt[a + s:b + s]
         F.threshold_(self.weights, torch.finfo(self.weights.dtype).tiny, 0.0)  # no subnormals
-
-    def propagation_operator(self, p: Tensor, out: Tensor | None = None) -> Tensor:
-        """``(I - S) p`` for ``p`` ``(Hp * Wp, C)``, S the normalised (alpha-scaled) graph;
-        ``out`` (laid out like ``p``) receives it when given."""
-        columns = p.T  # (C, Hp * Wp), contiguous for vectors laid out like b
-        return stencil_product(columns, self.weights, self.shifts, self.start, self.stop,
-                               out=None if out is None else out.T).T
 
     def propagate(self, scores: Tensor, *, tol: float = 1e-6, max_iter: int = 10,
                   return_info: bool = False) -> Tensor | tuple[Tensor, CGInfo]:
@@ -209,44 +157,20 @@ class PixelGraph:
             scores: ``(C, H, W)`` class scores at the graph's image size and device.
             tol: conjugate-gradient relative residual tolerance, > 0.
             max_iter: conjugate-gradient iterations, >= 1.
-            return_info: also return the solver's convergence report.
+            return_info: also return the solver's :class:`CGInfo`.
 
         Returns:
-            ``(C, H, W)`` refined scores, in the dtype of ``scores``; with ``return_info``,
-            ``(scores, info)`` with the :class:`lposs.propagation.solver.CGInfo` of the solve.
+            ``(C, H, W)`` refined scores in the dtype of ``scores``, or ``(scores, info)``.
         """
-        check_tensor("scores", scores, 3)
-        if scores.shape[1:] != (self.height, self.width) or scores.shape[0] < 1:
-            raise ValueError(f"scores must have shape (C, {self.height}, {self.width}) "
-                             f"with C >= 1, got {tuple(scores.shape)}")
-        check_same_device(self.weights, scores=scores)
-        check_solver_args(tol, max_iter)
-        x, info = self._solve(scores, tol, max_iter)
-        return (x, info) if return_info else x
-
-    def _solve(self, scores: Tensor, tol: float, max_iter: int) -> tuple[Tensor, CGInfo]:
-        """:meth:`propagate` on trusted inputs."""
+        check_shape(scores, "scores", (None, self.height, self.width))
         b = self.pad(scores.to(self.weights.dtype)).T
         product = torch.empty_like(b)  # one buffer for every product: no fresh pages each time
-        x, info = solve(lambda p: self.propagation_operator(p, product), b, tol, max_iter,
-                        overwrite_b=True)
+
+        def operator(p: Tensor) -> Tensor:  # (I - S) p, the (C, Hp * Wp) maps seen as (N, C)
+            return stencil_product(p.T, self.weights, self.shifts, self.start, self.stop,
+                                   out=product.T).T
+
+        x, info = conjugate_gradient(operator, b, tol=tol, max_iter=max_iter, overwrite_b=True)
         del b
-        return self.unpad(x.T).to(scores.dtype), info
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _check_pixel_args(r: int, tau: float) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 3 or r % 2 == 0:
-        raise ValueError(f"r must be an odd integer >= 3, got {r!r}")
-    if not tau > 0 or not math.isfinite(tau):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-
-
-def _check_image(image: Tensor) -> None:
-    check_tensor("image", image, 3)
-    if image.shape[0] != 3:
-        raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
-    if bool(image.min() < -1e-3) or bool(image.max() > 1 + 1e-3):
-        raise ValueError("image values must lie in [0, 1]")
+        x = self.unpad(x.T).to(scores.dtype)
+        return (x, info) if return_info else x

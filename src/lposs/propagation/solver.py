@@ -1,20 +1,22 @@
-"""The conjugate-gradient solver shared by both propagation stages, with its convergence report.
-
-Tensor in, tensor out, on the device of the inputs. Solves ``A X = B`` for many right-hand
-sides at once (one column per class), each column with its own recursion.
-"""
+"""The conjugate-gradient solver shared by both propagation stages, with its convergence report
+(one column per class, each with its own recursion)."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .graph import check_shape
+
 __all__ = ["CGInfo", "conjugate_gradient"]
 
 _DOT_CHUNK_ROWS = 1 << 15  # rows per chunk of the conjugate-gradient column dots
+_SAFE_EXPONENT = 40  # columns within 2**+-40 of 1 are solved unscaled: their dots cannot overflow
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,11 @@ def conjugate_gradient(
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``A X = B`` for many right-hand sides at once, starting from ``X = 0``.
 
-    Every column runs its own conjugate-gradient recursion (its own step sizes), exactly as
-    if it were solved alone; a column stops changing once ``||r|| <= tol * ||b||``. A zero
-    column of ``b`` gives a zero solution. ``A`` must be symmetric positive definite.
+    Each column runs its own recursion, as if solved alone, until ``||r|| <= tol * ||b||``
+    (a zero column gives zero). ``A`` must be symmetric positive definite. A column of huge
+    or tiny values is solved divided by a power of two (exact), so its dot products cannot
+    overflow. A relative residual above 1 at the end (divergence) is warned about with a
+    ``RuntimeWarning``; stopping at ``max_iter`` is only reported in the :class:`CGInfo`.
 
     Args:
         operator: ``(N, N)`` dense or sparse tensor, or a function mapping ``(N, C)`` to
@@ -68,35 +72,24 @@ def conjugate_gradient(
     Returns:
         ``(x, info)``: the solution shaped like ``b`` and a :class:`CGInfo`.
     """
-    if not isinstance(b, Tensor) or b.dim() not in (1, 2) or not b.is_floating_point():
-        raise ValueError("b must be a floating-point tensor of shape (N,) or (N, C)")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if isinstance(operator, Tensor):
-        if operator.shape != (b.shape[0], b.shape[0]):
-            raise ValueError(f"operator must have shape ({b.shape[0]}, {b.shape[0]}), "
-                             f"got {tuple(operator.shape)}")
-        operator = operator.__matmul__
-    if b.dim() == 1:
-        x, info = solve(operator, b[:, None], tol, max_iter, overwrite_b)
+    if isinstance(b, Tensor) and b.dim() == 1:
+        x, info = conjugate_gradient(operator, b[:, None], tol=tol, max_iter=max_iter,
+                                     overwrite_b=overwrite_b)
         return x[:, 0], info
-    return solve(operator, b, tol, max_iter, overwrite_b)
-
-
-def solve(operator: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int,
-          overwrite_b: bool = False) -> tuple[Tensor, CGInfo]:
-    """:func:`conjugate_gradient` on trusted inputs: ``operator`` a function, ``b`` ``(N, C)``
-    floating point, ``tol > 0``, ``max_iter >= 1`` (the graphs call this after validating
-    once)."""
-    x = torch.zeros_like(b)
+    check_shape(b, "b", (None, None))
+    if isinstance(operator, Tensor):
+        check_shape(operator, "operator", (b.shape[0], b.shape[0]))
+        operator = operator.__matmul__
     r = b if overwrite_b else b.clone()
+    scale = _column_scale(r)  # None: no column needs it
+    if scale is not None:
+        r.div_(scale)
+    x = torch.zeros_like(r)
     p = r.clone()
     rs = _column_dot(r, r)
     b_norm = rs.sqrt()
     bound = tol * b_norm
-    active = rs.sqrt() > bound  # a zero column is solved by x = 0 already
+    active = b_norm > bound  # a zero column is solved by x = 0 already
     iterations = torch.zeros(b.shape[1], dtype=torch.long, device=b.device)
     for _ in range(max_iter):
         if not bool(active.any()):
@@ -114,7 +107,24 @@ def solve(operator: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter:
         torch.addcmul(r, p, beta, out=p)  # p = r + beta * p in one pass
         rs = rs_new  # unchanged in columns that did not move
     residual = torch.where(b_norm > 0, rs.sqrt() / torch.where(b_norm > 0, b_norm, 1), 0)
+    if not bool((residual <= 1).all()):
+        warnings.warn(f"lposs: conjugate gradient diverged (relative residual "
+                      f"{float(residual.nan_to_num(math.inf).max()):.3g} > 1): the result is "
+                      f"unreliable; lower alpha", RuntimeWarning, stacklevel=2)
+    if scale is not None:
+        x.mul_(scale)
     return x, CGInfo(converged=rs.sqrt() <= bound, iterations=iterations, residual=residual)
+
+
+def _column_scale(b: Tensor) -> Tensor | None:
+    """``(C,)`` powers of two near each column's largest magnitude (dividing and multiplying
+    by them is exact), or None when no column is far enough from 1 to need it."""
+    magnitude = torch.linalg.vector_norm(b, math.inf, dim=0)
+    exponent = torch.frexp(magnitude).exponent
+    if bool(((exponent.abs() <= _SAFE_EXPONENT) | (magnitude == 0)).all()):
+        return None
+    largest = math.frexp(torch.finfo(b.dtype).max)[1] - 1  # 127 for float32
+    return torch.exp2(exponent.clamp(1 - largest, largest).to(b.dtype))
 
 
 def _column_dot(a: Tensor, b: Tensor) -> Tensor:
