@@ -252,3 +252,15 @@ def test_a_name_cut_by_the_text_context_is_one_line_before_any_image(tmp_path, m
     line = _one_error(capsys, code)
     assert "too long for the text encoder" in line and "77-token" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_library_warning_is_one_line_on_stderr(capsys):
+    import warnings
+
+    from lposs.cli import _one_line_warning
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        warnings.warn("conjugate gradient diverged", RuntimeWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "lposs: warning: conjugate gradient diverged\n"

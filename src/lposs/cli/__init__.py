@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 
@@ -58,6 +59,12 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's warnings (slow precision, a diverging solve, a bad cache entry) as one
+    ``lposs: warning:`` line on stderr, without Python's source line."""
+    print(f"lposs: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -65,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --help and --version, take no value).
     command = next((word for word in argv if not word.startswith("-")), None)
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         return args.run(args)
     except (LpossError, ValueError, TypeError) as err:  # the library's word on bad input
