@@ -10,6 +10,7 @@ or LPOSS+) or the propagation settings never re-runs the encoders.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import os
@@ -116,6 +117,42 @@ _CSS = """
 """
 
 
+def _run(gr, backend: DemoBackend, image, classes, method_name, preset, threshold):
+    """One click: the page's five outputs (status, overlay, shares, timings, files)."""
+    # Raw inputs (preprocess=False): Gradio's own image preprocessing would open the
+    # upload with Pillow and fail with a stack trace on a file that is not an image;
+    # images.load_image checks it instead. Gradio still keeps uploads to its cache folder.
+    if isinstance(image, dict):
+        image = image.get("path")
+    try:
+        if method_name not in METHODS:
+            raise LpossError(f"choose a method: {' or '.join(METHODS)}")
+        result = backend.segment(image, classes, preset=preset,
+                                 refine=METHODS[method_name],
+                                 unknown_threshold=_threshold(threshold))
+    except LpossError as err:
+        gr.Warning(str(err))
+        message = f"**Error:** {html.escape(str(err))}"
+        return message, None, "", "", None
+    height, width = result.size
+    status = (f"Segmented a {width}x{height} image into {len(result.shares)} classes with "
+              f"{method_name} ({preset}); "
+              + ("the image encoding was reused." if result.encoded_reused
+                 else "the image was encoded."))
+    return (status, result.overlay, _shares_html(result.shares), _timings_md(result),
+            [str(p) for p in result.files])
+
+
+def _preset_choices(backend: DemoBackend) -> tuple[list[str], str]:
+    """The presets of the menu and the one selected at first."""
+    presets = [p for p in backend.presets if p not in _HIDDEN_PRESETS]
+    default = backend.default_preset
+    default = "dino-b16" if default in _HIDDEN_PRESETS and "dino-b16" in presets else default
+    if default not in presets:
+        presets.insert(0, default)
+    return presets, default
+
+
 def build_demo(backend: DemoBackend, *, method: str = "LPOSS+",
                max_queue: int | None = DEFAULT_MAX_QUEUE, max_file_size: str | int | None = None):
     """The Gradio page (a ``gr.Blocks``) running on ``backend``.
@@ -129,35 +166,9 @@ def build_demo(backend: DemoBackend, *, method: str = "LPOSS+",
     gr = require_gradio()
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    presets = [p for p in backend.presets if p not in _HIDDEN_PRESETS]
-    default = backend.default_preset
-    default = "dino-b16" if default in _HIDDEN_PRESETS and "dino-b16" in presets else default
-    if default not in presets:
-        presets.insert(0, default)
+    presets, default = _preset_choices(backend)
 
-    def run(image, classes, method_name, preset, threshold):
-        # Raw inputs (preprocess=False): Gradio's own image preprocessing would open the
-        # upload with Pillow and fail with a stack trace on a file that is not an image;
-        # images.load_image checks it instead. Gradio still keeps uploads to its cache folder.
-        if isinstance(image, dict):
-            image = image.get("path")
-        try:
-            if method_name not in METHODS:
-                raise LpossError(f"choose a method: {' or '.join(METHODS)}")
-            result = backend.segment(image, classes, preset=preset,
-                                     refine=METHODS[method_name],
-                                     unknown_threshold=_threshold(threshold))
-        except LpossError as err:
-            gr.Warning(str(err))
-            message = f"**Error:** {html.escape(str(err))}"
-            return message, None, "", "", None
-        height, width = result.size
-        status = (f"Segmented a {width}x{height} image into {len(result.shares)} classes with "
-                  f"{method_name} ({preset}); "
-                  + ("the image encoding was reused." if result.encoded_reused
-                     else "the image was encoded."))
-        return (status, result.overlay, _shares_html(result.shares), _timings_md(result),
-                [str(p) for p in result.files])
+    run = functools.partial(_run, gr, backend)
 
     # delete_cache: Gradio's copies of uploads and results older than an hour are deleted
     # every hour and when the server stops.
