@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import LPOSSConfig
 from ..errors import LpossError
-from ..methods import PRESETS
+from ..methods import METHODS, PRESETS
 
 __all__ = [
     "EXIT_FAILED",
@@ -71,8 +71,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The ``models`` group: preset, device, precision, model names and local weights."""
     group = parser.add_argument_group("models")
     group.add_argument("--preset", default="lposs+", choices=list(PRESETS),
-                       help="named settings (lposs: no pixel stage; ensemble: 224/112 + "
-                            "448/224 windows; dino-b8 / dinov2-b14: other vision models)")
+                       help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
     group.add_argument("--device", default=None,
                        help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
                             "(default: cpu)")
@@ -88,10 +87,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="dino_vitb16, dino_vitb8, dinov2_vitb14 or a timm ViT name "
                             "(default: the preset's)")
     group.add_argument("--clip-weights", type=Path, default=None, metavar="FILE",
-                       help="local CLIP checkpoint (.safetensors, .pt, .bin) instead of the "
+                       help="local CLIP checkpoint (.safetensors, .pt, .pth, .bin) instead of the "
                             "OpenCLIP cache/download")
     group.add_argument("--dino-weights", type=Path, default=None, metavar="FILE",
-                       help="local DINO checkpoint (.safetensors, .pt, .bin) instead of the "
+                       help="local DINO checkpoint (.safetensors, .pt, .pth, .bin) instead of the "
                             "timm cache/download")
 
 
