@@ -373,3 +373,10 @@ def test_load_dinoiser_weights_formats_and_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsNotFoundError, match="not a readable checkpoint"):
         cd.load_dinoiser_weights(tmp_path / "junk.pt")
+
+
+def test_protocol_datasets_are_lposs_benchmarks():
+    from lposs.evaluation.datasets import DATASETS
+
+    for protocol in (proxyclip.PROTOCOL, cd.PROTOCOL):
+        assert set(protocol["datasets"]) == set(DATASETS)
