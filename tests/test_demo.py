@@ -276,7 +276,7 @@ def test_bad_inputs_show_their_message(page, tmp_path):
     _scene(60, 80).save(image_path)
     _upload(page, image_path)
     _run(page, " , ", "Error: no class names")
-    _run(page, "sky;, grass", "Error: empty class name in 'sky;'")
+    _run(page, "sky;, grass", "Error: empty class name or synonym in 'sky;'")
     # Too many pixels for the demo's cap: refused, with the limit named.
     big = tmp_path / "big.png"
     _scene(400, 400).save(big)

@@ -68,6 +68,7 @@ def vocabulary(classes: str | Sequence[str], *, published: bool = False) -> Voca
     Raises:
         TypeError: ``classes`` has no fixed order (a set, dict or generator).
         ClassNamesError: a rule above is broken; the message names the class.
+        TypeError: a name is not a string.
     """
     given = classes
     if isinstance(classes, str):
@@ -78,17 +79,17 @@ def vocabulary(classes: str | Sequence[str], *, published: bool = False) -> Voca
                         "not always be the same class; pass a list in the order you want "
                         "(e.g. sorted(classes))")
     if not classes:
-        raise ClassNamesError("the class list is empty: give at least one class name")
+        raise ClassNamesError("no class names: the list is empty; give at least one")
     names, rows, index = [], [], []
     for i, name in enumerate(classes):
         if not isinstance(name, str):
-            raise ClassNamesError(f"class {i + 1} must be a string, got {type(name).__name__}")
+            raise TypeError(f"class {i + 1} must be a string, got {type(name).__name__}")
         synonyms = name.split(SYNONYM_SEPARATOR)
         synonyms = synonyms if published else [s.strip() for s in synonyms]
         if not all(s.strip() for s in synonyms):
-            where = f" in {given!r}" if isinstance(given, str) else ""
-            raise ClassNamesError(f"class {i + 1} ({name!r}{where}) has an empty name or "
-                                  "synonym")
+            where = f" of {given!r}" if isinstance(given, str) else ""
+            raise ClassNamesError(f"empty class name or synonym in {name!r} (class {i + 1}"
+                                  f"{where})")
         names.append(SYNONYM_SEPARATOR.join(synonyms))
         rows += synonyms
         index += [i] * len(synonyms)

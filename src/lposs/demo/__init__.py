@@ -10,7 +10,6 @@ or LPOSS+) or the propagation settings never re-runs the encoders.
 
 from __future__ import annotations
 
-import functools
 import html
 import math
 import os
@@ -168,7 +167,8 @@ def build_demo(backend: DemoBackend, *, method: str = "LPOSS+",
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     presets, default = _preset_choices(backend)
 
-    run = functools.partial(_run, gr, backend)
+    def run(image, classes, method_name, preset, threshold):  # Gradio's API name: /run
+        return _run(gr, backend, image, classes, method_name, preset, threshold)
 
     # delete_cache: Gradio's copies of uploads and results older than an hour are deleted
     # every hour and when the server stops.
