@@ -1,9 +1,9 @@
 """MaskCLIP (Zhou et al., ECCV 2022) as lposs runs it: the last block's attention is its value path.
 
 Follows ``ClipEncoder._features`` / ``_value_path`` in ``lposs/encoders/clip.py`` (METHOD.md,
-Encoders), itself MaskCLIP's ``maskclip/models/backbones`` value-embedding trick on an OpenCLIP
-ViT: ``v = out_proj(W_v ln_1(x) + b_v); x = x + v; x = x + mlp(ln_2(x))``, positional
-embedding resized to the grid (``pos_rule="size"``), then ``ln_post`` and the projection.
+Encoders) line by line: ``v = out_proj(W_v ln_1(x) + b_v); x = x + v; x = x + mlp(ln_2(x))``,
+positional embedding resized to the grid (``pos_rule="size"``), then ``ln_post`` and the
+projection.
 Text side: lposs's 80 ImageNet templates, each prompt L2-normalised, averaged, renormalised.
 """
 
@@ -18,7 +18,10 @@ __all__ = ["PROTOCOL", "dense_features"]
 
 # lposs's own MaskCLIP setup (config.py LPOSSConfig defaults; METHOD.md, Encoders).
 PROTOCOL = {
-    "pos_rule": "size",  # ClipEncoder._positional_embedding
+    "pos_rule": "size",  # encoders/clip.py ClipEncoder._positional_embedding
+    "short_side": 448,  # config.py LPOSSConfig.short_side (long_side 2048)
+    "window": 224,  # config.py LPOSSConfig.windows
+    "stride": 112,  # config.py LPOSSConfig.windows
     "templates": "imagenet80",  # data/prompt_templates.json
 }
 
