@@ -138,3 +138,10 @@ def _check_windows(windows: Any) -> None:
         if not 1 <= stride <= size:
             raise ConfigError(f"window ({size}, {stride}): size and stride must be >= 1 and "
                               "stride <= size, or pixels between windows get no score")
+
+
+# output
+#: Pixels per band wherever a full-size map is made piecewise (score resize, label PNG,
+#: overlay, decoding): 4M pixels, 16 MB a float32 plane. Images up to this size are
+#: resized whole (``F.interpolate`` itself).
+BAND_PIXELS = 1 << 22

@@ -138,7 +138,7 @@ def build_demo(backend: DemoBackend, *, method: str = "LPOSS+",
     def run(image, classes, method_name, preset, threshold):
         # Raw inputs (preprocess=False): Gradio's own image preprocessing would open the
         # upload with Pillow and fail with a stack trace on a file that is not an image;
-        # images.load_image checks it instead. Gradio still keeps uploads to its cache folder.
+        # image.read_image checks it instead. Gradio still keeps uploads to its cache folder.
         if isinstance(image, dict):
             image = image.get("path")
         try:

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from ..config import UNKNOWN
-from ..pipeline.images import as_float, read_image
+from ..config import BAND_PIXELS, UNKNOWN
+from ..pipeline.image import read_image
 
 __all__ = [
     "UNKNOWN_COLOR",
@@ -28,9 +28,6 @@ __all__ = [
     "legend_lines",
     "overlay",
 ]
-
-# Pixels per band when a large label map or image is processed piecewise (~1M: a few MB).
-_BAND_PIXELS = 1 << 20
 
 #: Colour of "unknown" pixels: the PASCAL VOC palette's entry 255 (its "void" colour).
 UNKNOWN_COLOR = (224, 224, 192)
@@ -129,8 +126,8 @@ def class_shares(labels: Any, n_classes: int) -> list[float]:
         raise ValueError("labels is empty")
     flat = arr.reshape(-1)
     counts = np.zeros(n_classes + 1, dtype=np.int64)
-    for start in range(0, flat.size, _BAND_PIXELS):  # in bands: no int64 copy of a large map
-        band = flat[start:start + _BAND_PIXELS].astype(np.int64)
+    for start in range(0, flat.size, BAND_PIXELS):  # in bands: no int64 copy of a large map
+        band = flat[start:start + BAND_PIXELS].astype(np.int64)
         band = np.where((band >= 0) & (band < n_classes), band, n_classes)
         counts += np.bincount(band, minlength=n_classes + 1)
     return (counts / flat.size).tolist()
@@ -286,7 +283,7 @@ def overlay(
     as tall as the image or the legend, whichever is taller.
 
     Args:
-        image: ``(3, H, W)`` RGB in [0, 1], or anything :func:`load_image` accepts.
+        image: ``(3, H, W)`` RGB in [0, 1], or anything ``read_image`` accepts.
         labels: ``(H, W)`` integer labels (``len(class_names)`` or 255 = unknown).
         class_names: The C class names.
         colors: ``(C, 3)`` uint8 class colours.
@@ -334,9 +331,10 @@ def overlay(
     n_lines = sum(len(lines) for _, lines in entries) + len(not_found)
     legend_h = 2 * margin + line * n_lines + (margin if not_found and entries else 0)
     canvas = Image.new("RGB", (width + panel_w, max(height, legend_h)), (255, 255, 255))
-    rows = max(1, _BAND_PIXELS // max(width, 1))
+    rows = max(1, BAND_PIXELS // max(width, 1))
     for top in range(0, height, rows):  # blended in bands of rows, straight into the canvas
-        rgb = as_float(pixels[:, top:top + rows]).numpy().transpose(1, 2, 0)
+        rgb = pixels[:, top:top + rows].float()
+        rgb = (rgb / 255.0 if pixels.dtype == torch.uint8 else rgb).numpy().transpose(1, 2, 0)
         band = arr[top:top + rows]
         blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
         canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
