@@ -65,12 +65,8 @@ def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) ->
 
 @contextlib.contextmanager
 def _without_pillow_cap() -> Iterator[None]:
-    """Pillow's own decompression-bomb check off (we apply ``max_pixels`` from the header).
-
-    Pillow's limit is a process-wide global: it is changed under a lock (so concurrent
-    :func:`read_image` calls decode one at a time) and restored on exit. Other threads
-    that call Pillow directly meanwhile see no Pillow limit.
-    """
+    """Pillow's own decompression-bomb check off (we apply ``max_pixels`` from the header);
+    a process-wide global, changed under a lock and restored on exit."""
     with _PILLOW_CAP_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
@@ -136,48 +132,22 @@ def _decode(im: Image.Image, what: str, max_pixels: int | None, *,
         raise ImageError(f"cannot decode {what}: the file is truncated or corrupt ({exc})") from exc
 
 
-def _from_array(arr: np.ndarray, max_pixels: int | None) -> Tensor:
-    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
-        raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageError(
-            f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}"
-        )
-    _check_pixels(arr.shape[0], arr.shape[1], max_pixels, "image array")
-    arr = arr[..., :3] if arr.shape[2] == 4 else arr  # RGBA: alpha dropped
-    out = torch.from_numpy(np.array(arr, dtype=np.uint8 if arr.dtype == np.uint8
-                                    else np.float32))  # always a copy
-    if out.dtype != torch.uint8:
-        _check_float_range(out, "image array")
-    return out.permute(2, 0, 1).expand(3, -1, -1).contiguous()
-
-
-def _check_float_range(t: Tensor, what: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ImageError(f"{what} contains NaN or infinite values")
-    if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-        raise ImageError(
-            f"{what} values must be in [0, 1], got [{float(t.min()):.4g}, {float(t.max()):.4g}]"
-        )
-
-
-def _from_tensor(t: Tensor, max_pixels: int | None) -> Tensor:
+def _from_tensor(t: Tensor, max_pixels: int | None, what: str) -> Tensor:
+    """A ``(C, H, W)`` uint8 or float tensor (C = 1, 3, or 4: alpha dropped) -> a checked
+    RGB copy."""
     if t.dtype != torch.uint8 and not t.dtype.is_floating_point:
-        raise TypeError(f"image tensor must be float in [0, 1] or uint8, got {t.dtype}")
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3 or t.shape[0] not in (1, 3):
-        raise ImageError(
-            f"image tensor must have shape (3, H, W) (channels first), got {tuple(t.shape)}"
-        )
-    _check_pixels(t.shape[1], t.shape[2], max_pixels, "image tensor")
-    if t.dtype == torch.uint8:
-        t = t.clone()
-    else:
-        t = t.to(torch.float32, copy=True)
-        _check_float_range(t, "image tensor")
+        raise TypeError(f"{what} must be uint8 or float in [0, 1], got dtype {t.dtype}")
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise ImageError(f"{what} must have shape (3, H, W) (channels first), got "
+                         f"{tuple(t.shape)}")
+    _check_pixels(t.shape[1], t.shape[2], max_pixels, what)
+    t = t[:3].to(torch.uint8 if t.dtype == torch.uint8 else torch.float32, copy=True)
+    if t.dtype != torch.uint8 and t.numel():
+        if not bool(torch.isfinite(t).all()):
+            raise ImageError(f"{what} contains NaN or infinite values")
+        if float(t.min()) < 0.0 or float(t.max()) > 1.0:
+            raise ImageError(f"{what} values must be in [0, 1], got "
+                             f"[{float(t.min()):.4g}, {float(t.max()):.4g}]")
     return t.expand(3, -1, -1).contiguous()
 
 
@@ -186,30 +156,20 @@ def read_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Tensor:
-    """Read an image as RGB, keeping 8-bit images 8-bit.
+    """Read an image as RGB, keeping 8-bit images 8-bit (the one image reader).
 
-    8-bit sources (most files, 8-bit PIL images, uint8 arrays and tensors) give uint8, so
-    that the working-size resize can be the paper's (OpenCV on uint8 pixels, see
-    :func:`resize_image`); 16-bit files and float arrays or tensors give float32 in
-    [0, 1].
-
-    Accepted sources:
-
-    * a file path: any format Pillow reads; the size is checked against ``max_pixels``
-      from the header before any pixel is decoded; EXIF orientation is applied;
-    * a PIL image (EXIF orientation applied too);
-    * a numpy array ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``, uint8 or float in [0, 1];
-    * a tensor ``(3, H, W)`` (or ``(1, H, W)``/``(H, W)`` grey), float in [0, 1] or
-      uint8; the result stays on the tensor's device.
-
-    Conversions: grey and palette images become RGB; alpha (RGBA, LA, palette
-    transparency, 4-channel arrays) is dropped, keeping the stored colours, as
-    OpenCV/mmseg loaders do; CMYK uses Pillow's conversion; 16-bit images (``I;16``,
-    ``I``) are scaled by 1/65535 rather than clipped. Multi-frame files give their
-    first frame.
+    8-bit sources give uint8, so that the working-size resize can be the paper's (OpenCV
+    on uint8 pixels, :func:`resize_image`); 16-bit files (scaled by 1/65535) and float
+    arrays or tensors give float32 in [0, 1]. Grey and palette images become RGB, alpha
+    is dropped, EXIF orientation is applied, a multi-frame file gives its first frame.
+    The size of a file is checked against ``max_pixels`` from its header, before any
+    pixel is decoded.
 
     Args:
-        source: The image, see above.
+        source: a file path (any format Pillow reads), a PIL image, a numpy array
+            ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``, or a tensor ``(3, H, W)`` (or
+            ``(1, H, W)``/``(H, W)``; the result stays on its device), uint8 or float in
+            [0, 1].
         max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
 
     Returns:
@@ -246,9 +206,17 @@ def read_image(
             decoded = _decode(source, what, max_pixels)
             return _pil_to_tensor(decoded, what)
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels)
+        if source.dtype != np.uint8 and source.dtype.kind != "f":
+            raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype "
+                            f"{source.dtype}")
+        arr = source[..., None] if source.ndim == 2 else source
+        if arr.ndim != 3:
+            raise ImageError(f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), "
+                             f"got {source.shape}")
+        return _from_tensor(torch.from_numpy(arr).permute(2, 0, 1), max_pixels, "image array")
     if isinstance(source, Tensor):
-        return _from_tensor(source, max_pixels)
+        return _from_tensor(source[None] if source.ndim == 2 else source, max_pixels,
+                            "image tensor")
     raise TypeError(
         "image must be a path, PIL image, numpy array or torch tensor, "
         f"got {type(source).__name__}"
