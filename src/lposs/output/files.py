@@ -116,20 +116,9 @@ def save_result(result, out_dir: str | os.PathLike, stem: str, image=None, *,
     fails those already written are removed again: all of them or none. The palette and
     the pixel shares are computed once.
 
-    Args:
-        result: the segmentation.
-        out_dir: Output folder (created if missing).
-        stem: File name stem.
-        image: For the overlay: the `(3, H, W)` image in memory, or anything
-            ``lposs.pipeline.image.read_image`` accepts; None writes no overlay.
-        scores: Also write the `(C, H, W)` float32 scores.
-
-    Returns:
-        The written paths.
-
-    Raises:
-        OutputError: ``stem`` is empty, holds a path separator or ``..``, or names a
-            file outside ``out_dir``.
+    ``image`` (for the overlay) is the `(3, H, W)` image in memory or anything
+    ``read_image`` accepts. Returns the written paths; raises ``OutputError`` unless
+    ``stem`` is a plain file name.
     """
     out_dir = Path(out_dir)
     _check_stem(out_dir, stem)
@@ -206,12 +195,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 
 def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
-    """Save a label map losslessly, pixel value = class index.
-
-    With fewer than 255 classes the PNG is a palette image (mode ``"P"``) whose palette
-    holds ``colors`` and :data:`UNKNOWN_COLOR` at entry 255; "unknown" pixels (label
-    ``n`` = number of classes, as the segmenter returns them, or 255) are stored as 255.
-    With 255 classes or more, a 16-bit grey PNG holds the raw labels (unknown = ``n``).
+    """Save a label map losslessly, pixel value = class index: below 255 classes a palette
+    PNG (``colors``, and :data:`UNKNOWN_COLOR` at 255, where label ``n`` or 255 is
+    stored), else a 16-bit grey PNG of the raw labels.
 
     Args:
         path: Output ``.png`` file (written atomically).
@@ -239,13 +225,7 @@ def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
 
 
 def save_overlay(path: str | os.PathLike, image: Image.Image) -> None:
-    """Save an image made by :func:`lposs.output.drawing.overlay` atomically, in the format of
-    ``path``'s suffix.
-
-    Args:
-        path: Output file; an unknown suffix is written as PNG.
-        image: The PIL image to save.
-    """
+    """Save a PIL image atomically, in the format of ``path``'s suffix (PNG if unknown)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     atomic_write(path, lambda f: image.save(f, format=fmt))
 
@@ -285,31 +265,17 @@ def _printable(text: str) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as UTF-8 JSON (indent 2, trailing newline), atomically.
-
-    numpy/torch scalars and arrays become numbers and lists, paths become strings, and
-    NaN or infinite floats become ``null`` so the file is strict JSON. The text is built
-    before the file is touched, so an unserialisable object leaves no file behind.
-
-    Args:
-        path: Output file.
-        obj: JSON-serialisable data (dicts, lists, str, numbers, bool, None).
-    """
+    """Write ``obj`` as strict UTF-8 JSON (indent 2), atomically: numpy/torch values become
+    numbers and lists, paths strings, NaN and infinities ``null``; an unserialisable
+    object leaves no file behind."""
     text = json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     data = text.encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
 
 
 def save_scores(path: str | os.PathLike, scores: Any) -> None:
-    """Save per-class scores as a float32 ``.npy`` file, atomically, at exactly ``path``.
-
-    Args:
-        path: Output file (no suffix is added).
-        scores: ``(C, H, W)`` scores, numpy array or tensor; or an object with ``shape``
-            ``(C, H, W)`` and ``class_bands(c)`` giving class ``c``'s map as consecutive
-            bands of rows (``lposs.output.segmentation.ScoreMaps``), written band by band so
-            that no full-size map sits in memory.
-    """
+    """Save ``(C, H, W)`` scores (array, tensor, or ``lposs.pipeline.scores.ScoreMaps``,
+    written band by band) as a float32 ``.npy`` file at exactly ``path``, atomically."""
     if hasattr(scores, "class_bands"):
         shape = tuple(scores.shape)
 

@@ -158,14 +158,6 @@ class Segmentation:
 
     def save(self, out_dir: str | Path, stem: str, image=None, *,
              scores: bool = False) -> list[Path]:
-        """Write ``<stem>.png`` (palette label map), ``<stem>.json`` and, given the image,
-        ``<stem>_overlay.png``; ``<stem>_scores.npy`` when ``scores``: all of them or none
-        (:func:`lposs.output.files.save_result`).
-
-        Returns:
-            The written paths.
-
-        Raises:
-            OutputError: ``stem`` is not a plain file name.
-        """
+        """:func:`lposs.output.files.save_result` of this result: ``<stem>.png``,
+        ``<stem>.json``, ``<stem>_overlay.png`` given the image, ``<stem>_scores.npy``."""
         return save_result(self, out_dir, stem, image, scores=scores)

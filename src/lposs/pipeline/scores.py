@@ -22,15 +22,11 @@ class BandResize:
     """Bilinear resize of ``(..., h, w)`` planes to ``(..., H, W)``, one band of output rows
     at a time, so that a large output never has to exist whole.
 
-    The same rule as ``F.interpolate(mode="bilinear", align_corners=False)``: output
-    index ``i`` reads the source at ``s = max(scale * (i + 0.5) - 0.5, 0)`` with ``scale =
-    in / out`` in float32, between ``floor(s)`` and the next index (clamped at the last),
-    with weights ``1 - l`` and ``l``, ``l = s - floor(s)``. Each axis is one pass (columns,
-    then rows), each tap pair evaluated as ``a * wa + (b * wb)`` with one rounding of the
-    sum, as torch's vectorised CPU kernel computes it: the bands agree with
-    ``F.interpolate`` of the whole plane to within a float32 rounding, and on the CPU
-    bit for bit at the sizes of real images (tiny planes take another kernel in torch).
-    A band of every output row is ``F.interpolate`` itself.
+    The rule of ``F.interpolate(mode="bilinear", align_corners=False)``, one pass per axis
+    (columns, then rows), each tap pair ``a * wa + (b * wb)`` with one rounding, as
+    torch's vectorised CPU kernel computes it: within a float32 rounding of
+    ``F.interpolate`` of the whole plane, on the CPU bit for bit at the sizes of real
+    images. A band of every output row is ``F.interpolate`` itself.
 
     Args:
         source: ``(h, w)`` the planes' size.
@@ -95,14 +91,11 @@ def _lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
 class ScoreMaps:
     """Per-class scores at the original size, resized from the working size on demand.
 
-    The paper's output order (METHOD.md, Output): the raw propagated scores are reduced
-    over each class's synonyms at working size (``raw``), then resized bilinearly
-    (``align_corners=False``) to the original size, where their argmax gives the labels.
-    The scores reported divide the resized raw scores by the resized propagated
-    all-ones column (``ones``), which puts them on the cosine scale without changing
-    the argmax. Everything at the original size is made in bands of rows
-    (:class:`BandResize`), so labelling a large image holds a few
-    megabytes of scores, never a full-size float map.
+    The paper's output order (METHOD.md, Output): the raw propagated scores, reduced over
+    each class's synonyms at working size (``raw``), are resized bilinearly to the
+    original size, where their argmax gives the labels; the scores reported divide them
+    by the resized propagated all-ones column (``ones``: the cosine scale, the same
+    argmax). Everything at the original size is made in bands of rows (:class:`BandResize`).
 
     Args:
         raw: ``(C, h, w)`` float scores at the working size.

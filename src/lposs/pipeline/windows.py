@@ -117,11 +117,9 @@ def stitch_windows(
     """Per-window patch scores back to one image, averaging where windows overlap.
 
     Each ``(C, gh, gw)`` grid is resized bilinearly (``align_corners=False``) straight to
-    the window's own size ``(y2 - y1, x2 - x1)`` (as the paper's code does; for a window
-    that is not a multiple of the patch size this differs from resizing to the padded
-    size and cropping), added into place, and the sum divided per pixel by the number of
-    windows covering it (computed as matrix products, without the resized windows
-    themselves).
+    the window's own size (as the paper's code does, not to the padded size), added into
+    place, and the sum divided per pixel by the number of windows covering it (as matrix
+    products, without the resized windows themselves).
 
     Args:
         window_scores: ``(n, C, gh, gw)`` scores per window patch.
