@@ -217,6 +217,38 @@ def legend_lines(
     return entries, not_found
 
 
+def _paste_blend(canvas: Image.Image, pixels: Tensor, labels: np.ndarray, table: np.ndarray,
+                 alpha: float) -> None:
+    """Paste ``(1 - alpha) * image + alpha * colour`` into ``canvas``, in bands of rows."""
+    n = len(table) - 1  # the last colour is unknown's
+    height, width = labels.shape
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        rgb = pixels[:, top:top + rows].float()
+        rgb = (rgb / 255.0 if pixels.dtype == torch.uint8 else rgb).numpy().transpose(1, 2, 0)
+        band = labels[top:top + rows]
+        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
+        canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
+                                     mode="RGB"), (0, top))
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, origin: tuple[int, int], entries, not_found,
+                 table: np.ndarray, font: Any, line: int) -> None:
+    """Draw the legend's entries (a colour square, then the lines) and "not found" lines."""
+    margin, square = line // 2, line - 4
+    x, y = origin
+    for i, lines in entries:
+        draw.rectangle([x, y + 2, x + square - 1, y + 2 + square - 1],
+                       fill=tuple(int(c) for c in table[i]))
+        for text in lines:
+            draw.text((x + square + margin, y), text, fill=(0, 0, 0), font=font)
+            y += line
+    y += margin if not_found and entries else 0
+    for text in not_found:
+        draw.text((x, y), text, fill=(96, 96, 96), font=font)
+        y += line
+
+
 def overlay(
     image: Any,
     labels: Any,
@@ -268,8 +300,7 @@ def overlay(
     if shares is None:
         shares = class_shares(arr, n)
     elif len(shares) != n + 1:
-        raise ValueError(f"shares must hold {n + 1} values (classes, then unknown), "
-                         f"got {len(shares)}")
+        raise ValueError(f"shares must hold {n + 1} values (classes, then unknown)")
     height, width = arr.shape
     font = _legend_font(max(12, min(height, width) // 40))
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 2)
@@ -283,24 +314,7 @@ def overlay(
     n_lines = sum(len(lines) for _, lines in entries) + len(not_found)
     legend_h = 2 * margin + line * n_lines + (margin if not_found and entries else 0)
     canvas = Image.new("RGB", (width + panel_w, max(height, legend_h)), (255, 255, 255))
-    rows = max(1, BAND_PIXELS // max(width, 1))
-    for top in range(0, height, rows):  # blended in bands of rows, straight into the canvas
-        rgb = pixels[:, top:top + rows].float()
-        rgb = (rgb / 255.0 if pixels.dtype == torch.uint8 else rgb).numpy().transpose(1, 2, 0)
-        band = arr[top:top + rows]
-        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
-        canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
-                                     mode="RGB"), (0, top))
-    draw = ImageDraw.Draw(canvas)
-    x, y = width + margin, margin
-    for i, lines in entries:
-        draw.rectangle([x, y + 2, x + square - 1, y + 2 + square - 1],
-                       fill=tuple(int(c) for c in table[i]))
-        for text in lines:
-            draw.text((x + square + margin, y), text, fill=(0, 0, 0), font=font)
-            y += line
-    y += margin if not_found and entries else 0
-    for text in not_found:
-        draw.text((x, y), text, fill=(96, 96, 96), font=font)
-        y += line
+    _paste_blend(canvas, pixels, arr, table, alpha)
+    _draw_legend(ImageDraw.Draw(canvas), (width + margin, margin), entries, not_found, table,
+                 font, line)
     return canvas
