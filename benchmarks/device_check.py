@@ -267,7 +267,7 @@ def step_segment(ctx: StepContext) -> None:
                 runs, result, _ = bench.time_stages(segmenter, path, classes, ctx.repeats, tmp)
                 new_vocabularies = bench.time_new_vocabularies(segmenter, vocabularies)
                 share = float((result.labels == reference["result"].labels).double().mean())
-                error = relative_error(result.scores, reference["result"].scores)
+                error = relative_error(result.scores.full(), reference["result"].scores.full())
                 ctx.check("segment labels, own encoding", precision, max_rel_error=error,
                           share_equal_labels=share)
                 return {"median_s": {**_medians(runs), **new_vocabularies}, "runs": runs,
@@ -285,7 +285,7 @@ def step_segment(ctx: StepContext) -> None:
                     segmenter = Segmenter(*encoders, cfg)
                     segmenter.set_encoded(reference["encoded"])
                     results.append(segmenter.predict(classes))
-                error = relative_error(results[1].scores, results[0].scores)
+                error = relative_error(results[1].scores.full(), results[0].scores.full())
                 share = float((results[1].labels == results[0].labels).double().mean())
                 ctx.check(f"segment {stage} propagation, the CPU's encoded image", "fp32",
                           max_rel_error=error, share_equal_labels=share,

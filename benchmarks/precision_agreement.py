@@ -69,7 +69,7 @@ def run(photos: list[Path], precisions: list[str], device: torch.device, classes
             row = {"photo": f"{path.parent.parent.name}/{path.name}", "precision": precision,
                    "set_image_s": round(seconds, 3)}
             if precision == "fp32":
-                top2 = result.scores.topk(2, dim=0).values
+                top2 = result.scores.full().topk(2, dim=0).values
                 reference[path] = (labels, top2[0] - top2[1])
             else:
                 ref_labels, margin = reference[path]

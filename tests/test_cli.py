@@ -213,7 +213,7 @@ def test_segment_help_imports_neither_datasets_nor_demo():
 
 
 def test_segment_help_shows_only_meaningful_defaults(capsys):
-    from lposs.pipeline.images import DEFAULT_MAX_PIXELS
+    from lposs.pipeline.image import DEFAULT_MAX_PIXELS
 
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "--help"])

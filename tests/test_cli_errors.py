@@ -1,6 +1,7 @@
 """The command line's answer to user mistakes and failing images: one ``lposs: error:`` line
 and a non-zero exit, never a traceback; in a batch the other images still come out."""
 
+import io
 import json
 
 import numpy as np
@@ -264,3 +265,41 @@ def test_a_library_warning_is_one_line_on_stderr(capsys):
         warnings.warn("conjugate gradient diverged", RuntimeWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err == "lposs: warning: conjugate gradient diverged\n"
+
+
+def test_refine_labels_take_the_class_count_from_classes(tmp_path, capsys):
+    _photo(tmp_path / "img.png")
+    _label_map(tmp_path / "l.png", (0, 255))  # only class 0 and unknown
+    code = _refine(tmp_path, "--labels", str(tmp_path / "l.png"), "--classes", "a,b,c")
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "img.json").read_text())
+    assert [c["name"] for c in summary["classes"]] == ["a", "b", "c"]
+
+
+def test_refine_library_refines_a_label_map(tmp_path):
+    from lposs.config import LPOSSConfig
+    from lposs.pipeline.refine import refine_labels
+
+    _photo(tmp_path / "img.png")  # 40 x 60
+    labels = torch.zeros(40, 60, dtype=torch.long)
+    labels[:, 30:] = 255
+    maps = refine_labels(tmp_path / "img.png", labels, 3, LPOSSConfig(short_side=40, r=5))
+    assert maps.shape == (3, 40, 60)
+    assert bool((maps.labels()[:, :25] == 0).all())  # class 0 kept, unknown filled
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"just some text\n", "is not a .npy array file"),
+    (None, "header claims"),
+])
+def test_refine_npy_messages_name_the_real_problem(tmp_path, capsys, content, message):
+    _photo(tmp_path / "img.png")
+    path = tmp_path / "s.npy"
+    if content is None:  # a 200-byte file whose header claims (1000, 4000, 6000) float32
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f4", "fortran_order": False, "shape": (1000, 4000, 6000)})
+        content = header.getvalue() + bytes(200 - len(header.getvalue()))
+    path.write_bytes(content)
+    line = _one_error(capsys, _refine(tmp_path, "--scores", str(path)))
+    assert message in line and "allow_pickle" not in line and "memory" not in line

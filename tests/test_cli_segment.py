@@ -44,7 +44,8 @@ class _Terminal:
     """A pseudo-terminal standing in for stderr; collects what is drawn on it and can
     press Ctrl-C (SIGINT to this process) once ``text`` has appeared."""
 
-    def __init__(self, ctrl_c_after: str | None = None):
+    def __init__(self, ctrl_c_after: str | None = None, sig=signal.SIGINT):
+        self.sig = sig
         self.master, slave = os.openpty()
         self.stream = os.fdopen(slave, "w", buffering=1)
         self.output, self.ctrl_c_after, self.pressed = "", ctrl_c_after, False
@@ -62,7 +63,7 @@ class _Terminal:
             self.output += chunk.decode(errors="replace")
             if self.ctrl_c_after and not self.pressed and self.ctrl_c_after in self.output:
                 self.pressed = True
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.sig)
 
     def close(self) -> str:
         self.stream.close()
@@ -167,3 +168,93 @@ def test_a_second_run_into_an_output_folder_inside_the_inputs_does_not_segment_o
                  str(folder / "out"), *model_args])
     err = capsys.readouterr().err
     assert code == 1 and "holds only lposs's outputs" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- issue 21
+def test_sigterm_mid_batch_is_handled_like_ctrl_c(tmp_path, model_args, monkeypatch, capsys):
+    folder = _photos(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    terminal = _Terminal(ctrl_c_after="[2/3] b.png", sig=signal.SIGTERM)
+    monkeypatch.setattr(sys, "stderr", terminal.stream)
+    code = main(["segment", str(folder), "--classes", "red,green", "--out", str(out),
+                 "--r", "5", *model_args])
+    shown = terminal.close()
+    assert terminal.pressed and code == 130, shown
+    assert len(re.findall(r"lposs: error: interrupted: \d of 3", shown)) == 1, shown
+    assert shown.rstrip("\r\n").endswith("-> " + str(out)), shown  # status line cleared
+    assert not (out / ".lposs.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_symlink_loop_is_reported_and_the_batch_goes_on(tmp_path, model_args, capsys):
+    folder = _photos(tmp_path / "odd", 2)
+    os.symlink(folder / "loop_b.jpg", folder / "loop_a.jpg")
+    os.symlink(folder / "loop_a.jpg", folder / "loop_b.jpg")
+    code = main(["segment", str(folder), "--classes", "a,b", "--out", str(tmp_path / "out"),
+                 *model_args])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("lposs: error:")]
+    assert code == 1 and "Traceback" not in captured.err
+    assert len(errors) == 2 and all("loop_" in e and "symbolic links" in e for e in errors)
+    assert "segmented 2 of 4" in captured.out
+
+
+def test_outputs_beside_the_photos_are_skipped_not_the_photos(tmp_path, model_args, capsys):
+    folder = _photos(tmp_path / "four3", 2)
+    args = ["--classes", "a,b", "--out", str(folder), *model_args]
+    assert main(["segment", str(folder), *args]) == 0
+    # a.png is a photo in the output folder: its outputs are a_png.*, never a.png itself
+    assert {"a.png", "a_png.png", "a_png.json", "a_png_overlay.png"} <= {
+        p.name for p in folder.iterdir()}
+    assert main(["segment", str(folder), *args]) == 0
+    assert main(["segment", str(folder / "*"), *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("segmented 2 of 2") == 3
+    assert len(list(folder.glob("*.json"))) == 2
+
+
+def test_output_names_do_not_depend_on_the_batch_and_never_take_anothers(tmp_path, model_args,
+                                                                         capsys):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    _photos(a, 1)
+    _photos(b, 1)  # b/a.png: the same stem in another folder
+    (a / "a.png").rename(a / "x.png")
+    (b / "a.png").rename(b / "x.png")
+    Image.open(a / "x.png").save(a / "photo.bmp")
+    Image.open(a / "x.png").save(a / "photo.webp")
+    assert main(["segment", str(a / "photo.bmp"), "--classes", "p,q", "--out", str(out),
+                 *model_args]) == 0
+    assert (out / "photo_bmp.json").is_file()  # alone, still named apart from photo.webp
+    assert main(["segment", str(a / "x.png"), "--classes", "p,q", "--out", str(out),
+                 *model_args]) == 0
+    assert main(["segment", str(b / "x.png"), "--classes", "p,q", "--out", str(out),
+                 *model_args]) == 0
+    sources = {p.name: json.loads(p.read_text())["source"] for p in out.glob("*.json")}
+    assert sources["x.json"] == str((a / "x.png").resolve())  # not replaced by b/x.png
+    assert sources["b_x.json"] == str((b / "x.png").resolve())
+    capsys.readouterr()
+    code = main(["segment", str(a), str(b), "--classes", "p,q", "--out", str(out),
+                 "--skip-existing", *model_args])
+    printed = capsys.readouterr().out
+    assert code == 0 and "segmented 1 of 1" in printed and "3 skipped" in printed
+    assert (out / "photo_webp.json").is_file() and len(list(out.glob("*.json"))) == 4
+
+
+def test_a_very_long_file_name_is_shortened_before_any_work(tmp_path, model_args, capsys):
+    folder = _photos(tmp_path / "in", 1)
+    long_name = folder / ("n" * 244 + ".png")
+    (folder / "a.png").rename(long_name)
+    out = tmp_path / "out"
+    assert main(["segment", str(long_name), "--classes", "a,b", "--out", str(out),
+                 *model_args]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 3 and all(len(n.encode()) <= 255 for n in names)
+    stem = names[0].split(".")[0]
+    assert stem.startswith("n" * 150) and len(stem.encode()) <= 200
+
+
+def test_out_that_is_a_file_says_so(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code = main(["segment", str(tmp_path), "--classes", "a,b", "--out", str(tmp_path / "afile")])
+    err = capsys.readouterr().err
+    assert code == 1 and "is a file, not a folder" in err and "Traceback" not in err

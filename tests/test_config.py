@@ -129,12 +129,12 @@ def test_a_sweepable_field_keeps_the_encoding_and_rebuilds_the_graphs(field, tin
     image = _blocks()
     segmenter = Segmenter(tiny_clip, tiny_dino, base)
     encoded = segmenter.set_image(image)
-    before = segmenter.predict(["a", "b"]).scores
+    before = segmenter.predict(["a", "b"]).scores.full()
     fresh = Segmenter(tiny_clip, tiny_dino, changed)
     _assert_same_encoding(encoded, fresh.set_image(image))  # the encoding does not depend on it
     segmenter.config = changed  # keeps the encoding; the graphs follow graph_key
-    after = segmenter.predict(["a", "b"]).scores
-    torch.testing.assert_close(after, fresh.predict(["a", "b"]).scores)
+    after = segmenter.predict(["a", "b"]).scores.full()
+    torch.testing.assert_close(after, fresh.predict(["a", "b"]).scores.full())
     assert not torch.equal(after, before)
 
 

@@ -1,14 +1,28 @@
-"""Tests for lposs.pipeline.images - decoding, finding files, label maps."""
+"""Tests for lposs.pipeline.image - decoding, finding files, label maps, the working size."""
 
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lposs.errors import ImageError
-from lposs.pipeline.images import IMAGE_SUFFIXES, find_images, load_image, load_label_map
+from lposs.pipeline.image import (
+    IMAGE_SUFFIXES,
+    find_images,
+    load_label_map,
+    read_image,
+    resize_image,
+    working_size,
+)
+
+
+def load_image(source, **kwargs):
+    """``read_image`` as float in [0, 1] (8-bit values / 255)."""
+    image = read_image(source, **kwargs)
+    return image.float() / 255 if image.dtype == torch.uint8 else image
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -189,14 +203,19 @@ def test_image_suffixes_are_the_folder_dataset_images(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
     masks.mkdir()
-    for i, suffix in enumerate(IMAGE_SUFFIXES):
+    # every suffix Pillow opens, not a fixed list: .jfif, .avif and .qoi too (issue 21)
+    suffixes = [".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                ".avif", ".qoi", ".ppm"]
+    assert set(suffixes) <= set(IMAGE_SUFFIXES) and ".txt" not in IMAGE_SUFFIXES
+    for i, suffix in enumerate(suffixes):
         Image.fromarray(RGB).save(images / f"s{i}{suffix}")
         Image.fromarray(RGB[..., 0]).save(masks / f"s{i}.png")
     (images / "notes.txt").write_text("x")
     dataset = FolderDataset(images, masks, ["a"])
-    assert sorted(s.image_path.suffix for s in dataset) == sorted(IMAGE_SUFFIXES)
+    assert sorted(s.image_path.suffix for s in dataset) == sorted(suffixes)
     found, _ = find_images([images])
-    assert sorted(p.suffix for p in found) == sorted(IMAGE_SUFFIXES)
+    assert sorted(p.suffix for p in found) == sorted(suffixes)
+    assert all(read_image(p).shape == (3, 20, 30) for p in found)
 
 
 # ----------------------------------------------------------------------------- label maps
@@ -234,3 +253,58 @@ def test_label_map_larger_than_the_pixel_cap_is_refused_from_its_header(tmp_path
     assert load_label_map(path, max_pixels=120_000).shape == (300, 400)
     with pytest.raises(ImageError, match="big.png"):
         load_label_map(path, max_pixels=119_999)
+
+
+def test_working_size():
+    assert working_size(500, 375) == (597, 448)  # 500 * 448 / 375 = 597.33
+    assert working_size(375, 500) == (448, 597)
+    assert working_size(448, 448) == (448, 448)
+    assert working_size(10, 10) == (448, 448)
+    assert working_size(2, 3) == (448, 672)
+    assert working_size(896, 1793) == (448, 897)  # 896.5 rounds half up, like mmcv
+    for h, w in [(333, 777), (1080, 1920), (4000, 3000), (281, 500)]:
+        out = working_size(h, w)
+        assert min(out) == 448
+        long_side = max(h, w) * 448 / min(h, w)
+        assert abs(max(out) - long_side) <= 0.5
+
+
+def test_working_size_caps_the_long_side_like_mmseg():
+    # scale = min(2048 / long, 448 / short); sides int(side * scale + 0.5), worked by hand
+    assert working_size(300, 1500) == (410, 2048)  # 2048/1500: 300 * 1.36533 = 409.6
+    assert working_size(1500, 300) == (2048, 410)
+    assert working_size(2, 5000) == (1, 2048)  # 2 * 0.4096 = 0.82 -> 1
+    assert working_size(5000, 2) == (2048, 1)
+    assert working_size(1, 100_000) == (1, 2048)  # 0.02 would round to 0: kept at 1 pixel
+    assert working_size(448, 2048) == (448, 2048)  # exactly at the ratio: both limits agree
+    assert working_size(100, 500, short_side=224, long_side=1000) == (200, 1000)
+    # below the ratio 2048 / 448 the cap changes nothing
+    assert working_size(375, 1700) == (448, int(1700 * 448 / 375 + 0.5))
+
+
+def test_resize_image_matches_interpolate_and_keeps_dtype():
+    image = torch.rand(3, 37, 53)
+    out = resize_image(image, (20, 30))
+    ref = F.interpolate(image[None], size=(20, 30), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(out, ref)
+    half = resize_image(image.half(), (20, 30))
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref, atol=2e-3, rtol=0)
+
+
+def test_resize_image_of_uint8_is_opencv_bilinear_over_255():
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(61, 97, 3), dtype=np.uint8)
+    for size in [(40, 63), (448, 712), (61, 97), (1, 30)]:
+        out = resize_image(torch.from_numpy(pixels).permute(2, 0, 1), size)
+        ref = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        assert out.dtype == torch.float32 and out.shape == (3, *size)
+        expected = torch.from_numpy(ref.reshape(*size, 3)).permute(2, 0, 1).float() / 255
+        assert torch.equal(out, expected)
+    # fixed-point OpenCV is not the rounded float resize (why the uint8 path exists)
+    as_float = resize_image(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, (40, 63))
+    as_uint8 = resize_image(torch.from_numpy(pixels).permute(2, 0, 1), (40, 63))
+    assert not torch.equal((as_float * 255).round(), as_uint8 * 255)

@@ -33,11 +33,12 @@ def segmenter(tiny_clip, tiny_dino):
 
 def test_output_shapes_types_and_labels_are_argmax(segmenter):
     result = segmenter(_image(), ["cat", "dog;puppy", "grass"])
-    assert result.labels.shape == (150, 200) and result.labels.dtype == torch.int64
-    assert result.scores.shape == (3, 150, 200) and result.scores.dtype == torch.float32
+    assert result.labels.shape == (150, 200) and result.labels.dtype == torch.uint8
+    scores = result.scores.full()
+    assert scores.shape == (3, 150, 200) and scores.dtype == torch.float32
     assert result.classes == ["cat", "dog;puppy", "grass"]
-    assert torch.equal(result.labels, result.scores.argmax(dim=0))
-    assert torch.isfinite(result.scores).all()
+    assert torch.equal(result.labels, result.scores.full().argmax(dim=0))
+    assert torch.isfinite(result.scores.full()).all()
     assert set(result.timings) >= {"encode", "graphs", "patch_lp", "pixel_lp"}
 
 
@@ -47,8 +48,9 @@ def test_encode_once_predict_many_equals_full_runs(segmenter, tiny_clip, tiny_di
     first = segmenter.predict(["sky", "tree"])
     second = segmenter.predict("car, road;street, person")
     fresh = Segmenter(tiny_clip, tiny_dino, FAST)
-    torch.testing.assert_close(first.scores, fresh(image, ["sky", "tree"]).scores)
-    torch.testing.assert_close(second.scores, fresh(image, ["car", "road;street", "person"]).scores)
+    torch.testing.assert_close(first.scores.full(), fresh(image, ["sky", "tree"]).scores.full())
+    torch.testing.assert_close(second.scores.full(),
+                               fresh(image, ["car", "road;street", "person"]).scores.full())
 
 
 def test_graph_settings_changed_after_set_image_take_effect(segmenter, tiny_clip, tiny_dino):
@@ -59,8 +61,8 @@ def test_graph_settings_changed_after_set_image_take_effect(segmenter, tiny_clip
     segmenter.config = changed  # the image's graphs are built again for these settings
     after = segmenter.predict(["a", "b"])
     fresh = Segmenter(tiny_clip, tiny_dino, changed)(image, ["a", "b"])
-    torch.testing.assert_close(after.scores, fresh.scores)
-    assert not torch.allclose(before.scores, after.scores)
+    torch.testing.assert_close(after.scores.full(), fresh.scores.full())
+    assert not torch.allclose(before.scores.full(), after.scores.full())
 
 
 def test_switching_between_encoded_images_answers_for_the_image_set(segmenter, tiny_clip,
@@ -72,21 +74,21 @@ def test_switching_between_encoded_images_answers_for_the_image_set(segmenter, t
     for image, encoded in ((second, encoded_second), (first, encoded_first),
                            (first, encoded_first)):  # the same image again keeps its graphs
         segmenter.set_encoded(encoded)
-        torch.testing.assert_close(segmenter.predict(["a", "b"]).scores,
-                                   fresh(image, ["a", "b"]).scores)
+        torch.testing.assert_close(segmenter.predict(["a", "b"]).scores.full(),
+                                   fresh(image, ["a", "b"]).scores.full())
 
 
 def test_synonyms_take_the_max_at_working_size_then_resize(segmenter):
     segmenter.set_image(_image(seed=2))
     joined = segmenter.predict(["cat;kitten", "dog"])
-    separate = segmenter.predict(["cat", "kitten", "dog"]).score_maps
+    separate = segmenter.predict(["cat", "kitten", "dog"]).scores
     # METHOD.md, Output: max over synonyms of the raw propagated scores at working size,
     # then resize; the reported scores divide by the resized propagated ones column
     raw = torch.stack([torch.maximum(separate.raw[0], separate.raw[1]), separate.raw[2]])
     resized = F.interpolate(raw[None], size=(150, 200), mode="bilinear", align_corners=False)[0]
-    weight = F.interpolate(separate.weight[None, None], size=(150, 200), mode="bilinear",
+    weight = F.interpolate(separate.ones[None, None], size=(150, 200), mode="bilinear",
                            align_corners=False)[0, 0]
-    torch.testing.assert_close(joined.scores, resized / weight)
+    torch.testing.assert_close(joined.scores.full(), resized / weight)
     assert torch.equal(joined.labels, resized.argmax(dim=0))
 
 
@@ -133,7 +135,7 @@ def test_maskclip_preset_is_the_upsampled_cosine_similarity(tiny_clip):
     feats = tiny_clip.dense_features(image[None])  # (1, E, 14, 14)
     cosine = torch.einsum("behw,ce->bchw", feats, text)
     expected = F.interpolate(cosine, size=(224, 224), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.scores.full(), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_identical_window_setups_average_to_one_setup(tiny_clip, tiny_dino):
@@ -141,7 +143,7 @@ def test_identical_window_setups_average_to_one_setup(tiny_clip, tiny_dino):
     single = Segmenter(tiny_clip, tiny_dino, FAST)(image, ["a", "b"])
     doubled = FAST.replace(windows=((224, 112), (224, 112)))
     double = Segmenter(tiny_clip, tiny_dino, doubled)(image, ["a", "b"])
-    torch.testing.assert_close(single.scores, double.scores, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(single.scores.full(), double.scores.full(), atol=1e-5, rtol=1e-4)
 
 
 def test_input_kinds_give_the_same_result(segmenter, tmp_path):
@@ -150,12 +152,12 @@ def test_input_kinds_give_the_same_result(segmenter, tmp_path):
     Image.fromarray(array).save(path)
     as_uint8 = torch.from_numpy(array).permute(2, 0, 1)
     # every 8-bit source takes the paper's OpenCV uint8 resize: identical results
-    results = [segmenter(src, ["x", "y"]).scores
+    results = [segmenter(src, ["x", "y"]).scores.full()
                for src in (array, path, str(path), Image.fromarray(array), as_uint8)]
     for other in results[1:]:
         assert torch.equal(results[0], other)
     # float sources (array or tensor) take the float resize: equal to each other
-    as_float = [segmenter(src, ["x", "y"]).scores
+    as_float = [segmenter(src, ["x", "y"]).scores.full()
                 for src in (as_uint8.float() / 255, array.astype(np.float32) / 255)]
     torch.testing.assert_close(as_float[0], as_float[1])
 
@@ -163,7 +165,7 @@ def test_input_kinds_give_the_same_result(segmenter, tmp_path):
 def test_unknown_threshold_abstains_only_below_it(segmenter):
     segmenter.set_image(_image(seed=5))
     plain = segmenter.predict(["x", "y"])
-    best = plain.scores.max(dim=0).values
+    best = plain.scores.full().max(dim=0).values
     threshold = float(best.median())
     abstained = segmenter.predict(["x", "y"], unknown_threshold=threshold)
     assert torch.equal(abstained.labels == UNKNOWN, best < threshold)
@@ -176,13 +178,14 @@ def test_unknown_threshold_abstains_only_below_it(segmenter):
 def test_tiny_and_thin_images_work(segmenter, size):
     image = torch.rand(3, *size)
     result = segmenter(image, ["a", "b", "c"])
-    assert result.labels.shape == size and torch.isfinite(result.scores).all()
+    assert result.labels.shape == size and torch.isfinite(result.scores.full()).all()
 
 
 def test_other_vision_grid_is_used_for_the_graph(tiny_clip, tiny_dino_p8):
     # DINO with 8-pixel patches: CLIP features are resized to the 28 x 28 VM grid.
     result = Segmenter(tiny_clip, tiny_dino_p8, FAST)(_image(seed=6), ["a", "b"])
-    assert result.scores.shape == (2, 150, 200) and torch.isfinite(result.scores).all()
+    scores = result.scores.full()
+    assert scores.shape == (2, 150, 200) and torch.isfinite(scores).all()
 
 
 def test_pixel_stage_refines_the_lposs_scores(tiny_clip, tiny_dino):
@@ -191,7 +194,7 @@ def test_pixel_stage_refines_the_lposs_scores(tiny_clip, tiny_dino):
     plus = Segmenter(tiny_clip, tiny_dino, FAST)
     base = lposs_only(image, ["a", "b"])
     refined = plus(image, ["a", "b"])
-    assert not torch.allclose(base.scores, refined.scores)
+    assert not torch.allclose(base.scores.full(), refined.scores.full())
 
 
 def test_predict_before_set_image_is_an_error(segmenter):
@@ -253,8 +256,8 @@ def test_real_vit_b16_architectures_end_to_end():
     clip = load_clip("ViT-B-16", pretrained=None)
     dino = load_dino("dino_vitb16", pretrained=False)
     result = Segmenter(clip, dino)(_image(60, 80, seed=8), ["cat", "grass;lawn", "sky"])
-    assert result.labels.shape == (60, 80) and result.scores.shape == (3, 60, 80)
-    assert torch.equal(result.labels, result.scores.argmax(0))
+    assert result.labels.shape == (60, 80) and result.scores.full().shape == (3, 60, 80)
+    assert torch.equal(result.labels, result.scores.full().argmax(0))
     assert result.settings["k"] == 400
 
 
@@ -304,7 +307,8 @@ def test_progress_reports_every_stage_and_changes_no_number(tiny_clip, tiny_dino
     for stage in stages[2:]:
         assert [(d, t) for s, d, t in reports if s == stage] == [(0, 1), (1, 1)]
     quiet = Segmenter(tiny_clip, tiny_dino, FAST)(image, ["a", "b;c"])  # 16 windows a pass
-    torch.testing.assert_close(result.scores, quiet.scores, atol=1e-4, rtol=1e-4)  # batching rounds
+    torch.testing.assert_close(result.scores.full(), quiet.scores.full(), atol=1e-4,
+                               rtol=1e-4)  # batching rounds
     assert torch.equal(result.labels, quiet.labels)
 
 
@@ -313,7 +317,7 @@ def test_score_maps_in_bands_equal_the_whole_image_resize(monkeypatch, tmp_path)
     scores and the saved .npy equal the paper's one resize of the whole (C, H, W) stack."""
     import numpy as np
 
-    import lposs.output.segmentation as segmentation
+    import lposs.pipeline.scores as scores_module
     from lposs.output.files import save_scores
 
     gen = torch.Generator().manual_seed(3)
@@ -325,9 +329,8 @@ def test_score_maps_in_bands_equal_the_whole_image_resize(monkeypatch, tmp_path)
     expected_scores = resized / ones
     best = expected_scores.max(dim=0).values
     threshold = float(best.median())
-    monkeypatch.setattr(segmentation, "_WHOLE_PIXELS", 0)  # as for an image above 4 MP
-    monkeypatch.setattr(segmentation, "_BAND_PIXELS", 371 * 16)  # 16 rows a band
-    maps = segmentation.ScoreMaps(raw, weight, (250, 371))
+    monkeypatch.setattr(scores_module, "BAND_PIXELS", 371 * 16)  # 16 rows a band
+    maps = scores_module.ScoreMaps(raw, weight, (250, 371))
     labels = maps.labels(threshold, dtype=torch.uint8)
     expected = resized.argmax(dim=0)
     above, below = best > threshold + 1e-5, best < threshold - 1e-5  # clear of round-off

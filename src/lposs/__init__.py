@@ -29,7 +29,7 @@ _EXPORTS = {
     "Segmenter": "pipeline.segmenter",
     "Segmentation": "output.segmentation",
     "EncodedImage": "pipeline.encoded",
-    "load_image": "pipeline.images",
+    "read_image": "pipeline.image",
     "load_class_names": "vocab",
     "refine_scores": "pipeline.refine",
     "load_clip": "encoders",

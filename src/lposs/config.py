@@ -10,7 +10,8 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["LPOSSConfig", "UNKNOWN", "MAX_CLASSES", "MAX_NAMES", "MAX_CLASS_FILE_BYTES",
-           "MAX_PIXEL_WINDOW", "DEFAULT_MAX_PIXELS", "DEMO_MAX_PIXELS"]
+           "MAX_PIXEL_WINDOW", "DEFAULT_MAX_PIXELS", "DEMO_MAX_PIXELS",
+           "BAND_PIXELS"]
 
 UNKNOWN = 255
 """Label of "unknown" pixels (below the abstain threshold) and of ignored ground truth (VOC's
@@ -28,6 +29,9 @@ MAX_PIXEL_WINDOW = 31
 """Largest pixel neighbourhood side ``r``: 480 graph weights a pixel (the paper's 13: 84)."""
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image (and label map) decoded, read from the file header before decoding."""
+BAND_PIXELS = 1 << 22
+"""Pixels per band wherever a full-size map is made piecewise (score resize, label PNG,
+overlay, decoding): 16 MB a float32 plane; images up to this size are resized whole."""
 DEMO_MAX_PIXELS = 16_000_000
 """Largest upload the web demo takes (a large phone photo): a page serves anyone."""
 

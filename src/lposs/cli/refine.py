@@ -32,9 +32,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="a label map PNG (pixel value = class index; any size of the "
                              "image's aspect ratio: resized)")
     p.add_argument("--classes", default=None,
-                   help="comma-separated class names for the legend (default: class0, ...)")
+                   help="comma-separated class names for the legend (default: class0, ...); "
+                        "with --labels they give the number of classes")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="classes in --labels (default: largest label value below 255, + 1)")
+                   help="classes in --labels (default: the --classes given, else the largest "
+                        "label value below 255, + 1)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.add_argument("--save-scores", action="store_true", help="also write the refined scores")
     add_propagation_options(p, patch=False, preset=False)
@@ -49,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import UNKNOWN
     from ..output.segmentation import Segmentation, provenance
     from ..pipeline.checks import check_scores
-    from ..pipeline.images import read_image
-    from ..pipeline.refine import refine_score_maps
-    from ..pipeline.windows import working_size
+    from ..pipeline.image import load_label_map, read_image
+    from ..pipeline.refine import refine_labels, refine_score_maps
     from ..vocab import MAX_NAMES, parse_class_names
 
     if args.num_classes is not None and args.scores is not None:
@@ -59,31 +60,35 @@ def run(args: argparse.Namespace) -> int:
     if args.num_classes is not None and not 1 <= args.num_classes <= MAX_NAMES:
         raise LpossError(f"--num-classes must be 1..{MAX_NAMES}, got {args.num_classes} (each "
                          "class is propagated separately, so memory and time grow with it)")
+    classes = None if args.classes is None else parse_class_names(args.classes)
+    if classes and args.num_classes is not None and args.num_classes != len(classes):
+        raise LpossError(f"--classes names {len(classes)} classes but --num-classes is "
+                         f"{args.num_classes}")
+    if args.out.exists() and not args.out.is_dir():
+        raise LpossError(f"--out {args.out} is a file, not a folder")
     config = config_from(args, LPOSSConfig())
     image = read_image(args.image)  # decoded once, for the refinement and the overlay
-    size = tuple(image.shape[-2:])
-    if args.scores is not None:
-        scores = _load_scores(args.scores)
-        try:
-            check_scores(scores, size)
-        except LpossError as err:
-            raise LpossError(f"{args.scores}: {err}") from None
-    else:
-        working = working_size(*size, config.short_side, config.long_side)
-        scores = _label_scores(args.labels, args.num_classes, size, working, args.image)
-    n_classes = scores.shape[0]
-    if args.classes is not None:
-        classes = parse_class_names(args.classes)
-        if len(classes) != n_classes:
-            raise LpossError(f"--classes names {len(classes)} classes but the input has "
-                             f"{n_classes}")
-    else:
-        classes = [f"class{i}" for i in range(n_classes)]
     with writing_to(args.out):
         start = time.perf_counter()
-        refined = refine_score_maps(image, scores, config)
+        if args.scores is not None:
+            scores = _load_scores(args.scores)
+            try:
+                check_scores(scores, tuple(image.shape[-2:]))
+            except LpossError as err:
+                raise LpossError(f"{args.scores}: {err}") from None
+            refined = refine_score_maps(image, scores, config)
+        else:
+            num_classes = args.num_classes or (len(classes) if classes else None)
+            try:
+                refined = refine_labels(image, load_label_map(args.labels), num_classes, config)
+            except LpossError as err:
+                raise LpossError(f"{args.labels}: {err}") from None
+        n_classes = refined.shape[0]
+        if classes is not None and len(classes) != n_classes:
+            raise LpossError(f"--classes names {len(classes)} classes but the input has "
+                             f"{n_classes}")
         labels = refined.labels(dtype=torch.uint8 if n_classes < UNKNOWN else torch.int64)
-        result = Segmentation(labels, refined, classes,
+        result = Segmentation(labels, refined, classes or [f"class{i}" for i in range(n_classes)],
                               {"refine": time.perf_counter() - start},
                               {"r": config.r, "tau": config.tau, "alpha": config.alpha,
                                "short_side": config.short_side},
@@ -96,53 +101,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_scores(path: Path):
-    """`(C, H, W)` float32 scores from a ``.npy`` file (shape checked by the caller)."""
+    """`(C, H, W)` float32 scores from a ``.npy`` file (shape checked by the caller): the
+    header is read first, so a file that is no array, or shorter than its header claims,
+    is refused before anything is allocated."""
     import numpy as np
     import torch
 
     try:
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            except ValueError:
+                raise LpossError(f"{path} is not a .npy array file (save scores with "
+                                 "numpy.save)") from None
+            header = f.tell()
+        if dtype.hasobject or not np.issubdtype(dtype, np.number):
+            raise LpossError(f"scores in {path} must be a numeric .npy array (C, H, W)")
+        if np.issubdtype(dtype, np.complexfloating):
+            raise LpossError(f"scores in {path} are complex numbers; give real scores (C, H, W)")
+        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        actual = path.stat().st_size - header
+        if claimed > actual:
+            raise LpossError(f"{path}: the header claims {claimed:,} bytes of {shape} scores but "
+                             f"the file has {actual:,}: it is truncated or not what it says")
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise LpossError(f"cannot read scores {path}: {err}") from None
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
-        raise LpossError(f"scores in {path} must be a numeric .npy array (C, H, W)")
-    if np.issubdtype(array.dtype, np.complexfloating):
-        raise LpossError(f"scores in {path} are complex numbers; give real scores (C, H, W)")
+    except OSError as err:
+        raise LpossError(f"cannot read scores {path}: {err.strerror or err}") from None
     return torch.from_numpy(array).float()
-
-
-def _label_scores(path: Path, num_classes: int | None, size: tuple[int, int],
-                  working: tuple[int, int], image: Path):
-    """A label map as one-hot `(C, h, w)` float scores at the ``working`` size (each class's
-    indicator resized bilinearly, one class at a time: the same as resizing the full
-    one-hot, without holding it); pixels with a value >= C (e.g. 255) get all zeros and
-    are filled by the propagation.
-
-    Raises:
-        LpossError: a map of another aspect ratio than the image's ``size``, or one with no
-            pixel below C (nothing to refine).
-    """
-    import torch
-
-    from ..config import UNKNOWN
-    from ..pipeline.checks import same_aspect_ratio
-    from ..pipeline.images import load_label_map
-
-    labels = load_label_map(path)
-    height, width = labels.shape
-    if not same_aspect_ratio((height, width), size):
-        raise LpossError(f"label map {path} is {height}x{width} but {image} is "
-                         f"{size[0]}x{size[1]}: another aspect ratio, so not a map of this "
-                         "image (a map of the same aspect ratio at another size is resized)")
-    valid = labels[labels < UNKNOWN]
-    n = num_classes or (int(valid.max()) + 1 if valid.numel() else 1)
-    if not bool((labels < n).any()):
-        which = f"below {n}" if num_classes else "index (every pixel is 255, unknown)"
-        raise LpossError(f"nothing to refine: no pixel of {path} holds a class {which}")
-    scores = torch.empty((n, *working))
-    for c in range(n):
-        indicator = (labels == c).float()[None, None]
-        scores[c] = torch.nn.functional.interpolate(indicator, size=working, mode="bilinear",
-                                                    align_corners=False)[0, 0]
-        del indicator
-    return scores

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from ..errors import is_out_of_memory
+from ..errors import LpossError, is_out_of_memory
 from .options import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -30,7 +34,7 @@ SUMMARY = "segment images into free-text classes"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``segment`` command to ``subparsers`` (from ``add_subparsers``)."""
-    from ..pipeline.images import DEFAULT_MAX_PIXELS
+    from ..config import DEFAULT_MAX_PIXELS
 
     p = subparsers.add_parser(
         "segment", formatter_class=HelpFormatter, help=SUMMARY,
@@ -54,6 +58,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-refine", action="store_true",
                    help="skip the pixel stage (LPOSS instead of LPOSS+)")
     p.add_argument("--save-scores", action="store_true", help="also write the float scores")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs in OUT that another image file made (refused "
+                        "otherwise)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip images whose outputs in OUT are complete (resumes a run)")
     p.add_argument("--unknown-threshold", type=float, default=None, metavar="T",
                    help="label pixels whose best score (cosine scale) is below T as unknown "
                         "(default: off)")
@@ -76,21 +85,79 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     return parse_class_names(args.classes)
 
 
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """Output names: the file stem, made unique with the parent folder when stems repeat."""
-    counts: dict[str, int] = {}
-    for path in paths:
-        counts[path.stem] = counts.get(path.stem, 0) + 1
-    stems, used = [], set()
-    for path in paths:
-        stem = path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
-        base, i = stem, 1
-        while stem in used:
-            i += 1
-            stem = f"{base}_{i}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
+def _plan(args: argparse.Namespace, images: list[Path],
+          report) -> tuple[list[tuple[Path, str]], int]:
+    """The ``(image, output stem)`` pairs to segment, and how many were skipped as done.
+
+    An image's stem is the first of ``stem``, ``<folder>_<stem>``, ``<folder>_<stem>_<hash
+    of its path>`` (``lposs.output.files.output_stem``) that no other image of this run
+    has and whose JSON in ``--out`` is absent or records this same file: a file finds its
+    own earlier outputs again, and never takes another's. When every name holds another
+    file's outputs, the image is reported and left out (``--overwrite`` takes the first
+    name). With ``--skip-existing``, an image whose complete outputs exist is skipped.
+    """
+    from ..output.files import output_stem, recorded_source
+
+    todo: list[tuple[Path, str]] = []
+    taken: set[str] = set()
+    skipped = 0
+    for path in images:
+        stem = output_stem(path, args.out)
+        real = os.path.realpath(path)
+        digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:8]
+        names = [n for n in (stem, f"{path.parent.name}_{stem}",
+                             f"{path.parent.name}_{stem}_{digest}") if n not in taken]
+        mine = [n for n in names if recorded_source(args.out, n) in (None, real)]
+        if not mine and not args.overwrite:
+            report(f"{path}: its output names in {args.out} hold the results of other image "
+                   "files; pass --overwrite to replace them, or choose another --out")
+            continue
+        stem = (mine or names)[0]
+        taken.add(stem)
+        outputs = [f"{stem}.png", f"{stem}_overlay.png", f"{stem}.json"]
+        outputs += [f"{stem}_scores.npy"] * args.save_scores
+        if (args.skip_existing and recorded_source(args.out, stem) == real
+                and all((args.out / name).is_file() for name in outputs)):
+            skipped += 1
+            continue
+        todo.append((path, stem))
+    return todo, skipped
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler, ``kill``) stops the run as Ctrl-C does: one message, the
+    status line cleared, the output folder's lock released."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _missing_message(pattern: str) -> str:
+    """Why an input gave no image, with the files of a folder that Pillow cannot open."""
+    from ..pipeline.image import IMAGE_SUFFIXES
+
+    path = Path(pattern)
+    if not path.is_dir():
+        return f"{pattern}: no such image file, folder or pattern"
+    files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if any(p.name.lower().endswith(IMAGE_SUFFIXES) for p in files):
+        return f"{pattern}: holds only lposs's outputs, which are not segmented again"
+    others = sorted(p.name for p in files if p.suffix not in (".json", ".npy"))
+    if not others:
+        return f"{pattern}: no image files in this folder"
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"{pattern}: no image files in this folder; skipped {shown}, whose suffixes "
+            "Pillow cannot open (a plugin such as pillow-heif adds formats)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..pipeline.checks import check_unknown_threshold
 
+    if args.out.exists() and not args.out.is_dir():
+        raise LpossError(f"--out {args.out} is a file, not a folder")
     try:
         check_unknown_threshold(args.unknown_threshold)
     except ConfigError as err:  # once, not once per image
@@ -107,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if distributed_context()[1] > 1:  # torchrun: the processes share the folder by design
         ensure_writable(args.out)
         return _segment(args)
-    with writing_to(args.out):  # locked; removed again if nothing is written there
+    with _sigterm_as_interrupt(), writing_to(args.out):  # locked; removed if nothing written
         return _segment(args)
 
 
@@ -119,28 +188,26 @@ def _segment(args: argparse.Namespace) -> int:
     """
     from ..distributed import distributed_context, process_group
     from ..methods import get_preset
-    from ..pipeline.images import find_images
+    from ..pipeline.image import find_images
     from ..pipeline.segmenter import Segmenter
 
     rank, world, local_rank = distributed_context()
     classes = _class_names(args)
     config = config_from(args, get_preset(args.preset))
-    images, missing = find_images(args.images, exclude=[args.out])  # not our own outputs
+    images, missing = find_images(args.images)  # lposs's own outputs are not taken
     if rank == 0:
-        out = args.out.resolve()
         for pattern in missing:
-            if Path(pattern).is_dir() and Path(pattern).resolve().is_relative_to(out):
-                fail(f"{pattern}: holds only lposs's outputs (it is in --out {args.out}), "
-                     "which are not segmented again")
-            elif Path(pattern).is_dir():
-                fail(f"{pattern}: no image files in this folder")
-            else:
-                fail(f"{pattern}: no such image file, folder or pattern")
-    if not images:
+            fail(_missing_message(pattern))
+    todo, skipped = _plan(args, images, fail if rank == 0 else lambda message: None)
+    refused = len(images) - len(todo) - skipped
+    if not todo:
+        if rank == 0 and skipped and not refused and not missing:
+            print(f"nothing to do: the outputs of all {skipped} image(s) exist in {args.out}")
+            return 0
         if rank == 0:
             fail("no images to segment")
         return EXIT_FAILED
-    stems = _unique_stems(images)
+    images, stems = [path for path, _ in todo], [stem for _, stem in todo]
     share = list(range(rank, len(images), world))  # this process's files
     status = StatusLine(sys.stderr, [images[i].name for i in share],
                         enabled=False if args.quiet or rank > 0 else None,
@@ -165,11 +232,12 @@ def _segment(args: argparse.Namespace) -> int:
                  f"-> {args.out}")
             return EXIT_INTERRUPTED
         done, failed = group.sum([done, failed])
-    failed += len(missing)
+    failed += len(missing) + refused
     elapsed = time.perf_counter() - start
     if rank == 0 and not args.quiet:
         print(f"segmented {done} of {done + failed} image(s) into {len(classes)} classes in "
-              f"{elapsed:.1f} s -> {args.out}" + (f" ({failed} failed)" if failed else ""))
+              f"{elapsed:.1f} s -> {args.out}" + (f" ({failed} failed)" if failed else "")
+              + (f" ({skipped} skipped: outputs exist)" if skipped else ""))
     return EXIT_FAILED if failed else 0
 
 

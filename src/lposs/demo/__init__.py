@@ -120,7 +120,7 @@ def _run(gr, backend: DemoBackend, image, classes, method_name, preset, threshol
     """One click: the page's five outputs (status, overlay, shares, timings, files)."""
     # Raw inputs (preprocess=False): Gradio's own image preprocessing would open the
     # upload with Pillow and fail with a stack trace on a file that is not an image;
-    # images.load_image checks it instead. Gradio still keeps uploads to its cache folder.
+    # image.read_image checks it instead. Gradio still keeps uploads to its cache folder.
     if isinstance(image, dict):
         image = image.get("path")
     try:

@@ -220,7 +220,7 @@ class DemoBackend:
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key], True
-        from ..pipeline.images import read_image
+        from ..pipeline.image import read_image
 
         try:  # uint8, as lposs segment reads it: the same OpenCV resize, the same answer
             image = read_image(path, max_pixels=self.max_pixels)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import UNKNOWN
 from ..errors import DatasetError, ImageError
-from ..pipeline.images import IMAGE_SUFFIXES, load_label_map
+from ..pipeline.image import IMAGE_SUFFIXES, load_label_map
 from ..vocab import check_class_names, load_class_names
 
 __all__ = [

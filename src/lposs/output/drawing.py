@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from ..config import UNKNOWN
-from ..pipeline.images import as_float, read_image
+from ..config import BAND_PIXELS, UNKNOWN
+from ..pipeline.image import read_image
 
 __all__ = [
     "UNKNOWN_COLOR",
@@ -29,9 +29,6 @@ __all__ = [
     "overlay",
 ]
 
-# Pixels per band when a large label map or image is processed piecewise (~1M: a few MB).
-_BAND_PIXELS = 1 << 20
-
 #: Colour of "unknown" pixels: the PASCAL VOC palette's entry 255 (its "void" colour).
 UNKNOWN_COLOR = (224, 224, 192)
 
@@ -41,31 +38,15 @@ _NO_GLYPH = "\U0010fffd"  # a private-use character: drawn as the font's .notdef
 _ELLIPSIS = "\u2026"
 _MIN_LEGEND_WIDTH = 320  # px: the legend may be this wide even beside a narrower image
 
-# VOC colours with a channel >= 128 (7 of every 8 of the 2**24), less UNKNOWN_COLOR.
-_MAX_COLORS = 7 * 2**21 - 1
-
 
 def palette(n: int) -> np.ndarray:
-    """``n`` distinct, deterministic class colours, none of them black or near-black.
+    """``(n, 3)`` uint8: ``n`` distinct, deterministic class colours, none near-black.
 
-    The PASCAL VOC palette (colour ``i`` interleaves the bits of ``i`` into the high bits
-    of R, G and B, VOC's ``bitget`` construction) without its entries whose channels are
-    all below 128 (black, and the dark colours a class would vanish into shadows with:
-    every index divisible by 8) and without :data:`UNKNOWN_COLOR`. Class 0 is VOC's
-    colour 1 (dark red), class 1 VOC's 2 (green), ... The same colours serve the label
-    PNG's palette and the overlay, so a label PNG's class index ``i`` is shown in
-    ``palette(C)[i]``; "unknown" is value 255 in :data:`UNKNOWN_COLOR` there.
-
-    Args:
-        n: Number of colours, at most ``7 * 2**21 - 1``.
-
-    Returns:
-        ``(n, 3)`` uint8 array.
+    The PASCAL VOC palette (VOC's ``bitget`` construction) without its entries whose
+    channels are all below 128 (every index divisible by 8) and without
+    :data:`UNKNOWN_COLOR`: class 0 is VOC's colour 1 (dark red), class 1 VOC's 2 (green),
+    ... The label PNG's palette and the overlay use the same colours.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    if n > _MAX_COLORS:
-        raise ValueError(f"n must be at most {_MAX_COLORS} for distinct colours, got {n}")
     candidates = np.arange(1, n + n // 7 + 16, dtype=np.int64)
     candidates = candidates[candidates % 8 != 0]  # indices whose channels are all < 128
     out = np.zeros((len(candidates), 3), dtype=np.int64)
@@ -76,16 +57,8 @@ def palette(n: int) -> np.ndarray:
     return out[:n].astype(np.uint8)
 
 
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return x
-    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-
-
 def _check_labels(labels: Any, n_classes: int) -> np.ndarray:
-    arr = _as_numpy(labels, "labels")
+    arr = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if arr.ndim != 2:
         raise ValueError(f"labels must have shape (H, W), got {arr.shape}")
     if arr.dtype.kind not in "iu":
@@ -120,17 +93,11 @@ def class_shares(labels: Any, n_classes: int) -> list[float]:
     Returns:
         ``C + 1`` floats summing to 1: classes ``0..C-1``, then unknown.
     """
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes <= 0:
-        raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
-    arr = _as_numpy(labels, "labels")
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integers, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("labels is empty")
+    arr = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     flat = arr.reshape(-1)
     counts = np.zeros(n_classes + 1, dtype=np.int64)
-    for start in range(0, flat.size, _BAND_PIXELS):  # in bands: no int64 copy of a large map
-        band = flat[start:start + _BAND_PIXELS].astype(np.int64)
+    for start in range(0, flat.size, BAND_PIXELS):  # in bands: no int64 copy of a large map
+        band = flat[start:start + BAND_PIXELS].astype(np.int64)
         band = np.where((band >= 0) & (band < n_classes), band, n_classes)
         counts += np.bincount(band, minlength=n_classes + 1)
     return (counts / flat.size).tolist()
@@ -154,12 +121,9 @@ def _missing_glyph(font: Any) -> bytes | None:
 
 
 def drawable(font: Any, text: str) -> bool:
-    """Whether ``font`` has a glyph for every visible character of ``text``.
-
-    Pillow-only check: a character is missing when the font draws it exactly as it
-    draws a private-use character no font defines (the ``.notdef`` box). Pillow's
-    built-in bitmap font (without FreeType) draws Latin-1 only.
-    """
+    """Whether ``font`` has a glyph for every visible character of ``text``: a character
+    is missing when drawn as a private-use character no font defines (the ``.notdef``
+    box); Pillow's built-in bitmap font draws Latin-1 only."""
     notdef = _missing_glyph(font)
     for char in text:
         if char.isspace() or unicodedata.category(char) in ("Cf", "Mn", "Me"):
@@ -188,20 +152,9 @@ def _fit(font: Any, text: str, width: float) -> int:
 
 def wrap_text(font: Any, text: str, width: float, *, max_lines: int = 2,
               suffix: str = "") -> list[str]:
-    """``text`` broken into at most ``max_lines`` lines of at most ``width`` px, at spaces
-    where possible, the last line ending in ``suffix`` and shortened with "…" when the
-    text does not fit.
-
-    Args:
-        font: a Pillow font.
-        text: the text.
-        width: pixels per line (at least one character is placed per line).
-        max_lines: lines at most.
-        suffix: appended to the last line, never cut (e.g. a share ``"  12.5%"``).
-
-    Returns:
-        The lines (at least one).
-    """
+    """``text`` broken into at most ``max_lines`` lines (at least one) of at most
+    ``width`` px, at spaces where possible, the last line ending in ``suffix`` (never
+    cut, e.g. a share ``"  12.5%"``) and shortened with "…" when the text does not fit."""
     lines: list[str] = []
     rest = text
     while len(lines) < max_lines:
@@ -264,6 +217,38 @@ def legend_lines(
     return entries, not_found
 
 
+def _paste_blend(canvas: Image.Image, pixels: Tensor, labels: np.ndarray, table: np.ndarray,
+                 alpha: float) -> None:
+    """Paste ``(1 - alpha) * image + alpha * colour`` into ``canvas``, in bands of rows."""
+    n = len(table) - 1  # the last colour is unknown's
+    height, width = labels.shape
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        rgb = pixels[:, top:top + rows].float()
+        rgb = (rgb / 255.0 if pixels.dtype == torch.uint8 else rgb).numpy().transpose(1, 2, 0)
+        band = labels[top:top + rows]
+        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
+        canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
+                                     mode="RGB"), (0, top))
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, origin: tuple[int, int], entries, not_found,
+                 table: np.ndarray, font: Any, line: int) -> None:
+    """Draw the legend's entries (a colour square, then the lines) and "not found" lines."""
+    margin, square = line // 2, line - 4
+    x, y = origin
+    for i, lines in entries:
+        draw.rectangle([x, y + 2, x + square - 1, y + 2 + square - 1],
+                       fill=tuple(int(c) for c in table[i]))
+        for text in lines:
+            draw.text((x + square + margin, y), text, fill=(0, 0, 0), font=font)
+            y += line
+    y += margin if not_found and entries else 0
+    for text in not_found:
+        draw.text((x, y), text, fill=(96, 96, 96), font=font)
+        y += line
+
+
 def overlay(
     image: Any,
     labels: Any,
@@ -277,16 +262,12 @@ def overlay(
     """The image blended with class colours, and a legend panel to its right.
 
     Pixel colour is ``(1 - alpha) * image + alpha * class colour`` (unknown pixels use
-    :data:`UNKNOWN_COLOR`). The legend lists the classes present, largest share first,
-    each as a square of its exact colour, its name and its share, then the classes with
-    no pixel as "not found: ...". It is drawn in DejaVu Sans (Latin, Greek, Cyrillic and
-    more; a name it cannot draw, e.g. CJK, is shown as ``#i``, its class index, see
-    :func:`legend_lines`), in a white panel that never covers the image, at most
-    ``max(W, 320)`` px wide: long names wrap to two lines and end in "…". The canvas is
-    as tall as the image or the legend, whichever is taller.
+    :data:`UNKNOWN_COLOR`). The legend (:func:`legend_lines`, in DejaVu Sans) lists the
+    classes present, largest share first, then "not found: ...", in a white panel beside
+    the image at most ``max(W, 320)`` px wide.
 
     Args:
-        image: ``(3, H, W)`` RGB in [0, 1], or anything :func:`load_image` accepts.
+        image: ``(3, H, W)`` RGB in [0, 1], or anything ``read_image`` accepts.
         labels: ``(H, W)`` integer labels (``len(class_names)`` or 255 = unknown).
         class_names: The C class names.
         colors: ``(C, 3)`` uint8 class colours.
@@ -319,8 +300,7 @@ def overlay(
     if shares is None:
         shares = class_shares(arr, n)
     elif len(shares) != n + 1:
-        raise ValueError(f"shares must hold {n + 1} values (classes, then unknown), "
-                         f"got {len(shares)}")
+        raise ValueError(f"shares must hold {n + 1} values (classes, then unknown)")
     height, width = arr.shape
     font = _legend_font(max(12, min(height, width) // 40))
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 2)
@@ -334,23 +314,7 @@ def overlay(
     n_lines = sum(len(lines) for _, lines in entries) + len(not_found)
     legend_h = 2 * margin + line * n_lines + (margin if not_found and entries else 0)
     canvas = Image.new("RGB", (width + panel_w, max(height, legend_h)), (255, 255, 255))
-    rows = max(1, _BAND_PIXELS // max(width, 1))
-    for top in range(0, height, rows):  # blended in bands of rows, straight into the canvas
-        rgb = as_float(pixels[:, top:top + rows]).numpy().transpose(1, 2, 0)
-        band = arr[top:top + rows]
-        blended = (1.0 - alpha) * rgb * 255.0 + alpha * table[np.where(band < n, band, n)]
-        canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8),
-                                     mode="RGB"), (0, top))
-    draw = ImageDraw.Draw(canvas)
-    x, y = width + margin, margin
-    for i, lines in entries:
-        draw.rectangle([x, y + 2, x + square - 1, y + 2 + square - 1],
-                       fill=tuple(int(c) for c in table[i]))
-        for text in lines:
-            draw.text((x + square + margin, y), text, fill=(0, 0, 0), font=font)
-            y += line
-    y += margin if not_found and entries else 0
-    for text in not_found:
-        draw.text((x, y), text, fill=(96, 96, 96), font=font)
-        y += line
+    _paste_blend(canvas, pixels, arr, table, alpha)
+    _draw_legend(ImageDraw.Draw(canvas), (width + margin, margin), entries, not_found, table,
+                 font, line)
     return canvas

@@ -1,4 +1,5 @@
-"""Writing results: atomic writes, label PNGs, overlays, JSON, score arrays; file hashes.
+"""Writing results: a result's files and their names, atomic writes, label PNGs, overlays,
+JSON, score arrays, file hashes and the output folder's lock.
 
 Every file is written through :func:`atomic_write`, so it is either complete or absent
 (a crash or a full disk never leaves a half-written output behind). No model code.
@@ -20,9 +21,9 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from ..config import UNKNOWN
+from ..config import BAND_PIXELS, UNKNOWN
 from ..errors import OutputError
-from .drawing import UNKNOWN_COLOR, _as_numpy, _check_colors, _check_labels
+from .drawing import UNKNOWN_COLOR, class_shares, overlay
 
 try:  # POSIX only; elsewhere folder_lock locks nothing
     import fcntl
@@ -30,6 +31,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = [
+    "save_result",
+    "output_stem",
+    "recorded_source",
     "atomic_write",
     "file_sha256",
     "folder_lock",
@@ -50,17 +54,115 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once, at import, not while other threads create files
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file so that it is either complete or absent.
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
-    ``write`` gets a binary file object for a temporary file in the same folder; the
-    data is flushed and fsynced, then the temporary file replaces ``path``
-    (``os.replace``). If ``write`` raises, the temporary file is removed, ``path`` is
-    left as it was, and the exception propagates.
+
+# Longest stem in bytes: "<stem>_overlay.png" and its temporary ".<name>.XXXXXXXX.tmp"
+# stay within the 255 bytes of a file name.
+_MAX_STEM_BYTES = 200
+
+
+def output_stem(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """The stem of an image's outputs, from its own name and folder only (never from the
+    other files of a batch): the file's stem, or ``<stem>_<suffix>`` (``photo.bmp`` ->
+    ``photo_bmp``) when another image of the same stem sits in the same folder or when
+    ``<stem>.png`` in ``out_dir`` would be the image itself. A stem over 200 bytes is
+    cut and ends in 8 hex digits of the full name's SHA-256.
 
     Args:
-        path: Destination file; its folder must exist.
-        write: Callable that writes the content to the file object it is given.
+        path: the image file.
+        out_dir: the output folder.
+    """
+    from ..pipeline.image import IMAGE_SUFFIXES
+
+    path = Path(path)
+    stem = path.stem
+    try:
+        twins = [p for p in path.parent.iterdir() if p.stem == stem and p.name != path.name
+                 and p.suffix.lower() in IMAGE_SUFFIXES]
+    except OSError:
+        twins = []
+    mine = Path(out_dir) / f"{stem}.png"
+    if twins or os.path.realpath(mine) == os.path.realpath(path):
+        stem = f"{stem}_{path.suffix.lstrip('.')}" if path.suffix else stem
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) > _MAX_STEM_BYTES:
+        digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
+        cut = raw[:_MAX_STEM_BYTES - 9].decode("utf-8", "ignore")
+        stem = f"{cut}_{digest}"
+    return stem
+
+
+def recorded_source(out_dir: str | os.PathLike, stem: str) -> str | None:
+    """The ``source`` that ``<out_dir>/<stem>.json`` records, "" for a JSON that records
+    none (an image given in memory) or cannot be read, None when there is no JSON."""
+    path = Path(out_dir) / f"{stem}.json"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    return str(record.get("source") or "") if isinstance(record, dict) else ""
+
+
+def save_result(result, out_dir: str | os.PathLike, stem: str, image=None, *,
+                scores: bool = False) -> list[Path]:
+    """Write a :class:`lposs.output.segmentation.Segmentation`'s files: ``<stem>.png``
+    (palette label map), ``<stem>.json`` and, given the image, ``<stem>_overlay.png``;
+    ``<stem>_scores.npy`` when ``scores``. Each file is written atomically, and when one
+    fails those already written are removed again: all of them or none. The palette and
+    the pixel shares are computed once.
+
+    ``image`` (for the overlay) is the `(3, H, W)` image in memory or anything
+    ``read_image`` accepts. Returns the written paths; raises ``OutputError`` unless
+    ``stem`` is a plain file name.
+    """
+    out_dir = Path(out_dir)
+    _check_stem(out_dir, stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = result.colors()
+    shares = class_shares(result.labels, len(result.classes))  # C + 1: unknown last
+    written: list[Path] = []
+    try:
+        save_label_png(out_dir / f"{stem}.png", result.labels, colors)
+        written.append(out_dir / f"{stem}.png")
+        if image is not None:
+            save_overlay(out_dir / f"{stem}_overlay.png",
+                         overlay(image, result.labels, result.classes, colors, shares=shares))
+            written.append(out_dir / f"{stem}_overlay.png")
+        if scores:
+            save_scores(out_dir / f"{stem}_scores.npy", result.scores)
+            written.append(out_dir / f"{stem}_scores.npy")
+        write_json(out_dir / f"{stem}.json", result.summary(colors, shares))
+        written.append(out_dir / f"{stem}.json")
+    except BaseException:
+        for path in written:  # all of this result's files or none of them
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _check_stem(out_dir: Path, stem: str) -> None:
+    """Raise ``OutputError`` unless ``stem`` names files directly inside ``out_dir``: a
+    plain name (no separator, drive, NUL, ``.`` or ``..``) cannot resolve anywhere else."""
+    if not isinstance(stem, str):
+        raise TypeError(f"stem must be a str, got {type(stem).__name__}")
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (not stem.strip() or stem in (".", "..") or "\0" in stem
+            or any(sep in stem for sep in separators) or os.path.splitdrive(stem)[0]):
+        raise OutputError(f"file name stem {stem!r} would not be a file directly in "
+                          f"{out_dir}: give a plain name (no path separators, not '..'); "
+                          "put any sub-folder in out_dir instead")
+
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that it is either complete or absent: ``write(f)`` fills a
+    temporary file in the same folder, which is fsynced and then replaces ``path``; if
+    ``write`` raises, the temporary file is removed and ``path`` is left as it was.
 
     Raises:
         FileNotFoundError: The destination folder does not exist.
@@ -92,29 +194,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise
 
 
-_LABEL_BAND_PIXELS = 1 << 22  # pixels per band when building a label PNG
-
-
 def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
-    """Save a label map losslessly, pixel value = class index.
-
-    With fewer than 255 classes the PNG is a palette image (mode ``"P"``) whose palette
-    holds ``colors`` and :data:`UNKNOWN_COLOR` at entry 255; "unknown" pixels (label
-    ``n`` = number of classes, as the segmenter returns them, or 255) are stored as 255.
-    With 255 classes or more, a 16-bit grey PNG holds the raw labels (unknown = ``n``).
+    """Save a label map losslessly, pixel value = class index: below 255 classes a palette
+    PNG (``colors``, and :data:`UNKNOWN_COLOR` at 255, where label ``n`` or 255 is
+    stored), else a 16-bit grey PNG of the raw labels.
 
     Args:
         path: Output ``.png`` file (written atomically).
-        labels: ``(H, W)`` integer labels in ``0..n`` (``n`` = unknown) or 255.
+        labels: ``(H, W)`` integer labels in ``0..n`` (``n`` = unknown) or 255, a tensor
+            or array.
         colors: ``(n, 3)`` uint8 class colours, e.g. :func:`lposs.output.drawing.palette`.
     """
-    colors = _check_colors(colors)
     n = colors.shape[0]
-    arr = _check_labels(labels, n)
+    arr = _numpy(labels)
     if n < UNKNOWN:
         height, width = arr.shape
         im = Image.new("P", (width, height))
-        rows = max(1, _LABEL_BAND_PIXELS // max(width, 1))
+        rows = max(1, BAND_PIXELS // max(width, 1))
         for top in range(0, height, rows):  # in bands: no full-size copy of a large map
             band = arr[top:top + rows]
             band = np.ascontiguousarray(np.where(band == n, UNKNOWN, band), np.uint8)
@@ -123,23 +219,13 @@ def save_label_png(path: str | os.PathLike, labels: Any, colors: Any) -> None:
         table[:n] = colors
         table[UNKNOWN] = UNKNOWN_COLOR
         im.putpalette(table.reshape(-1).tolist())
-    else:
-        if n >= 65535:
-            raise ValueError(f"at most 65534 classes fit a 16-bit label PNG, got {n}")
+    else:  # at most MAX_NAMES classes: they fit 16 bits
         im = Image.fromarray(arr.astype(np.uint16))
     atomic_write(path, lambda f: im.save(f, format="PNG"))
 
 
 def save_overlay(path: str | os.PathLike, image: Image.Image) -> None:
-    """Save an image made by :func:`lposs.output.drawing.overlay` atomically, in the format of
-    ``path``'s suffix.
-
-    Args:
-        path: Output file; an unknown suffix is written as PNG.
-        image: The PIL image to save.
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image (see overlay()), got {type(image).__name__}")
+    """Save a PIL image atomically, in the format of ``path``'s suffix (PNG if unknown)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     atomic_write(path, lambda f: image.save(f, format=fmt))
 
@@ -153,7 +239,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (Tensor, np.ndarray)):
-        return _jsonable(_as_numpy(obj, "value").tolist())
+        return _jsonable(_numpy(obj).tolist())
     if isinstance(obj, np.generic):
         return _jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -179,31 +265,17 @@ def _printable(text: str) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as UTF-8 JSON (indent 2, trailing newline), atomically.
-
-    numpy/torch scalars and arrays become numbers and lists, paths become strings, and
-    NaN or infinite floats become ``null`` so the file is strict JSON. The text is built
-    before the file is touched, so an unserialisable object leaves no file behind.
-
-    Args:
-        path: Output file.
-        obj: JSON-serialisable data (dicts, lists, str, numbers, bool, None).
-    """
+    """Write ``obj`` as strict UTF-8 JSON (indent 2), atomically: numpy/torch values become
+    numbers and lists, paths strings, NaN and infinities ``null``; an unserialisable
+    object leaves no file behind."""
     text = json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     data = text.encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
 
 
 def save_scores(path: str | os.PathLike, scores: Any) -> None:
-    """Save per-class scores as a float32 ``.npy`` file, atomically, at exactly ``path``.
-
-    Args:
-        path: Output file (no suffix is added).
-        scores: ``(C, H, W)`` scores, numpy array or tensor; or an object with ``shape``
-            ``(C, H, W)`` and ``class_bands(c)`` giving class ``c``'s map as consecutive
-            bands of rows (``lposs.output.segmentation.ScoreMaps``), written band by band so
-            that no full-size map sits in memory.
-    """
+    """Save ``(C, H, W)`` scores (array, tensor, or ``lposs.pipeline.scores.ScoreMaps``,
+    written band by band) as a float32 ``.npy`` file at exactly ``path``, atomically."""
     if hasattr(scores, "class_bands"):
         shape = tuple(scores.shape)
 
@@ -213,30 +285,18 @@ def save_scores(path: str | os.PathLike, scores: Any) -> None:
             np.lib.format.write_array_header_2_0(f, header)
             for c in range(shape[0]):  # C-order: each class's rows in turn, band by band
                 for band in scores.class_bands(c):
-                    rows = np.ascontiguousarray(_as_numpy(band, "scores"), dtype=np.float32)
+                    rows = np.ascontiguousarray(_numpy(band), dtype=np.float32)
                     f.write(memoryview(rows).cast("B"))
 
         atomic_write(path, write)
         return
-    arr = _as_numpy(scores, "scores")
-    if arr.ndim != 3:
-        raise ValueError(f"scores must have shape (C, H, W), got {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = np.ascontiguousarray(_numpy(scores), dtype=np.float32)
     atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks (the cache key of an image's content).
-
-    Args:
-        path: The file.
-
-    Returns:
-        64 lowercase hexadecimal digits.
-
-    Raises:
-        OSError: The file cannot be read.
-    """
+    """SHA-256 (64 hex digits) of a file's bytes, read in 1 MiB blocks; ``OSError`` when
+    it cannot be read."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -252,13 +312,9 @@ LOCK_NAME = ".lposs.lock"
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold ``<folder>/.lposs.lock`` exclusively (``fcntl.flock``) while writing there.
 
-    A second process (or a second lock in this one) fails at once instead of waiting, so
-    two runs never write the same file names into one folder. The lock file is removed
-    on release; a process that locked a lock file just removed locks again the file now
-    at the path. Where ``fcntl`` does not exist (Windows) nothing is locked.
-
-    Args:
-        folder: An existing, writable folder.
+    A second process (or a second lock in this one) fails at once instead of waiting. The
+    lock file is removed on release; a process that locked a lock file just removed locks
+    the file now at the path again. Where ``fcntl`` does not exist nothing is locked.
 
     Raises:
         OutputError: Another lposs holds the lock, or the lock file cannot be created.

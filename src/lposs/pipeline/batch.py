@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULT_MAX_PIXELS
 from ..errors import LpossError, is_out_of_memory
 from ..progress import Progress
 from ..vocab import parse_class_names
 from .encoded import EncodedImage, PreparedImage
-from .images import DEFAULT_MAX_PIXELS
 from .segmenter import Segmenter
 
 __all__ = ["FileOutcome", "segment_files", "IMAGES_PER_PASS_CUDA"]

@@ -21,14 +21,15 @@ import torch
 from ..config import DEFAULT_MAX_PIXELS, UNKNOWN, LPOSSConfig
 from ..errors import ConfigError
 from ..methods import get_preset
-from ..output.segmentation import ScoreMaps, Segmentation, provenance
+from ..output.segmentation import Segmentation, provenance
 from ..progress import Progress, StageCounter
 from ..propagation import PatchGraph, PixelGraph, patch_graph, pixel_graph
 from ..vocab import Vocabulary, vocabulary
 from .checks import check_unknown_threshold
 from .encoded import EncodedImage, PreparedImage, encode_images
-from .images import read_image
-from .windows import stitch_windows, window_grid, working_image
+from .image import read_image, working_image
+from .scores import ScoreMaps
+from .windows import stitch_windows, window_grid
 
 __all__ = ["Segmenter"]
 
@@ -163,7 +164,7 @@ class Segmenter:
                                        not isinstance(max_pixels, int) or max_pixels < 1):
             raise ConfigError(f"max_pixels must be a positive int or None (no cap), got "
                               f"{max_pixels!r}")
-        source = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
+        source = os.path.realpath(image) if isinstance(image, (str, os.PathLike)) else None
         image = read_image(image, max_pixels=max_pixels)  # uint8 for 8-bit sources
         working = working_image(image, self.config.short_side, self.config.long_side)
         return PreparedImage(image.cpu(), working, source)
@@ -338,7 +339,7 @@ class Segmenter:
         counter = StageCounter(progress, "labelling", 1)
         raw = _reduce_synonyms(combined[:-1], vocab)
         maps = ScoreMaps(raw, combined[-1], tuple(encoded.image.shape[-2:]))
-        # one byte a pixel below 255 classes; Segmentation.labels gives int64 on request
+        # one byte a pixel below 255 classes
         labels = maps.labels(unknown_threshold,
                              dtype=torch.uint8 if len(vocab) < UNKNOWN else torch.int64)
         counter.advance()

@@ -1,6 +1,6 @@
-"""Reading images: decoding with checks, finding image files, and reading label maps.
+"""Images in: decoding with checks, finding image files, label maps, and the working size.
 
-No model code. Errors a user can cause (missing, unreadable or oversized images) raise
+Errors a user can cause (missing, unreadable or oversized images) raise
 :class:`lposs.errors.ImageError` with one message naming the file.
 """
 
@@ -8,37 +8,38 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ..config import BAND_PIXELS, DEFAULT_MAX_PIXELS
 from ..errors import ImageError
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",
-    "load_image",
     "read_image",
-    "as_float",
     "find_images",
     "load_label_map",
+    "working_size",
+    "resize_image",
+    "working_image",
 ]
 
-#: Largest image (height x width) :func:`load_image` decodes unless told otherwise:
-#: 100 megapixels (about 1.2 GB as float32 RGB), a guard against decompression bombs.
-#: Raise it with ``max_pixels=N`` (CLI: ``--max-pixels N``); ``None`` disables it.
-DEFAULT_MAX_PIXELS = 100_000_000
-
-#: File suffixes of images: what :func:`find_images` collects from folders and glob
-#: patterns, and what a folder dataset takes as its images.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+Image.init()
+#: File suffixes of images: every suffix Pillow can open (``.avif``, ``.jfif``, ...), what
+#: :func:`find_images` collects from folders and a folder dataset takes as its images.
+IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                              if fmt in Image.OPEN))
 
 #: Pillow modes of a label map: palette (indices, not colours), grey, 16/32-bit, bilevel.
 _LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "1")
@@ -64,12 +65,8 @@ def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) ->
 
 @contextlib.contextmanager
 def _without_pillow_cap() -> Iterator[None]:
-    """Pillow's own decompression-bomb check off (we apply ``max_pixels`` from the header).
-
-    Pillow's limit is a process-wide global: it is changed under a lock (so concurrent
-    :func:`load_image` calls decode one at a time) and restored on exit. Other threads
-    that call Pillow directly meanwhile see no Pillow limit.
-    """
+    """Pillow's own decompression-bomb check off (we apply ``max_pixels`` from the header);
+    a process-wide global, changed under a lock and restored on exit."""
     with _PILLOW_CAP_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
@@ -107,11 +104,11 @@ def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
 
 
-def _rgb_rows_to_tensor(im: Image.Image, rows: int = 256) -> Tensor:
-    """An RGB Pillow image -> ``(3, H, W)`` uint8, copied in bands of ``rows`` rows, so
-    that no whole-image intermediate (Pillow's bytes, an ``(H, W, 3)`` array) is made next
-    to the result."""
+def _rgb_rows_to_tensor(im: Image.Image) -> Tensor:
+    """An RGB Pillow image -> ``(3, H, W)`` uint8, copied in bands of rows, so that no
+    whole-image intermediate (Pillow's bytes, an ``(H, W, 3)`` array) is made next to it."""
     width, height = im.size
+    rows = max(1, BAND_PIXELS // width)
     out = np.empty((3, height, width), dtype=np.uint8)
     for top in range(0, height, rows):
         bottom = min(top + rows, height)
@@ -135,71 +132,23 @@ def _decode(im: Image.Image, what: str, max_pixels: int | None, *,
         raise ImageError(f"cannot decode {what}: the file is truncated or corrupt ({exc})") from exc
 
 
-def _from_array(arr: np.ndarray, max_pixels: int | None) -> Tensor:
-    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
-        raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageError(
-            f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}"
-        )
-    _check_pixels(arr.shape[0], arr.shape[1], max_pixels, "image array")
-    arr = arr[..., :3] if arr.shape[2] == 4 else arr  # RGBA: alpha dropped
-    out = torch.from_numpy(np.array(arr, dtype=np.uint8 if arr.dtype == np.uint8
-                                    else np.float32))  # always a copy
-    if out.dtype != torch.uint8:
-        _check_float_range(out, "image array")
-    return out.permute(2, 0, 1).expand(3, -1, -1).contiguous()
-
-
-def _check_float_range(t: Tensor, what: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ImageError(f"{what} contains NaN or infinite values")
-    if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-        raise ImageError(
-            f"{what} values must be in [0, 1], got [{float(t.min()):.4g}, {float(t.max()):.4g}]"
-        )
-
-
-def _from_tensor(t: Tensor, max_pixels: int | None) -> Tensor:
+def _from_tensor(t: Tensor, max_pixels: int | None, what: str) -> Tensor:
+    """A ``(C, H, W)`` uint8 or float tensor (C = 1, 3, or 4: alpha dropped) -> a checked
+    RGB copy."""
     if t.dtype != torch.uint8 and not t.dtype.is_floating_point:
-        raise TypeError(f"image tensor must be float in [0, 1] or uint8, got {t.dtype}")
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3 or t.shape[0] not in (1, 3):
-        raise ImageError(
-            f"image tensor must have shape (3, H, W) (channels first), got {tuple(t.shape)}"
-        )
-    _check_pixels(t.shape[1], t.shape[2], max_pixels, "image tensor")
-    if t.dtype == torch.uint8:
-        t = t.clone()
-    else:
-        t = t.to(torch.float32, copy=True)
-        _check_float_range(t, "image tensor")
+        raise TypeError(f"{what} must be uint8 or float in [0, 1], got dtype {t.dtype}")
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise ImageError(f"{what} must have shape (3, H, W) (channels first), got "
+                         f"{tuple(t.shape)}")
+    _check_pixels(t.shape[1], t.shape[2], max_pixels, what)
+    t = t[:3].to(torch.uint8 if t.dtype == torch.uint8 else torch.float32, copy=True)
+    if t.dtype != torch.uint8 and t.numel():
+        if not bool(torch.isfinite(t).all()):
+            raise ImageError(f"{what} contains NaN or infinite values")
+        if float(t.min()) < 0.0 or float(t.max()) > 1.0:
+            raise ImageError(f"{what} values must be in [0, 1], got "
+                             f"[{float(t.min()):.4g}, {float(t.max()):.4g}]")
     return t.expand(3, -1, -1).contiguous()
-
-
-def load_image(
-    source: str | os.PathLike | Image.Image | np.ndarray | Tensor,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Tensor:
-    """Load an image as RGB float32 in [0, 1] (:func:`read_image`, then scaled).
-
-    Args:
-        source: What :func:`read_image` accepts.
-        max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
-
-    Returns:
-        ``(3, H, W)`` float32 tensor in [0, 1].
-    """
-    return as_float(read_image(source, max_pixels=max_pixels))
-
-
-def as_float(image: Tensor) -> Tensor:
-    """``(3, H, W)`` uint8 or float image -> float32 in [0, 1] (8-bit values / 255)."""
-    return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
 
 
 def read_image(
@@ -207,30 +156,20 @@ def read_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Tensor:
-    """Read an image as RGB, keeping 8-bit images 8-bit.
+    """Read an image as RGB, keeping 8-bit images 8-bit (the one image reader).
 
-    8-bit sources (most files, 8-bit PIL images, uint8 arrays and tensors) give uint8, so
-    that the working-size resize can be the paper's (OpenCV on uint8 pixels, see
-    ``windows.resize_image``); 16-bit files and float arrays or tensors give float32 in
-    [0, 1].
-
-    Accepted sources:
-
-    * a file path: any format Pillow reads; the size is checked against ``max_pixels``
-      from the header before any pixel is decoded; EXIF orientation is applied;
-    * a PIL image (EXIF orientation applied too);
-    * a numpy array ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``, uint8 or float in [0, 1];
-    * a tensor ``(3, H, W)`` (or ``(1, H, W)``/``(H, W)`` grey), float in [0, 1] or
-      uint8; the result stays on the tensor's device.
-
-    Conversions: grey and palette images become RGB; alpha (RGBA, LA, palette
-    transparency, 4-channel arrays) is dropped, keeping the stored colours, as
-    OpenCV/mmseg loaders do; CMYK uses Pillow's conversion; 16-bit images (``I;16``,
-    ``I``) are scaled by 1/65535 rather than clipped. Multi-frame files give their
-    first frame.
+    8-bit sources give uint8, so that the working-size resize can be the paper's (OpenCV
+    on uint8 pixels, :func:`resize_image`); 16-bit files (scaled by 1/65535) and float
+    arrays or tensors give float32 in [0, 1]. Grey and palette images become RGB, alpha
+    is dropped, EXIF orientation is applied, a multi-frame file gives its first frame.
+    The size of a file is checked against ``max_pixels`` from its header, before any
+    pixel is decoded.
 
     Args:
-        source: The image, see above.
+        source: a file path (any format Pillow reads), a PIL image, a numpy array
+            ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``, or a tensor ``(3, H, W)`` (or
+            ``(1, H, W)``/``(H, W)``; the result stays on its device), uint8 or float in
+            [0, 1].
         max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
 
     Returns:
@@ -247,7 +186,7 @@ def read_image(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         what = f"image {str(path)!r}"
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise ImageError(f"image file not found: {str(path)!r}")
         if path.is_dir():
             raise ImageError(f"{what} is a folder, not an image file")
@@ -267,9 +206,17 @@ def read_image(
             decoded = _decode(source, what, max_pixels)
             return _pil_to_tensor(decoded, what)
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels)
+        if source.dtype != np.uint8 and source.dtype.kind != "f":
+            raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype "
+                            f"{source.dtype}")
+        arr = source[..., None] if source.ndim == 2 else source
+        if arr.ndim != 3:
+            raise ImageError(f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), "
+                             f"got {source.shape}")
+        return _from_tensor(torch.from_numpy(arr).permute(2, 0, 1), max_pixels, "image array")
     if isinstance(source, Tensor):
-        return _from_tensor(source, max_pixels)
+        return _from_tensor(source[None] if source.ndim == 2 else source, max_pixels,
+                            "image tensor")
     raise TypeError(
         "image must be a path, PIL image, numpy array or torch tensor, "
         f"got {type(source).__name__}"
@@ -287,22 +234,34 @@ def _image_files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def find_images(
-    inputs: Sequence[str | os.PathLike], *, exclude: Sequence[str | os.PathLike] = ()
-) -> tuple[list[Path], list[str]]:
+def _is_lposs_output(path: Path) -> bool:
+    """Whether ``path`` is a label PNG or overlay that lposs wrote: ``X.png`` or
+    ``X_overlay.png`` with lposs's ``X.json`` (which names its source) beside it."""
+    name = path.name
+    stem = name[:-len("_overlay.png")] if name.endswith("_overlay.png") else path.stem
+    if path.suffix != ".png" or not (path.parent / f"{stem}.json").is_file():
+        return False
+    try:
+        with open(path.parent / f"{stem}.json", encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"source", "classes", "provenance"} <= record.keys()
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
     """Expand files, folders and glob patterns into a list of image files.
 
     A file is taken as given (whatever its suffix). A folder is searched recursively for
     files ending in :data:`IMAGE_SUFFIXES` (case-insensitive; hidden files and folders
     skipped), sorted. A glob pattern (``*``, ``?``, ``[``; ``**`` recurses) keeps its
-    image files and expands the folders it matches. Duplicates (same resolved path) are
-    dropped, first occurrence kept.
+    image files and expands the folders it matches. Folders and patterns skip lposs's own
+    outputs (a label PNG or overlay with its lposs JSON beside it), so that photos and
+    results can share a folder. Duplicates (same real path) are dropped, first kept; a
+    symbolic link loop is kept, to fail on its own when read.
 
     Args:
         inputs: Paths or patterns, e.g. the CLI's positional arguments.
-        exclude: Folders whose files a folder or pattern never yields (e.g. the output
-            folder, so that a second run does not take the first run's label maps and
-            overlays for photos); a file named explicitly is still taken.
 
     Returns:
         ``(found, missing)``: the image paths in order, and the inputs that matched no
@@ -312,32 +271,28 @@ def find_images(
         raise TypeError("inputs must be a sequence of paths, not a single path")
     found: list[Path] = []
     missing: list[str] = []
-    seen: set[Path] = set()
-    excluded = [Path(folder).resolve() for folder in exclude]
+    seen: set[str] = set()
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
-        if path.is_file():
+        if path.is_file() or (path.is_symlink() and not path.is_dir()):
             matches = [path]
         elif path.is_dir():
-            matches = _image_files_under(path)
-        elif any(c in text for c in "*?["):
+            matches = [m for m in _image_files_under(path) if not _is_lposs_output(m)]
+        else:
             matches = []
-            for hit in sorted(glob.glob(text, recursive=True)):
+            for hit in sorted(glob.glob(text, recursive=True)) if any(
+                    c in text for c in "*?[") else []:
                 hit_path = Path(hit)
                 if hit_path.is_dir():
                     matches.extend(_image_files_under(hit_path))
-                elif hit_path.is_file() and hit.lower().endswith(IMAGE_SUFFIXES):
+                elif hit.lower().endswith(IMAGE_SUFFIXES):
                     matches.append(hit_path)
-        else:
-            matches = []
-        if excluded and not path.is_file():
-            matches = [m for m in matches
-                       if not any(m.resolve().is_relative_to(folder) for folder in excluded)]
+            matches = [m for m in matches if not _is_lposs_output(m)]
         if not matches:
             missing.append(text)
         for match in matches:
-            key = match.resolve()
+            key = os.path.realpath(match)  # never raises, even on a link loop
             if key not in seen:
                 seen.add(key)
                 found.append(match)
@@ -385,3 +340,54 @@ def load_label_map(path: str | os.PathLike, *,
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot read {what}: {exc}") from exc
     return torch.from_numpy(arr)
+
+
+# ----------------------------------------------------------------------------- working size
+def working_size(
+    height: int, width: int, short_side: int = 448, long_side: int = 2048
+) -> tuple[int, int]:
+    """The size at which LPOSS runs, as the paper's test pipeline computes it.
+
+    mmseg's ``Resize(keep_ratio=True)`` with ``img_scale=(long_side, short_side)``
+    (mmcv's ``rescale_size``): ``scale = min(long_side / long, short_side / short)`` and
+    each side becomes ``int(side * scale + 0.5)``, never below 1 pixel.
+
+    Returns:
+        ``(h, w)``, the working height and width.
+    """
+    scale = min(long_side / max(height, width), short_side / min(height, width))
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``, no antialiasing) of a ``(C, H, W)`` image.
+
+    A uint8 image is resized as the paper's pipeline does it: OpenCV's ``cv2.resize(...,
+    interpolation=cv2.INTER_LINEAR)`` on the uint8 pixels (on the CPU), then divided by
+    255. A floating-point image is interpolated in float32 (float64 for float64 input)
+    with ``F.interpolate`` and cast back to its dtype.
+
+    Args:
+        image: ``(C, H, W)`` uint8 or floating-point image.
+        size: ``(h, w)`` output size.
+
+    Returns:
+        ``(C, h, w)`` on the input's device: float32 in [0, 1] for uint8 input, the
+        input's dtype otherwise.
+    """
+    h, w = size
+    if image.dtype == torch.uint8:
+        pixels = image.permute(1, 2, 0).cpu().numpy()  # (H, W, C), OpenCV's layout
+        resized = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_LINEAR)
+        resized = resized.reshape(h, w, image.shape[0])  # OpenCV drops a single channel axis
+        return (torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0).to(image.device)
+    work = image if image.dtype == torch.float64 else image.float()
+    out = F.interpolate(work[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return out.to(image.dtype)
+
+
+def working_image(image: Tensor, short_side: int = 448, long_side: int = 2048) -> Tensor:
+    """``(3, H, W)`` uint8 or float image -> ``(3, h, w)`` float32 in [0, 1] at the
+    working size (:func:`working_size`, resized by :func:`resize_image`)."""
+    size = working_size(*image.shape[-2:], short_side, long_side)
+    return resize_image(image, size).float()
