@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..output.files import atomic_write
-from .datasets import _dataset_dir, _read_label
+from .datasets import dataset_dir, read_label
 
 __all__ = [
     "ConversionResult",
@@ -202,7 +202,7 @@ def convert_coco_object(
     splits = _as_splits(splits) or ["val2017"]
     if len(splits) != 1:
         raise ValueError(f"splits must name one split with instances_json, got {splits}")
-    folder, _ = _dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
+    folder, _ = dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
     json_path = Path(instances_json)
     if not json_path.is_absolute() and not json_path.is_file():
         json_path = folder / json_path
@@ -225,7 +225,7 @@ def convert_cityscapes(
         overwrite: Rewrite outputs that already exist.
         progress: Called as ``progress(done, total)`` after each file.
     """
-    folder, _ = _dataset_dir(data_root, ("cityscapes", "."), "gtFine", "Cityscapes")
+    folder, _ = dataset_dir(data_root, ("cityscapes", "."), "gtFine", "Cityscapes")
     gt = folder / "gtFine"
     names = _as_splits(splits) or sorted(p.name for p in gt.iterdir() if p.is_dir())
     sources = []
@@ -356,7 +356,7 @@ def _as_splits(splits) -> list[str]:
 
 
 def _coco_raw_files(data_root, splits) -> list[Path]:
-    folder, _ = _dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
+    folder, _ = dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
     ann = folder / "annotations"
     names = _as_splits(splits)
     if not names:
@@ -378,7 +378,7 @@ def _coco_raw_files(data_root, splits) -> list[Path]:
 
 def _lut_reader(src: Path, lut: np.ndarray) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        raw = _read_label(src)
+        raw = read_label(src)
         if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
             raise DatasetError(f"{src} holds values outside 0..255; expected raw 8-bit ids")
         return lut[raw]
