@@ -21,7 +21,7 @@ from scipy import ndimage
 from lposs.cli.eval import add_parser as add_eval_parser
 from lposs.cli.eval import parse_sweep
 from lposs.config import LPOSSConfig
-from lposs.errors import ConfigError, LpossError
+from lposs.errors import ConfigError, DatasetError, LpossError
 from lposs.evaluation import evaluate, sweep
 from lposs.evaluation.datasets import FolderDataset
 from lposs.evaluation.metrics import oracle_labels
@@ -401,3 +401,15 @@ def test_parse_sweep():
     with pytest.raises(ConfigError, match="twice"):
         parse_sweep(["k=1", "k=2"])
 
+
+
+def test_half_size_mask_refused_by_oracle_and_model_alike(tmp_path, folder, segmenter):
+    images, masks, class_file = folder
+    label = np.asarray(Image.open(masks / "img2.png"))
+    _palette_png(masks / "img2.png", label[::2, ::2])  # (20, 30) beside a (40, 60) image
+    expected = (f"label {masks / 'img2.png'} is (20, 30) but image {images / 'img2.png'} "
+                "is (40, 60) (H, W)")
+    for method, seg in (("oracle", None), ("lposs", segmenter)):
+        with pytest.raises(DatasetError) as info:
+            evaluate(FolderDataset(*folder), seg, method=method, run_dir=tmp_path / method)
+        assert str(info.value) == expected

@@ -23,6 +23,7 @@ from ..distributed import distributed_context, process_group
 from ..errors import DatasetError, LpossError
 from ..output.files import atomic_write, write_json
 from ..output.segmentation import provenance
+from ..pipeline.images import read_image
 from ..pipeline.segmenter import Segmenter
 from .cache import cache_folder, encode_cached
 from .datasets import SegmentationDataset
@@ -56,14 +57,16 @@ def _image_counts(sample, dataset: SegmentationDataset, segmenter: Segmenter | N
     """One image's prediction compared to its label: (its metrics state, cache hit)."""
     gt = torch.from_numpy(sample.load_label())
     hit = False
-    if segmenter is None:
+    if segmenter is None:  # the image is decoded only to hold the label to its size
+        size = tuple(read_image(sample.image_path, max_pixels=None).shape[-2:])
         pred = oracle_labels(gt, patch_size=ORACLE_PATCH_SIZE, ignore_index=dataset.ignore_index)
     else:
         hit = encode_cached(segmenter, sample.id, Path(sample.image_path), cache)
         pred = segmenter.predict(dataset.classes).labels
-    if pred.shape != gt.shape:
+        size = tuple(pred.shape)
+    if size != tuple(gt.shape):
         raise DatasetError(f"label {sample.label_path} is {tuple(gt.shape)} but image "
-                           f"{sample.image_path} is {tuple(pred.shape)} (H, W)")
+                           f"{sample.image_path} is {size} (H, W)")
     try:
         return spec.metrics().update(pred, gt), hit
     except ValueError as err:
