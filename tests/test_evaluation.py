@@ -164,9 +164,9 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
     run = tmp_path / "run"
     seen = []
 
-    def stop_after_two(event):
-        seen.append(event.sample_id)
-        if len(seen) == 2:
+    def stop_after_two(stage, done, total):
+        seen.append((stage, done, total))
+        if done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -179,8 +179,9 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
 
     computed = []
     resumed = evaluate(dataset, segmenter, method="lposs", boundary=True, run_dir=run,
-                       progress=lambda e: computed.append((e.sample_id, e.done, e.total)))
-    assert computed == [("img2", 3, 5), ("img3", 4, 5), ("img4", 5, 5)]
+                       progress=lambda stage, done, total: computed.append((done, total)))
+    assert seen[0] == ("evaluating images", 0, 5)
+    assert computed == [(0, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
     assert resumed.stats["computed"] == 3 and resumed.stats["reused"] == 2
     assert {p: p.stat().st_mtime_ns for p in before} == before
     _same_numbers(resumed, reference)
@@ -194,10 +195,11 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
     # A finished run recomputes nothing; --limit within it too.
     again = []
     _same_numbers(evaluate(dataset, segmenter, method="lposs", boundary=True, run_dir=run,
-                           progress=again.append), reference)
+                           progress=lambda *a: again.append(a[1:])), reference)
     limited = evaluate(dataset, segmenter, method="lposs", limit=2, run_dir=run,
-                       progress=again.append)
-    assert again == [] and limited.num_images == 2
+                       progress=lambda *a: again.append(a[1:]))
+    assert again == [(0, 5), (5, 5), (0, 2), (2, 2)] and limited.num_images == 2
+    assert limited.stats["computed"] == 0
 
 
 def test_damaged_records_are_redone(dataset, tmp_path):
@@ -209,19 +211,18 @@ def test_damaged_records_are_redone(dataset, tmp_path):
     tampered["counts"]["confusion"]["count"][0] += 1  # checksum no longer matches
     (records / "img3.json").write_text(json.dumps(tampered))
     (records / "img4.json").write_bytes(b"\x00\xff" * 10)
-    redone = []
-    result = evaluate(dataset, method="oracle", boundary=True, run_dir=run,
-                      progress=lambda e: redone.append(e.sample_id))
+    before = {p.name: p.read_bytes() for p in records.iterdir()}
+    result = evaluate(dataset, method="oracle", boundary=True, run_dir=run)
+    redone = [p.stem for p in sorted(records.iterdir()) if p.read_bytes() != before[p.name]]
     assert redone == ["img1", "img3", "img4"]
     assert result.stats["redone"] == 3
     _same_numbers(result, reference)
     # Records made without Boundary IoU counts are redone when a boundary run needs them.
     plain = tmp_path / "plain"
     evaluate(dataset, method="oracle", run_dir=plain)
-    redone.clear()
-    _same_numbers(evaluate(dataset, method="oracle", boundary=True, run_dir=plain,
-                           progress=lambda e: redone.append(e.sample_id)), reference)
-    assert len(redone) == N_IMAGES
+    redone = evaluate(dataset, method="oracle", boundary=True, run_dir=plain)
+    _same_numbers(redone, reference)
+    assert redone.stats["computed"] == N_IMAGES
 
 
 def test_other_settings_are_refused(dataset, segmenter, folder, tmp_path):
@@ -250,7 +251,7 @@ def test_two_processes_give_the_numbers_of_one(dataset, folder, tmp_path):
 
         ids = []
         result = evaluate(FolderDataset(*sys.argv[1:4]), method="oracle", boundary=True,
-                          run_dir=sys.argv[4], progress=lambda e: ids.append(e.sample_id))
+                          run_dir=sys.argv[4], progress=lambda *a: ids.append(a[1:]))
         print("RESULT", json.dumps({"rank": int(os.environ["RANK"]), "ids": ids,
                                     "miou": result.miou, "stats": result.stats}))
     """))
@@ -273,7 +274,8 @@ def test_two_processes_give_the_numbers_of_one(dataset, folder, tmp_path):
     reports = sorted((json.loads(line.split("RESULT", 1)[1])
                       for line in stdout.splitlines() if "RESULT" in line),
                      key=lambda r: r["rank"])
-    assert [r["ids"] for r in reports] == [["img0", "img2", "img4"], ["img1", "img3"]]
+    assert [r["ids"] for r in reports] == [[[0, 3], [1, 3], [2, 3], [3, 3]],
+                                           [[0, 2], [1, 2], [2, 2]]]
     assert all(r["stats"]["computed"] == N_IMAGES for r in reports)  # summed over ranks
     single = evaluate(dataset, method="oracle", boundary=True)
     written = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -8,12 +8,12 @@ distributed run gives exactly the numbers of one uninterrupted process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,11 @@ import torch
 
 from ..distributed import distributed_context, process_group
 from ..errors import DatasetError, LpossError
-from ..output.files import atomic_write, write_json
+from ..output.files import atomic_write, folder_lock, write_json
 from ..output.segmentation import provenance
 from ..pipeline.images import read_image
 from ..pipeline.segmenter import Segmenter
+from ..progress import Progress, StageCounter
 from .cache import cache_folder, encode_cached
 from .datasets import SegmentationDataset
 from .metrics import oracle_labels
@@ -38,7 +39,7 @@ from .records import (
     read_record,
     record_state,
 )
-from .results import EvalResult, ProgressEvent
+from .results import EvalResult
 from .settings import (
     ORACLE_PATCH_SIZE,
     check_dataset,
@@ -73,23 +74,6 @@ def _image_counts(sample, dataset: SegmentationDataset, segmenter: Segmenter | N
         raise DatasetError(f"{sample.label_path}: {err}") from None
 
 
-def _make_progress(progress: Any, rank: int, total: int, initial: int, desc: str):
-    """(bar or None, callback or None) for the ``progress`` argument."""
-    if progress is None or progress is False:
-        return None, None
-    if progress is True:
-        if rank != 0:
-            return None, None
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=initial, unit="img", desc=desc, file=sys.stderr,
-                   dynamic_ncols=True, smoothing=0.1)
-        return bar, None
-    if callable(progress):
-        return None, progress
-    raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
-
-
 def evaluate(
     dataset: SegmentationDataset,
     segmenter: Segmenter | None = None,
@@ -99,7 +83,7 @@ def evaluate(
     limit: int | None = None,
     run_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    progress: bool | Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
     extra_settings: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate a segmenter (or the oracle) on a dataset.
@@ -121,8 +105,9 @@ def evaluate(
         run_dir: write per-image records, ``settings.json`` and ``results.{json,md}`` here
             and resume from the records already there. Required under torchrun.
         cache_dir: keep each image's encoder outputs here and reuse them.
-        progress: True for a progress bar on stderr, or a callable given a
-            ``ProgressEvent`` after each image this process computes.
+        progress: called as ``progress("evaluating images", done, total)`` with this
+            process's share (``lposs.progress``): once at the start (``done`` counts the
+            records reused) and after each image.
         extra_settings: more JSON-serialisable settings recorded in the fingerprint.
 
     Returns:
@@ -155,14 +140,13 @@ def evaluate(
     cache = None
     if cache_dir is not None:
         cache = cache_folder(cache_dir, segmenter.config, settings["models"])
-    with process_group(world) as group:
+    with process_group(world) as group, _locked(run_dir, rank):
         if run_dir is not None:
             claim_run_dir(run_dir, settings, rank, group)
         start = time.perf_counter()
         memory: dict[str, dict] = {}
-        counts = _evaluate_share(dataset, segmenter, samples[rank::world], names[rank::world],
-                                 run_dir, cache, spec, memory, progress, rank,
-                                 f"{dataset.name} {method}")
+        share = _Share(dataset, segmenter, run_dir, cache, spec, memory)
+        counts = share.run(samples[rank::world], names[rank::world], progress)
         group.barrier()
         totals = group.sum(counts)
         metrics = spec.metrics()
@@ -185,52 +169,81 @@ def evaluate(
                         bool(boundary), settings, paper_reference(dataset.name, method), stats,
                         run_dir,
                         provenance() if segmenter is None else segmenter.provenance())
-    if run_dir is not None and rank == 0:
+    if run_dir is not None and rank == 0 and not _has_boundary_results(run_dir, result):
         write_json(run_dir / "results.json", result.to_dict())
         atomic_write(run_dir / "results.md", lambda f: f.write(result.to_markdown().encode()))
     return result
 
 
-def _evaluate_share(dataset, segmenter, samples, names, run_dir, cache, spec, memory, progress,
-                    rank, desc) -> list[int]:
-    """Computes the records of this rank's samples that are not valid on disk yet.
-
-    Returns:
-        [computed, reused, redone, cache_hits, cache_misses].
-    """
-    todo, redone = [], 0
-    for sample, name in zip(samples, names):
-        if run_dir is None:
-            todo.append((sample, None))
-            continue
-        path = run_dir / "records" / f"{name}.json"
-        try:
-            if read_record(path, sample.id, spec) is not None:
-                continue
-        except DamagedRecord as err:
-            _log.warning("lposs: record %s is damaged (%s); computing it again", path, err)
-            redone += 1
-        todo.append((sample, path))
-    bar, callback = _make_progress(progress, rank, len(samples), len(samples) - len(todo), desc)
-    hits = 0
+@contextlib.contextmanager
+def _locked(run_dir: Path | None, rank: int):
+    """Rank 0 holds the run folder's lock: a second ``evaluate`` there stops at once."""
+    if run_dir is None or rank != 0:
+        yield
+        return
     try:
-        for done, (sample, path) in enumerate(todo, start=len(samples) - len(todo) + 1):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LpossError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
+    with folder_lock(run_dir):
+        yield
+
+
+def _has_boundary_results(run_dir: Path, result: EvalResult) -> bool:
+    """Whether ``results.json`` holds this run's numbers plus Boundary IoU, which a run
+    without ``boundary`` keeps (its mIoU and accuracy come from the same records)."""
+    if result.boundary:
+        return False
+    try:
+        old = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(old, dict) and old.get("boundary_iou") is not None
+            and old.get("num_images") == result.num_images and old.get("miou") == result.miou)
+
+
+class _Share:
+    """Computes the records of one process's samples that are not valid on disk yet."""
+
+    def __init__(self, dataset, segmenter, run_dir, cache, spec, memory) -> None:
+        self.dataset, self.segmenter, self.run_dir = dataset, segmenter, run_dir
+        self.cache, self.spec, self.memory = cache, spec, memory
+
+    def todo(self, samples, names) -> tuple[list, int]:
+        """The (sample, record path or None) pairs to compute, and how many were damaged."""
+        todo, redone = [], 0
+        for sample, name in zip(samples, names):
+            if self.run_dir is None:
+                todo.append((sample, None))
+                continue
+            path = self.run_dir / "records" / f"{name}.json"
+            try:
+                if read_record(path, sample.id, self.spec) is not None:
+                    continue
+            except DamagedRecord as err:
+                _log.warning("lposs: record %s is damaged (%s); computing it again", path, err)
+                redone += 1
+            todo.append((sample, path))
+        return todo, redone
+
+    def run(self, samples, names, progress: Progress | None) -> list[int]:
+        """Returns [computed, reused, redone, cache_hits, cache_misses]."""
+        todo, redone = self.todo(samples, names)
+        counter = StageCounter(progress, "evaluating images", len(samples))
+        if len(todo) < len(samples):
+            counter.advance(len(samples) - len(todo))  # the records reused
+        hits = 0
+        for sample, path in todo:
             start = time.perf_counter()
-            state, hit = _image_counts(sample, dataset, segmenter, cache, spec)
-            seconds = time.perf_counter() - start
+            state, hit = _image_counts(sample, self.dataset, self.segmenter, self.cache,
+                                       self.spec)
             hits += hit
-            record = make_record(sample.id, spec, state, seconds)
+            record = make_record(sample.id, self.spec, state, time.perf_counter() - start)
             if path is None:
-                memory[sample.id] = record_state(record, sample.id, spec)
+                self.memory[sample.id] = record_state(record, sample.id, self.spec)
             else:
                 data = json.dumps(record, separators=(",", ":")).encode() + b"\n"
                 atomic_write(path, lambda f, data=data: f.write(data))
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(ProgressEvent(sample.id, done, len(samples), seconds, bool(hit)))
-    finally:
-        if bar is not None:
-            bar.close()
-    misses = len(todo) - hits if cache is not None else 0
-    return [len(todo), len(samples) - len(todo), redone, hits, misses]
+            counter.advance()
+        misses = len(todo) - hits if self.cache is not None else 0
+        return [len(todo), len(samples) - len(todo), redone, hits, misses]
