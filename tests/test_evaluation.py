@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +419,72 @@ def test_half_size_mask_refused_by_oracle_and_model_alike(tmp_path, folder, segm
         with pytest.raises(DatasetError) as info:
             evaluate(FolderDataset(*folder), seg, method=method, run_dir=tmp_path / method)
         assert str(info.value) == expected
+
+
+def _oracle_argv(folder, out, *extra):
+    return ["eval", "--dataset", "folder", "--images", str(folder[0]), "--masks",
+            str(folder[1]), "--class-file", str(folder[2]), "--method", "oracle",
+            "--out", str(out), *extra]
+
+
+def test_second_eval_into_a_run_folder_is_refused(tmp_path, capsys, folder):
+    from lposs import cli
+    from lposs.output.files import folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with folder_lock(run):  # what a first `lposs eval` there holds while it runs
+        assert cli.main(_oracle_argv(folder, run)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lposs: error: another lposs is writing to") and err.count("\n") == 1
+    assert not (run / "records").exists()
+    assert cli.main(_oracle_argv(folder, run)) == 0  # released: it runs
+
+
+def test_plain_run_keeps_boundary_results(tmp_path, capsys, folder):
+    from lposs import cli
+
+    run = tmp_path / "run"
+    assert cli.main(_oracle_argv(folder, run, "--boundary")) == 0
+    with_boundary = (run / "results.json").read_text()
+    records = {p: p.read_bytes() for p in (run / "records").iterdir()}
+    capsys.readouterr()
+    assert cli.main(_oracle_argv(folder, run)) == 0
+    assert "| mIoU |" in capsys.readouterr().out
+    assert (run / "results.json").read_text() == with_boundary
+    assert json.loads(with_boundary)["boundary_iou"] is not None
+    assert {p: p.read_bytes() for p in records} == records
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_cli_eval_says_how_far_and_resumes(tmp_path, capsys, signum, status):
+    from lposs import cli
+
+    rng = np.random.default_rng(3)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    n = 150
+    for i in range(n):
+        label = np.kron(_blocky_label(rng, len(CLASSES)), np.ones((4, 4), np.uint8))
+        Image.fromarray(label * 60).save(images / f"im{i:03d}.png")
+        _palette_png(masks / f"im{i:03d}.png", label)
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    folder = (images, masks, tmp_path / "classes.txt")
+    run = tmp_path / "run"
+
+    def interrupt_after_first_record():
+        while not any((run / "records").glob("*.json")):
+            time.sleep(0.001)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=interrupt_after_first_record, daemon=True).start()
+    assert cli.main(_oracle_argv(folder, run)) == status
+    err = capsys.readouterr().err
+    done = int(re.fullmatch(r"lposs: error: interrupted: (\d+) of 150 images done; rerun the "
+                            r"same command to resume\n", err)[1])
+    written = len(list((run / "records").glob("*.json")))
+    assert 1 <= done <= written <= done + 1 < n
+    assert not (run / "results.json").exists() and not (run / ".lposs.lock").exists()
+    assert cli.main(_oracle_argv(folder, run)) == 0
+    assert json.loads((run / "results.json").read_text())["num_images"] == n
