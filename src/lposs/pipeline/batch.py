@@ -11,6 +11,7 @@ calling the segmenter on each image in turn; only the order of work changes.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from collections import deque
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LpossError, is_out_of_memory
+from ..errors import LpossError, OutputError, is_out_of_memory
 from ..progress import Progress
 from ..vocab import parse_class_names
 from .encoded import EncodedImage, PreparedImage
@@ -31,6 +32,8 @@ IMAGES_PER_PASS_CUDA = 4
 """Images encoded together on CUDA: a VOC-size image gives 15 windows, four give 60."""
 
 _EXPECTED = (LpossError, OSError)  # a bad input or a failed write: reported, not raised
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+"""Write errors that every later file would meet too: the batch stops at the first."""
 
 
 def _expected(err: BaseException) -> bool:
@@ -131,17 +134,23 @@ class _Writer(threading.Thread):
         self.out_dir, self.save_scores = out_dir, save_scores
         self.jobs: queue.Queue = queue.Queue(maxsize=depth)
         self.outcomes: queue.Queue = queue.Queue()
+        self.disk_error: OSError | None = None  # set after the outcome that met it is queued
+        self.total = self.written = 0
 
     def run(self) -> None:
         while (job := self.jobs.get()) is not None:
             outcome, result, image = job
-            if outcome.error is None:
+            if self.disk_error is not None:
+                outcome.error = self.disk_error  # nothing more is written
+            elif outcome.error is None:
                 try:
                     outcome.written = result.save(self.out_dir, outcome.stem, image,
                                                   scores=self.save_scores)
                 except BaseException as err:  # handed to the main thread, which decides
                     outcome.error = err
             self.outcomes.put(outcome)
+            if isinstance(outcome.error, OSError) and outcome.error.errno in _DISK_FULL:
+                self.disk_error = outcome.error
 
     def finished(self, *, wait: bool = False) -> Iterator[FileOutcome]:
         """The outcomes ready now (with ``wait``: all, until the thread ends)."""
@@ -153,8 +162,13 @@ class _Writer(threading.Thread):
                 if wait and (self.is_alive() or not self.outcomes.empty()):
                     continue
                 return
+            if outcome.error is not None and outcome.error is self.disk_error:
+                raise OutputError(f"cannot write the outputs of {outcome.path} to "
+                                  f"{self.out_dir}: {self.disk_error.strerror}; stopped with "
+                                  f"{self.written} of {self.total} images written") from None
             if outcome.error is not None and not _expected(outcome.error):
                 raise outcome.error
+            self.written += outcome.error is None
             yield outcome
 
 
@@ -177,7 +191,9 @@ def segment_files(
 
     A generator: one ``FileOutcome`` per file, in the order of ``paths``, yielded once the
     file's outputs are written (or it failed). An unreadable image or a failed write
-    does not stop the others. On ``KeyboardInterrupt`` the results already computed are
+    does not stop the others, but a full disk (``ENOSPC``, a quota, a file size limit, a
+    read-only file system) stops the batch at the first write that fails, with an
+    ``OutputError``. On ``KeyboardInterrupt`` the results already computed are
     written and yielded, then the interrupt is raised again; every file written is
     complete (``files.atomic_write``).
 
@@ -204,6 +220,7 @@ def segment_files(
         ClassNamesError: a bad vocabulary, e.g. a name too long for the text encoder
             (before any file is read).
         ValueError: ``stems`` of another length, or a depth below 1.
+        OutputError: the disk is full (the outputs yielded before are complete).
     """
     classes = parse_class_names(classes)
     paths = [Path(p) for p in paths]
@@ -228,6 +245,7 @@ def segment_files(
     reader = threading.Thread(target=_read_ahead, name="lposs-reader", daemon=True,
                               args=(segmenter, paths, max_pixels, ready, stop))
     writer = _Writer(out_dir, save_scores, write_behind)
+    writer.total = len(paths)
     reader.start()
     writer.start()
     yielded = 0
@@ -235,6 +253,8 @@ def segment_files(
     encoded: deque = deque()  # the group encoded last, waiting for predict
     try:
         for index, (path, stem) in enumerate(zip(paths, stems)):
+            if writer.disk_error is not None:  # raises once the outputs before it are out
+                yield from writer.finished()
             report("images", index, len(paths))
             if not encoded:
                 group = []
