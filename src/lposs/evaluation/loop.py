@@ -88,39 +88,65 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate a segmenter (or the oracle) on a dataset.
 
-    For each sample: the label (``sample.load_label()``), the prediction at the original
-    size (``segmenter.predict(dataset.classes).labels``, ``UNKNOWN`` = 255 is a miss), their
-    confusion matrix and, with ``boundary``, Boundary IoU band counts. The counts of all
-    images are summed exactly (int64) and turned into IoUs (METHOD.md conventions).
+    Per-image counts (``UNKNOWN`` = 255 is a miss) are summed exactly into IoUs. A run
+    without ``boundary`` keeps the results of an earlier run with it (same mIoU, and more).
 
     Args:
         dataset: the images, labels and classes (``lposs.evaluation.datasets``).
-        segmenter: runs the model methods; None for ``method="oracle"``. Its stages are set
-            from ``method`` (a copy sharing the encoders; the argument is not changed).
-        method: ``"lposs+"``, ``"lposs"``, ``"maskclip"`` (no propagation) or ``"oracle"``
-            (the ground truth at ViT-B/16 patch resolution, no model). Default: the
-            segmenter's stages, or the oracle without a segmenter.
+        segmenter: runs the model methods (a copy with ``method``'s stages); None for the
+            oracle.
+        method: one of ``METHODS`` (``"oracle"``: the ground truth at ViT-B/16 patch
+            resolution). Default: the segmenter's stages, or the oracle without one.
         boundary: also compute Boundary IoU.
         limit: evaluate only the first ``limit`` samples.
-        run_dir: write per-image records, ``settings.json`` and ``results.{json,md}`` here
-            and resume from the records already there. Required under torchrun.
+        run_dir: records, ``settings.json`` and ``results.{json,md}``; locked while the run
+            writes there, resumed from the records there. Required under torchrun.
         cache_dir: keep each image's encoder outputs here and reuse them.
-        progress: called as ``progress("evaluating images", done, total)`` with this
-            process's share (``lposs.progress``): once at the start (``done`` counts the
-            records reused) and after each image.
+        progress: ``progress("evaluating images", done, total)`` over this process's
+            share (``lposs.progress``), at the start and after each image.
         extra_settings: more JSON-serialisable settings recorded in the fingerprint.
 
     Returns:
         The result, on every rank.
 
     Raises:
-        LpossError: ``run_dir`` holds another run's settings, or cannot be written.
-        DatasetError: a label is unreadable, has labels outside the classes, or a size
-            other than its image's.
+        LpossError: ``run_dir`` holds another run's settings, is locked or unwritable.
+        DatasetError: a bad label (unreadable, outside the classes, not its image's size).
         ImageError: an image is unreadable.
     """
     check_dataset(dataset)
     method, segmenter = resolve_method(segmenter, method)
+    samples, ids, names = _samples(dataset, limit)
+    settings = fingerprint(dataset, segmenter, method, extra_settings)
+    rank, world, _ = distributed_context()
+    if world > 1 and run_dir is None:
+        raise ValueError("run_dir is required under torchrun: ranks exchange records through it")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    spec = RecordSpec.of(settings_digest(settings), dataset, boundary)
+    cache = None
+    if cache_dir is not None and segmenter is not None:  # the oracle runs no encoder
+        cache = cache_folder(cache_dir, segmenter.config, settings["models"])
+    with process_group(world) as group, _locked(run_dir, rank):
+        if run_dir is not None:
+            claim_run_dir(run_dir, settings, rank, group)
+        start = time.perf_counter()
+        share = _Share(dataset, segmenter, run_dir, cache, spec)
+        counts = share.run(samples[rank::world], names[rank::world], progress)
+        group.barrier()
+        totals = group.sum(counts)
+        metrics = _sum_records(spec, ids, names, run_dir, share.memory)
+    stats = dict(zip(("computed", "reused", "redone", "cache_hits", "cache_misses"), totals))
+    stats = {"images": len(samples), **stats, "seconds": round(time.perf_counter() - start, 3)}
+    result = EvalResult(dataset.name, method, list(dataset.classes), metrics.compute(),
+                        bool(boundary), settings, paper_reference(dataset.name, method), stats,
+                        run_dir, provenance() if segmenter is None else segmenter.provenance())
+    if run_dir is not None and rank == 0:
+        _write_results(run_dir, result)
+    return result
+
+
+def _samples(dataset: SegmentationDataset, limit: int | None):
+    """The first ``limit`` samples, their ids and their record file names."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     samples = dataset.samples[:limit]
@@ -128,51 +154,27 @@ def evaluate(
     names = [file_name(i) for i in ids]
     if len(set(names)) != len(names):
         raise DatasetError(f"dataset {dataset.name!r} has repeated sample ids")
-    if cache_dir is not None and segmenter is None:
-        cache_dir = None  # the oracle runs no encoder
-    settings = fingerprint(dataset, segmenter, method, extra_settings)
-    digest = settings_digest(settings)
-    rank, world, _ = distributed_context()
-    if world > 1 and run_dir is None:
-        raise ValueError("run_dir is required under torchrun: ranks exchange records through it")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    spec = RecordSpec.of(digest, dataset, boundary)
-    cache = None
-    if cache_dir is not None:
-        cache = cache_folder(cache_dir, segmenter.config, settings["models"])
-    with process_group(world) as group, _locked(run_dir, rank):
-        if run_dir is not None:
-            claim_run_dir(run_dir, settings, rank, group)
-        start = time.perf_counter()
-        memory: dict[str, dict] = {}
-        share = _Share(dataset, segmenter, run_dir, cache, spec, memory)
-        counts = share.run(samples[rank::world], names[rank::world], progress)
-        group.barrier()
-        totals = group.sum(counts)
-        metrics = spec.metrics()
-        for sample_id, name in zip(ids, names):  # dataset order on every rank
-            if run_dir is None:
-                metrics.merge(memory[sample_id])
-                continue
-            try:
-                state = read_record(run_dir / "records" / f"{name}.json", sample_id, spec)
-            except DamagedRecord as err:
-                raise LpossError(f"record of {sample_id!r} in {run_dir} became unusable during "
-                                 f"the run ({err}); run the command again") from None
-            if state is None:
-                raise LpossError(f"record of {sample_id!r} is missing from {run_dir}/records "
-                                 "after every rank finished; run the command again")
-            metrics.merge(state)
-    stats = dict(zip(("computed", "reused", "redone", "cache_hits", "cache_misses"), totals))
-    stats = {"images": len(samples), **stats, "seconds": round(time.perf_counter() - start, 3)}
-    result = EvalResult(dataset.name, method, list(dataset.classes), metrics.compute(),
-                        bool(boundary), settings, paper_reference(dataset.name, method), stats,
-                        run_dir,
-                        provenance() if segmenter is None else segmenter.provenance())
-    if run_dir is not None and rank == 0 and not _has_boundary_results(run_dir, result):
-        write_json(run_dir / "results.json", result.to_dict())
-        atomic_write(run_dir / "results.md", lambda f: f.write(result.to_markdown().encode()))
-    return result
+    return samples, ids, names
+
+
+def _sum_records(spec: RecordSpec, ids: list[str], names: list[str], run_dir: Path | None,
+                 memory: dict[str, dict]):
+    """Every image's counts (from ``run_dir``, else ``memory``) summed in dataset order."""
+    metrics = spec.metrics()
+    for sample_id, name in zip(ids, names):
+        if run_dir is None:
+            metrics.merge(memory[sample_id])
+            continue
+        try:
+            state = read_record(run_dir / "records" / f"{name}.json", sample_id, spec)
+        except DamagedRecord as err:
+            raise LpossError(f"record of {sample_id!r} in {run_dir} became unusable during "
+                             f"the run ({err}); run the command again") from None
+        if state is None:
+            raise LpossError(f"record of {sample_id!r} is missing from {run_dir}/records "
+                             "after every rank finished; run the command again")
+        metrics.merge(state)
+    return metrics
 
 
 @contextlib.contextmanager
@@ -189,25 +191,29 @@ def _locked(run_dir: Path | None, rank: int):
         yield
 
 
-def _has_boundary_results(run_dir: Path, result: EvalResult) -> bool:
-    """Whether ``results.json`` holds this run's numbers plus Boundary IoU, which a run
-    without ``boundary`` keeps (its mIoU and accuracy come from the same records)."""
-    if result.boundary:
-        return False
-    try:
-        old = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (isinstance(old, dict) and old.get("boundary_iou") is not None
-            and old.get("num_images") == result.num_images and old.get("miou") == result.miou)
+def _write_results(run_dir: Path, result: EvalResult) -> None:
+    """Writes ``results.{json,md}``, unless a run without ``boundary`` would replace those
+    of a run with it on the same records (the same mIoU, plus Boundary IoU)."""
+    if not result.boundary:
+        try:
+            old = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if (isinstance(old, dict) and old.get("boundary_iou") is not None
+                and old.get("num_images") == result.num_images
+                and old.get("miou") == result.miou):
+            return
+    write_json(run_dir / "results.json", result.to_dict())
+    atomic_write(run_dir / "results.md", lambda f: f.write(result.to_markdown().encode()))
 
 
 class _Share:
     """Computes the records of one process's samples that are not valid on disk yet."""
 
-    def __init__(self, dataset, segmenter, run_dir, cache, spec, memory) -> None:
+    def __init__(self, dataset, segmenter, run_dir, cache, spec) -> None:
         self.dataset, self.segmenter, self.run_dir = dataset, segmenter, run_dir
-        self.cache, self.spec, self.memory = cache, spec, memory
+        self.cache, self.spec = cache, spec
+        self.memory: dict[str, dict] = {}  # the states computed, without a run_dir
 
     def todo(self, samples, names) -> tuple[list, int]:
         """The (sample, record path or None) pairs to compute, and how many were damaged."""
