@@ -172,6 +172,25 @@ class _Writer(threading.Thread):
             yield outcome
 
 
+def _predict(segmenter: Segmenter, item, outcome: FileOutcome, classes: list[str],
+             unknown_threshold: float | None, progress: Progress | None):
+    """``(outcome, Segmentation or None)`` of one encoded image (or the error it met)."""
+    if isinstance(item, BaseException):
+        outcome.error = item
+        return outcome, None
+    try:
+        segmenter.set_encoded(item)
+        return outcome, segmenter.predict(classes, unknown_threshold=unknown_threshold,
+                                          progress=progress)
+    except Exception as err:  # noqa: BLE001 - decided by _expected
+        if not _expected(err):
+            raise
+        outcome.error = err
+        return outcome, None
+    finally:  # its graphs are not needed while its files are written
+        segmenter.release_image()
+
+
 def segment_files(
     segmenter: Segmenter,
     paths: Sequence[str | Path],
@@ -207,10 +226,9 @@ def segment_files(
         max_pixels: refuse larger images; None disables the cap.
         save_scores: also write ``<stem>_scores.npy``, `(C, H, W)` float32.
         read_ahead: images decoded and resized ahead of the segmenter (>= 1).
-        write_behind: segmentations waiting for the writer (>= 1); each holds its scores.
-        encode_together: images whose windows share the encoders' forward passes
-            (``Segmenter.encode_images``); default :data:`IMAGES_PER_PASS_CUDA` on CUDA,
-            where one image's windows are too few to fill the GPU, else 1.
+        write_behind: segmentations waiting for the writer (>= 1).
+        encode_together: images sharing the encoders' passes; default
+            :data:`IMAGES_PER_PASS_CUDA` on CUDA, else 1.
         progress: ``(stage, done, total)`` callback, called from the calling thread: the
             stage "images" (``done`` = the files finished before this one) when an image
             starts, the segmenter's stages, "reading" while waiting for the reader and
@@ -234,10 +252,7 @@ def segment_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def report(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(stage, done, total)
-
+    report = progress or (lambda stage, done, total: None)
     together = encode_together or (IMAGES_PER_PASS_CUDA if segmenter.device.type == "cuda"
                                    else 1)
     ready: queue.Queue = queue.Queue(maxsize=max(read_ahead, together))
@@ -264,20 +279,8 @@ def segment_files(
                     group.append(ready.get())
                 encoded.extend(_encode(segmenter, group, progress))
             item = encoded.popleft()
-            outcome, result = FileOutcome(path, stem), None
-            if isinstance(item, BaseException):
-                outcome.error = item
-            else:
-                try:
-                    segmenter.set_encoded(item)
-                    result = segmenter.predict(classes, unknown_threshold=unknown_threshold,
-                                               progress=progress)
-                except Exception as err:  # noqa: BLE001 - decided by _expected
-                    if not _expected(err):
-                        raise
-                    outcome.error = err
-                finally:  # its graphs are not needed while its files are written
-                    segmenter.release_image()
+            outcome, result = _predict(segmenter, item, FileOutcome(path, stem), classes,
+                                       unknown_threshold, progress)
             writer.jobs.put((outcome, result, None if result is None else item.image))
             del item, result  # the writer holds them now
             for outcome in writer.finished():
