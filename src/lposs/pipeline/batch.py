@@ -172,6 +172,16 @@ class _Writer(threading.Thread):
             yield outcome
 
 
+def _take(ready: queue.Queue, count: int, report: Progress) -> list:
+    """The next ``count`` items of the reader, reporting "reading" while waiting."""
+    group = []
+    for _ in range(count):
+        if ready.empty():
+            report("reading", 0, 1)
+        group.append(ready.get())
+    return group
+
+
 def _predict(segmenter: Segmenter, item, outcome: FileOutcome, classes: list[str],
              unknown_threshold: float | None, progress: Progress | None):
     """``(outcome, Segmentation or None)`` of one encoded image (or the error it met)."""
@@ -245,8 +255,7 @@ def segment_files(
     stems = [p.stem for p in paths] if stems is None else list(stems)
     if len(stems) != len(paths):
         raise ValueError(f"got {len(stems)} stems for {len(paths)} paths")
-    if read_ahead < 1 or write_behind < 1 or (encode_together is not None
-                                               and encode_together < 1):
+    if min(read_ahead, write_behind, encode_together or 1) < 1:
         raise ValueError("read_ahead, write_behind and encode_together must be >= 1")
     segmenter.clip.encode_classes(classes)  # once, before any image: a bad name stops here
     out_dir = Path(out_dir)
@@ -272,11 +281,7 @@ def segment_files(
                 yield from writer.finished()
             report("images", index, len(paths))
             if not encoded:
-                group = []
-                for _ in range(min(together, len(paths) - index)):
-                    if ready.empty():
-                        report("reading", 0, 1)
-                    group.append(ready.get())
+                group = _take(ready, min(together, len(paths) - index), report)
                 encoded.extend(_encode(segmenter, group, progress))
             item = encoded.popleft()
             outcome, result = _predict(segmenter, item, FileOutcome(path, stem), classes,
