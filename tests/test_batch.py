@@ -150,3 +150,31 @@ def test_images_encoded_together_write_what_one_at_a_time_writes(tmp_path, segme
         a = np.array(Image.open(tmp_path / "one" / f"{stem}.png"))
         b = np.array(Image.open(tmp_path / "three" / f"{stem}.png"))
         assert a.shape == b.shape and (a == b).mean() > 0.999  # batched matmuls round apart
+
+
+def test_a_full_disk_stops_the_batch_at_the_first_failed_write(tmp_path, segmenter):
+    import resource
+    import signal
+
+    from lposs.errors import OutputError
+
+    paths = [_photo(tmp_path / f"{stem}.png", i) for i, stem in enumerate("abcdef")]
+    images = []
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it is EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limits[1]))  # no overlay fits
+    try:
+        with pytest.raises(OutputError) as info:
+            for outcome in segment_files(
+                    segmenter, paths, CLASSES, tmp_path / "out",
+                    progress=lambda stage, done, total: images.append(done)
+                    if stage == "images" else None):
+                raise AssertionError(f"{outcome.path} written on a full disk")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert str(info.value).startswith(f"cannot write the outputs of {paths[0]} to ")
+    assert str(info.value).endswith("; stopped with 0 of 6 images written")
+    assert "\n" not in str(info.value)
+    assert max(images) <= 2  # a, at most b and c while a's files were being written
+    assert not any((tmp_path / "out").iterdir()) and _no_writer_left()

@@ -106,9 +106,9 @@ def coco_raw_layout(root: Path, splits=("val2017",)) -> dict[Path, np.ndarray]:
 def test_convert_coco_stuff_known_pixels_and_idempotence(tmp_path):
     raws = coco_raw_layout(tmp_path)
     calls = []
-    result = convert_coco_stuff(tmp_path, progress=lambda done, total: calls.append((done, total)))
+    result = convert_coco_stuff(tmp_path, progress=lambda *report: calls.append(report))
     assert (result.written, result.skipped, result.total) == (2, 0, 2)
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [("converting annotations", i, 2) for i in range(3)]
     for raw_path in raws:
         out = raw_path.with_name(raw_path.stem + "_labelTrainIds.png")
         label = read_png(out)
@@ -155,18 +155,25 @@ def test_convert_coco_object_from_stuff_pngs(tmp_path):
     assert convert_coco_object(tmp_path).skipped == 2
 
 
-def test_corrupt_input_leaves_no_partial_files(tmp_path):
+def test_corrupt_input_is_reported_and_the_rest_converted(tmp_path, capsys):
+    from lposs import cli
+
     raws = list(coco_raw_layout(tmp_path))
     bad = raws[0].with_name("000000000200.png")  # sorts between the two good files
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(DatasetError, match="000000000200.png"):
-        convert_coco_stuff(tmp_path)
-    outputs = sorted(p.name for p in bad.parent.glob("*_labelTrainIds.png"))
-    assert outputs == ["000000000139_labelTrainIds.png"]
-    assert no_temp_files(tmp_path)
-    bad.unlink()
     result = convert_coco_stuff(tmp_path)
-    assert (result.written, result.skipped) == (1, 1)
+    assert (result.written, result.skipped) == (2, 0)
+    assert len(result.failed) == 1 and "000000000200.png" in result.failed[0]
+    outputs = sorted(p.name for p in bad.parent.glob("*_labelTrainIds.png"))
+    assert outputs == ["000000000139_labelTrainIds.png", "000000000285_labelTrainIds.png"]
+    assert no_temp_files(tmp_path)
+    assert cli.main(["convert", "coco_stuff", "--data-root", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"lposs: error: {result.failed[0]}\n"  # no bar off a terminal
+    assert captured.out == "coco_stuff: wrote 0 file(s), kept 2 existing, 1 failed\n"
+    bad.unlink()
+    result = convert_coco_stuff(tmp_path, overwrite=True)
+    assert (result.written, result.skipped, result.failed) == (2, 0, ())
 
 
 def test_convert_errors(tmp_path):
@@ -362,6 +369,24 @@ def test_convert_coco_object_from_instances_json(tmp_path):
         convert_coco_object(tmp_path, instances_json="x.json", splits=["val2017", "train2017"])
     coco["annotations"][0]["category_id"] = 55
     (ann_dir / "bad.json").write_text(json.dumps(coco))
-    with pytest.raises(DatasetError, match="unknown category 55"):
-        convert_coco_object(tmp_path, instances_json="annotations/bad.json", overwrite=True)
+    bad = convert_coco_object(tmp_path, instances_json="annotations/bad.json", overwrite=True)
+    assert (bad.written, len(bad.failed)) == (1, 1) and "unknown category 55" in bad.failed[0]
     assert no_temp_files(tmp_path)
+    (ann_dir / "none.json").write_text(json.dumps({**coco, "images": []}))
+    with pytest.raises(DatasetError, match="lists no images"):
+        convert_coco_object(tmp_path, instances_json="annotations/none.json")
+
+
+def test_cli_convert_instances_without_images_fails_in_one_line(tmp_path, capsys):
+    from lposs import cli
+
+    ann_dir = tmp_path / "coco_stuff164k" / "annotations"
+    ann_dir.mkdir(parents=True)
+    (ann_dir / "empty.json").write_text(json.dumps({"images": [], "categories": []}))
+    argv = ["convert", "coco_object", "--data-root", str(tmp_path), "--instances-json",
+            str(ann_dir / "empty.json")]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    empty = ann_dir / "empty.json"
+    assert captured.err == f"lposs: error: COCO instances file {empty} lists no images\n"
+    assert captured.out == ""

@@ -15,8 +15,8 @@ from lposs.evaluation.datasets import (
     Sample,
     SegmentationDataset,
     get_dataset,
-    load_class_names,
 )
+from lposs.vocab import load_class_names
 
 H, W = 32, 40
 REPO = Path(__file__).resolve().parents[1]
@@ -347,3 +347,19 @@ def test_folder_dataset_on_real_photos(name, n_classes):
         with Image.open(sample.label_path) as m:
             assert m.mode == "P"
             np.testing.assert_array_equal(label, np.asarray(m))  # indices, not colours
+
+
+def test_duplicate_voc_ids_are_named(tmp_path, capsys):
+    from lposs import cli
+
+    build_layout(tmp_path, "voc")
+    split = tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join([*ids, ids[0]]) + "\n")
+    with pytest.raises(DatasetError, match=f"more than once: {ids[0]}$"):
+        get_dataset("voc", tmp_path)
+    argv = ["eval", "--dataset", "voc", "--data-root", str(tmp_path), "--method", "oracle",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ids[0] in err and "Traceback" not in err

@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,7 @@ from scipy import ndimage
 from lposs.cli.eval import add_parser as add_eval_parser
 from lposs.cli.eval import parse_sweep
 from lposs.config import LPOSSConfig
-from lposs.errors import ConfigError, LpossError
+from lposs.errors import ConfigError, DatasetError, LpossError
 from lposs.evaluation import evaluate, sweep
 from lposs.evaluation.datasets import FolderDataset
 from lposs.evaluation.metrics import oracle_labels
@@ -164,9 +168,9 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
     run = tmp_path / "run"
     seen = []
 
-    def stop_after_two(event):
-        seen.append(event.sample_id)
-        if len(seen) == 2:
+    def stop_after_two(stage, done, total):
+        seen.append((stage, done, total))
+        if done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -179,8 +183,9 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
 
     computed = []
     resumed = evaluate(dataset, segmenter, method="lposs", boundary=True, run_dir=run,
-                       progress=lambda e: computed.append((e.sample_id, e.done, e.total)))
-    assert computed == [("img2", 3, 5), ("img3", 4, 5), ("img4", 5, 5)]
+                       progress=lambda stage, done, total: computed.append((done, total)))
+    assert seen[0] == ("evaluating images", 0, 5)
+    assert computed == [(0, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
     assert resumed.stats["computed"] == 3 and resumed.stats["reused"] == 2
     assert {p: p.stat().st_mtime_ns for p in before} == before
     _same_numbers(resumed, reference)
@@ -194,10 +199,11 @@ def test_interrupted_run_resumes_with_identical_numbers(dataset, segmenter, tmp_
     # A finished run recomputes nothing; --limit within it too.
     again = []
     _same_numbers(evaluate(dataset, segmenter, method="lposs", boundary=True, run_dir=run,
-                           progress=again.append), reference)
+                           progress=lambda *a: again.append(a[1:])), reference)
     limited = evaluate(dataset, segmenter, method="lposs", limit=2, run_dir=run,
-                       progress=again.append)
-    assert again == [] and limited.num_images == 2
+                       progress=lambda *a: again.append(a[1:]))
+    assert again == [(0, 5), (5, 5), (0, 2), (2, 2)] and limited.num_images == 2
+    assert limited.stats["computed"] == 0
 
 
 def test_damaged_records_are_redone(dataset, tmp_path):
@@ -209,19 +215,18 @@ def test_damaged_records_are_redone(dataset, tmp_path):
     tampered["counts"]["confusion"]["count"][0] += 1  # checksum no longer matches
     (records / "img3.json").write_text(json.dumps(tampered))
     (records / "img4.json").write_bytes(b"\x00\xff" * 10)
-    redone = []
-    result = evaluate(dataset, method="oracle", boundary=True, run_dir=run,
-                      progress=lambda e: redone.append(e.sample_id))
+    before = {p.name: p.read_bytes() for p in records.iterdir()}
+    result = evaluate(dataset, method="oracle", boundary=True, run_dir=run)
+    redone = [p.stem for p in sorted(records.iterdir()) if p.read_bytes() != before[p.name]]
     assert redone == ["img1", "img3", "img4"]
     assert result.stats["redone"] == 3
     _same_numbers(result, reference)
     # Records made without Boundary IoU counts are redone when a boundary run needs them.
     plain = tmp_path / "plain"
     evaluate(dataset, method="oracle", run_dir=plain)
-    redone.clear()
-    _same_numbers(evaluate(dataset, method="oracle", boundary=True, run_dir=plain,
-                           progress=lambda e: redone.append(e.sample_id)), reference)
-    assert len(redone) == N_IMAGES
+    redone = evaluate(dataset, method="oracle", boundary=True, run_dir=plain)
+    _same_numbers(redone, reference)
+    assert redone.stats["computed"] == N_IMAGES
 
 
 def test_other_settings_are_refused(dataset, segmenter, folder, tmp_path):
@@ -250,7 +255,7 @@ def test_two_processes_give_the_numbers_of_one(dataset, folder, tmp_path):
 
         ids = []
         result = evaluate(FolderDataset(*sys.argv[1:4]), method="oracle", boundary=True,
-                          run_dir=sys.argv[4], progress=lambda e: ids.append(e.sample_id))
+                          run_dir=sys.argv[4], progress=lambda *a: ids.append(a[1:]))
         print("RESULT", json.dumps({"rank": int(os.environ["RANK"]), "ids": ids,
                                     "miou": result.miou, "stats": result.stats}))
     """))
@@ -273,7 +278,8 @@ def test_two_processes_give_the_numbers_of_one(dataset, folder, tmp_path):
     reports = sorted((json.loads(line.split("RESULT", 1)[1])
                       for line in stdout.splitlines() if "RESULT" in line),
                      key=lambda r: r["rank"])
-    assert [r["ids"] for r in reports] == [["img0", "img2", "img4"], ["img1", "img3"]]
+    assert [r["ids"] for r in reports] == [[[0, 3], [1, 3], [2, 3], [3, 3]],
+                                           [[0, 2], [1, 2], [2, 2]]]
     assert all(r["stats"]["computed"] == N_IMAGES for r in reports)  # summed over ranks
     single = evaluate(dataset, method="oracle", boundary=True)
     written = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -401,3 +407,84 @@ def test_parse_sweep():
     with pytest.raises(ConfigError, match="twice"):
         parse_sweep(["k=1", "k=2"])
 
+
+
+def test_half_size_mask_refused_by_oracle_and_model_alike(tmp_path, folder, segmenter):
+    images, masks, class_file = folder
+    label = np.asarray(Image.open(masks / "img2.png"))
+    _palette_png(masks / "img2.png", label[::2, ::2])  # (20, 30) beside a (40, 60) image
+    expected = (f"label {masks / 'img2.png'} is (20, 30) but image {images / 'img2.png'} "
+                "is (40, 60) (H, W)")
+    for method, seg in (("oracle", None), ("lposs", segmenter)):
+        with pytest.raises(DatasetError) as info:
+            evaluate(FolderDataset(*folder), seg, method=method, run_dir=tmp_path / method)
+        assert str(info.value) == expected
+
+
+def _oracle_argv(folder, out, *extra):
+    return ["eval", "--dataset", "folder", "--images", str(folder[0]), "--masks",
+            str(folder[1]), "--class-file", str(folder[2]), "--method", "oracle",
+            "--out", str(out), *extra]
+
+
+def test_second_eval_into_a_run_folder_is_refused(tmp_path, capsys, folder):
+    from lposs import cli
+    from lposs.output.files import folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with folder_lock(run):  # what a first `lposs eval` there holds while it runs
+        assert cli.main(_oracle_argv(folder, run)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lposs: error: another lposs is writing to") and err.count("\n") == 1
+    assert not (run / "records").exists()
+    assert cli.main(_oracle_argv(folder, run)) == 0  # released: it runs
+
+
+def test_plain_run_keeps_boundary_results(tmp_path, capsys, folder):
+    from lposs import cli
+
+    run = tmp_path / "run"
+    assert cli.main(_oracle_argv(folder, run, "--boundary")) == 0
+    with_boundary = (run / "results.json").read_text()
+    records = {p: p.read_bytes() for p in (run / "records").iterdir()}
+    capsys.readouterr()
+    assert cli.main(_oracle_argv(folder, run)) == 0
+    assert "| mIoU |" in capsys.readouterr().out
+    assert (run / "results.json").read_text() == with_boundary
+    assert json.loads(with_boundary)["boundary_iou"] is not None
+    assert {p: p.read_bytes() for p in records} == records
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_cli_eval_says_how_far_and_resumes(tmp_path, capsys, signum, status):
+    from lposs import cli
+
+    rng = np.random.default_rng(3)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    n = 150
+    for i in range(n):
+        label = np.kron(_blocky_label(rng, len(CLASSES)), np.ones((4, 4), np.uint8))
+        Image.fromarray(label * 60).save(images / f"im{i:03d}.png")
+        _palette_png(masks / f"im{i:03d}.png", label)
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    folder = (images, masks, tmp_path / "classes.txt")
+    run = tmp_path / "run"
+
+    def interrupt_after_first_record():
+        while not any((run / "records").glob("*.json")):
+            time.sleep(0.001)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=interrupt_after_first_record, daemon=True).start()
+    assert cli.main(_oracle_argv(folder, run)) == status
+    err = capsys.readouterr().err
+    done = int(re.fullmatch(r"lposs: error: interrupted: (\d+) of 150 images done; rerun the "
+                            r"same command to resume\n", err)[1])
+    written = len(list((run / "records").glob("*.json")))
+    assert 1 <= done <= written <= done + 1 < n
+    assert not (run / "results.json").exists() and not (run / ".lposs.lock").exists()
+    assert cli.main(_oracle_argv(folder, run)) == 0
+    assert json.loads((run / "results.json").read_text())["num_images"] == n

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LpossError
-from .options import HelpFormatter
+from .options import EXIT_FAILED, HelpFormatter, fail
 
 __all__ = ["SUMMARY", "add_parser", "run"]
 
@@ -43,21 +43,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lposs convert`` from parsed arguments; returns the exit status."""
-    from tqdm import tqdm
-
     from ..evaluation import convert
+    from .progress import StatusLine
 
     kwargs = {"splits": args.splits, "overwrite": args.overwrite}
     if args.dataset == "coco_object":
         kwargs["instances_json"] = args.instances_json
     elif args.instances_json is not None:
         raise LpossError("--instances-json only applies to coco_object")
-    with tqdm(unit="file", file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        result = getattr(convert, f"convert_{args.dataset}")(args.data_root, progress=progress,
+    status = StatusLine(sys.stderr)  # drawn on a terminal only
+    try:
+        result = getattr(convert, f"convert_{args.dataset}")(args.data_root, progress=status,
                                                              **kwargs)
-    print(f"{args.dataset}: wrote {result.written} file(s), kept {result.skipped} existing")
-    return 0
+    finally:
+        status.clear()
+    for message in result.failed:
+        fail(message)
+    print(f"{args.dataset}: wrote {result.written} file(s), kept {result.skipped} existing"
+          + (f", {len(result.failed)} failed" if result.failed else ""))
+    return EXIT_FAILED if result.failed else 0

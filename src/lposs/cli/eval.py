@@ -7,16 +7,19 @@ command's options are built or run.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from ..config import UNKNOWN, LPOSSConfig
 from ..errors import ConfigError, LpossError
 from .options import (
+    EXIT_INTERRUPTED,
     HelpFormatter,
     add_model_options,
     add_propagation_options,
     config_from,
+    fail,
     rank_device,
 )
 
@@ -145,6 +148,39 @@ def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
                                      precision=args.precision)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the run as Ctrl-C does."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+class _Bar:
+    """Draws the library's ``(stage, done, total)`` progress with tqdm when ``enabled``,
+    and remembers the last counts for the interrupt message."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.tqdm, self.done, self.total = enabled, None, 0, 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if done == 0:  # a stage starts (each setting of a sweep is one)
+            self.close()
+            if self.enabled:
+                from tqdm import tqdm
+
+                self.tqdm = tqdm(total=total, desc=stage, unit="img", file=sys.stderr,
+                                 dynamic_ncols=True, smoothing=0.1)
+        self.done, self.total = done, total
+        if self.tqdm is not None:
+            self.tqdm.update(done - self.tqdm.n)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+            self.tqdm = None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lposs eval`` from parsed arguments; returns the exit status."""
     from ..evaluation import distributed_context, evaluate, run_settings, settings_digest, sweep
@@ -164,15 +200,26 @@ def run(args: argparse.Namespace) -> int:
                                               extra_settings=extra))
         suffix = "-sweep" if grid else ""
         out = Path("runs") / "eval" / f"{dataset.name}-{args.method}-{digest[:10]}{suffix}"
+    bar = _Bar(enabled=rank == 0 and not args.no_progress and sys.stderr.isatty())
     options = {"method": args.method, "boundary": args.boundary, "limit": args.limit,
-               "run_dir": out, "cache_dir": args.cache_dir, "progress": not args.no_progress,
+               "run_dir": out, "cache_dir": args.cache_dir, "progress": bar,
                "extra_settings": extra}
-    if grid:
-        result = sweep(dataset, segmenter, grid, **options)
-        written = out / "sweep.json"
-    else:
-        result = evaluate(dataset, segmenter, **options)
-        written = out / "results.json"
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if grid:
+            result = sweep(dataset, segmenter, grid, **options)
+            written = out / "sweep.json"
+        else:
+            result = evaluate(dataset, segmenter, **options)
+            written = out / "results.json"
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as _Terminated
+        bar.close()
+        fail(f"interrupted: {bar.done} of {bar.total} images done; rerun the same command "
+             "to resume")
+        return 128 + signal.SIGTERM if isinstance(stop, _Terminated) else EXIT_INTERRUPTED
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
     if rank == 0:
         print(result.to_markdown(), end="")
         print(f"lposs: results written to {written}", file=sys.stderr)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from ..distributed import distributed_context
 from .loop import evaluate
-from .results import EvalResult, ProgressEvent, SweepResult
+from .results import EvalResult, SweepResult
 from .settings import METHODS, run_settings, settings_digest
 from .sweeps import SWEEPABLE, sweep
 
@@ -40,7 +40,6 @@ __all__ = [
     "SWEEPABLE",
     "EvalResult",
     "SweepResult",
-    "ProgressEvent",
     "evaluate",
     "sweep",
     "run_settings",

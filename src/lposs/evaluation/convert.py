@@ -30,7 +30,8 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..output.files import atomic_write
-from .datasets import _dataset_dir, _read_label
+from ..progress import Progress, StageCounter
+from .datasets import dataset_dir, read_label
 
 __all__ = [
     "ConversionResult",
@@ -46,7 +47,6 @@ __all__ = [
     "polygons_to_mask",
 ]
 
-Progress = Callable[[int, int], None]
 
 # COCO-Stuff raw PNG values are COCO category ids minus one: 0..90 things (11 of them unused
 # by COCO: 11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90), 91..181 stuff, 255 unlabeled. The used
@@ -125,10 +125,12 @@ class ConversionResult:
     Attributes:
         written: Outputs written by this call.
         skipped: Outputs that already existed and were kept (``overwrite=False``).
+        failed: One message per input that could not be converted; the others were.
     """
 
     written: int
     skipped: int
+    failed: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -153,7 +155,8 @@ def convert_coco_stuff(
         splits: Sub-folders of ``annotations`` to convert; default ``val2017`` and
             ``train2017``, those present.
         overwrite: Rewrite outputs that already exist.
-        progress: Called as ``progress(done, total)`` after each file.
+        progress: Called as ``progress("converting annotations", done, total)``
+            (``lposs.progress``).
 
     Returns:
         The counts of written and skipped files.
@@ -192,7 +195,8 @@ def convert_coco_object(
         splits: As in :func:`convert_coco_stuff`; a single split with ``instances_json``.
         instances_json: A COCO instances file, or None for the raw COCO-Stuff route.
         overwrite: Rewrite outputs that already exist.
-        progress: Called as ``progress(done, total)`` after each file.
+        progress: Called as ``progress("converting annotations", done, total)``
+            (``lposs.progress``).
     """
     if instances_json is None:
         jobs = _lut_jobs(
@@ -202,7 +206,7 @@ def convert_coco_object(
     splits = _as_splits(splits) or ["val2017"]
     if len(splits) != 1:
         raise ValueError(f"splits must name one split with instances_json, got {splits}")
-    folder, _ = _dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
+    folder, _ = dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
     json_path = Path(instances_json)
     if not json_path.is_absolute() and not json_path.is_file():
         json_path = folder / json_path
@@ -223,9 +227,10 @@ def convert_cityscapes(
         data_root: The folder holding ``cityscapes`` (or that folder itself).
         splits: Sub-folders of ``gtFine`` to convert; default every one present.
         overwrite: Rewrite outputs that already exist.
-        progress: Called as ``progress(done, total)`` after each file.
+        progress: Called as ``progress("converting annotations", done, total)``
+            (``lposs.progress``).
     """
-    folder, _ = _dataset_dir(data_root, ("cityscapes", "."), "gtFine", "Cityscapes")
+    folder, _ = dataset_dir(data_root, ("cityscapes", "."), "gtFine", "Cityscapes")
     gt = folder / "gtFine"
     names = _as_splits(splits) or sorted(p.name for p in gt.iterdir() if p.is_dir())
     sources = []
@@ -356,7 +361,7 @@ def _as_splits(splits) -> list[str]:
 
 
 def _coco_raw_files(data_root, splits) -> list[Path]:
-    folder, _ = _dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
+    folder, _ = dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
     ann = folder / "annotations"
     names = _as_splits(splits)
     if not names:
@@ -378,7 +383,7 @@ def _coco_raw_files(data_root, splits) -> list[Path]:
 
 def _lut_reader(src: Path, lut: np.ndarray) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        raw = _read_label(src)
+        raw = read_label(src)
         if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
             raise DatasetError(f"{src} holds values outside 0..255; expected raw 8-bit ids")
         return lut[raw]
@@ -399,6 +404,8 @@ def _instance_jobs(json_path: Path, out_dir: Path):
         annotations = coco.get("annotations", [])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"malformed COCO instances file {json_path}: {exc}") from exc
+    if not isinstance(images, list) or not images:
+        raise DatasetError(f"COCO instances file {json_path} lists no images")
     category_ids = sorted(int(c["id"]) for c in categories)
     if len(category_ids) > 254:
         raise DatasetError(f"{json_path}: {len(category_ids)} categories do not fit 1..254")
@@ -409,7 +416,11 @@ def _instance_jobs(json_path: Path, out_dir: Path):
 
     def make(info: dict) -> Callable[[], np.ndarray]:
         def rasterise() -> np.ndarray:
-            h, w = int(info["height"]), int(info["width"])
+            try:
+                h, w = int(info["height"]), int(info["width"])
+            except (KeyError, TypeError, ValueError):
+                raise DatasetError(f"{json_path}: image {info.get('id')} has no valid "
+                                   "height and width") from None
             label = np.zeros((h, w), dtype=np.uint8)
             anns = by_image.get(info["id"], [])
             # Crowds first (ignored), then instances in file order over them.
@@ -440,18 +451,23 @@ def _instance_jobs(json_path: Path, out_dir: Path):
 
 
 def _run(jobs, overwrite: bool, progress: Progress | None) -> ConversionResult:
-    if progress is not None and not callable(progress):
-        raise TypeError("progress must be a callable (done, total) or None")
+    """Writes each job's output; a bad input is reported in ``failed`` and the rest go on."""
     written = skipped = 0
-    for done, (output, make) in enumerate(jobs, start=1):
+    failed = []
+    counter = StageCounter(progress, "converting annotations", len(jobs))
+    for output, make in jobs:
         if output.exists() and not overwrite:
             skipped += 1
         else:
-            _write_png_atomic(make(), output)
-            written += 1
-        if progress is not None:
-            progress(done, len(jobs))
-    return ConversionResult(written=written, skipped=skipped)
+            try:
+                label = make()
+            except DatasetError as err:
+                failed.append(str(err))
+            else:
+                _write_png_atomic(label, output)
+                written += 1
+        counter.advance()
+    return ConversionResult(written=written, skipped=skipped, failed=tuple(failed))
 
 
 def _write_png_atomic(label: np.ndarray, path: Path) -> None:

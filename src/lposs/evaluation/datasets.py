@@ -40,12 +40,11 @@ __all__ = [
     "DATASETS",
     "get_dataset",
     "benchmark_classes",
-    "load_class_names",
     "reduce_zero_label",
-    "IGNORE_INDEX",
+    "read_label",
+    "dataset_dir",
 ]
 
-IGNORE_INDEX = UNKNOWN  # kept for importers: the one value is lposs.config.UNKNOWN
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 
@@ -75,13 +74,13 @@ class Sample:
         Raises:
             DatasetError: The file is missing, unreadable or not a single-channel label map.
         """
-        label = _read_label(self.label_path)
+        label = read_label(self.label_path)
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         return label
 
 
-def _read_label(path: str | os.PathLike) -> np.ndarray:
+def read_label(path: str | os.PathLike) -> np.ndarray:
     """``(H, W)`` int64 label values as stored (``load_label_map``), with a
     ``DatasetError`` for a missing or unusable file."""
     try:
@@ -248,7 +247,7 @@ def _class_table() -> dict[str, tuple[str, ...]]:
 # The benchmarks
 
 
-def _dataset_dir(
+def dataset_dir(
     data_root,
     candidates: Sequence[str],
     marker: str,
@@ -286,6 +285,11 @@ def _split_file_samples(
     ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"split file {split_file} lists no images")
+    seen: set[str] = set()
+    repeated = sorted({i for i in ids if i in seen or seen.add(i)})
+    if repeated:
+        raise DatasetError(f"split file {split_file} lists these ids more than once: "
+                           f"{', '.join(repeated[:10])}{' ...' if len(repeated) > 10 else ''}")
     samples = []
     for id_ in ids:
         image = folder / image_dir / f"{id_}.jpg"
@@ -329,7 +333,7 @@ def _check_split(split) -> None:
 def _voc(name: str, data_root, split: str, reduce: bool) -> SegmentationDataset:
     _check_split(split)
     marker = f"ImageSets/Segmentation/{split}.txt"
-    folder, _ = _dataset_dir(data_root, ("VOCdevkit/VOC2012", "VOC2012", "."), marker, "VOC2012")
+    folder, _ = dataset_dir(data_root, ("VOCdevkit/VOC2012", "VOC2012", "."), marker, "VOC2012")
     samples = _split_file_samples(
         folder, folder / marker, "JPEGImages", "SegmentationClass", reduce
     )
@@ -339,7 +343,7 @@ def _voc(name: str, data_root, split: str, reduce: bool) -> SegmentationDataset:
 def _context(name: str, data_root, split: str, reduce: bool) -> SegmentationDataset:
     _check_split(split)
     # MMSegmentation's layout says SegmentationContext; some guides write SegmentContext.
-    folder, marker = _dataset_dir(
+    folder, marker = dataset_dir(
         data_root,
         ("VOCdevkit/VOC2010", "VOC2010", "."),
         f"ImageSets/SegmentationContext/{split}.txt",
@@ -356,7 +360,7 @@ def _coco(name: str, data_root, split: str, suffix: str, convert: str) -> Segmen
     _check_split(split)
     root = data_root
     split = f"{split}2017" if split in ("val", "train") else split
-    folder, _ = _dataset_dir(
+    folder, _ = dataset_dir(
         data_root, ("coco_stuff164k", "."), f"images/{split}", "COCO-Stuff 164k"
     )
 
@@ -412,7 +416,7 @@ def load_ade20k(data_root, *, split: str = "val") -> SegmentationDataset:
     """ADE20K (ADEChallengeData2016), 150 classes, reduce-zero-label."""
     _check_split(split)
     sub = {"val": "validation", "train": "training"}.get(split, split)
-    folder, _ = _dataset_dir(
+    folder, _ = dataset_dir(
         data_root,
         ("ADEChallengeData2016", "ade/ADEChallengeData2016", "."),
         f"images/{sub}",
@@ -428,7 +432,7 @@ def load_cityscapes(data_root, *, split: str = "val") -> SegmentationDataset:
     """Cityscapes fine annotations, 19 classes, ``*_gtFine_labelTrainIds.png``, 255 ignored."""
     _check_split(split)
     root = data_root
-    folder, _ = _dataset_dir(data_root, ("cityscapes", "."), f"leftImg8bit/{split}", "Cityscapes")
+    folder, _ = dataset_dir(data_root, ("cityscapes", "."), f"leftImg8bit/{split}", "Cityscapes")
 
     def hint(label: Path) -> str:
         raw = label.with_name(label.name.replace("_labelTrainIds", "_labelIds"))

@@ -1,6 +1,5 @@
 """What an evaluation returns: per-run metrics (``EvalResult``), sweep tables
-(``SweepResult``) and the progress events passed to a callback, with their JSON and
-markdown forms."""
+(``SweepResult``), with their JSON and markdown forms."""
 
 from __future__ import annotations
 
@@ -10,28 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ProgressEvent", "EvalResult", "SweepResult"]
+__all__ = ["EvalResult", "SweepResult"]
 
 _BACKGROUND_FIRST = ("voc", "coco_object")  # class 0 is "background" expanded into synonyms
-
-
-@dataclasses.dataclass
-class ProgressEvent:
-    """Passed to a ``progress`` callback after each image this process computed.
-
-    Attributes:
-        sample_id: the image's id.
-        done: images of this process's share finished (reused records included).
-        total: images in this process's share.
-        seconds: time spent on this image (prediction and metrics).
-        cache_hit: the encoder outputs came from the cache.
-    """
-
-    sample_id: str
-    done: int
-    total: int
-    seconds: float
-    cache_hit: bool
 
 
 @dataclasses.dataclass

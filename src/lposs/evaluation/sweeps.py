@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from ..distributed import distributed_context, process_group
 from ..errors import ConfigError
 from ..output.files import atomic_write, write_json
 from ..pipeline.segmenter import Segmenter
+from ..progress import Progress
 from .datasets import SegmentationDataset
 from .loop import evaluate
-from .results import ProgressEvent, SweepResult
+from .results import SweepResult
 from .settings import resolve_method
 
 __all__ = ["SWEEPABLE", "sweep"]
@@ -55,7 +56,7 @@ def sweep(
     limit: int | None = None,
     run_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    progress: bool | Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
     extra_settings: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Evaluate every combination of propagation settings, encoding each image once.

@@ -11,6 +11,7 @@ calling the segmenter on each image in turn; only the order of work changes.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from collections import deque
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_MAX_PIXELS
-from ..errors import LpossError, is_out_of_memory
+from ..errors import LpossError, OutputError, is_out_of_memory
 from ..progress import Progress
-from ..vocab import parse_class_names
+from ..vocab import Vocabulary
 from .encoded import EncodedImage, PreparedImage
 from .segmenter import Segmenter
 
@@ -31,6 +32,8 @@ IMAGES_PER_PASS_CUDA = 4
 """Images encoded together on CUDA: a VOC-size image gives 15 windows, four give 60."""
 
 _EXPECTED = (LpossError, OSError)  # a bad input or a failed write: reported, not raised
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+"""Write errors that every later file would meet too: the batch stops at the first."""
 
 
 def _expected(err: BaseException) -> bool:
@@ -131,17 +134,23 @@ class _Writer(threading.Thread):
         self.out_dir, self.save_scores = out_dir, save_scores
         self.jobs: queue.Queue = queue.Queue(maxsize=depth)
         self.outcomes: queue.Queue = queue.Queue()
+        self.disk_error: OSError | None = None  # set after the outcome that met it is queued
+        self.total = self.written = 0
 
     def run(self) -> None:
         while (job := self.jobs.get()) is not None:
             outcome, result, image = job
-            if outcome.error is None:
+            if self.disk_error is not None:
+                outcome.error = self.disk_error  # nothing more is written
+            elif outcome.error is None:
                 try:
                     outcome.written = result.save(self.out_dir, outcome.stem, image,
                                                   scores=self.save_scores)
                 except BaseException as err:  # handed to the main thread, which decides
                     outcome.error = err
             self.outcomes.put(outcome)
+            if isinstance(outcome.error, OSError) and outcome.error.errno in _DISK_FULL:
+                self.disk_error = outcome.error
 
     def finished(self, *, wait: bool = False) -> Iterator[FileOutcome]:
         """The outcomes ready now (with ``wait``: all, until the thread ends)."""
@@ -153,9 +162,43 @@ class _Writer(threading.Thread):
                 if wait and (self.is_alive() or not self.outcomes.empty()):
                     continue
                 return
+            if outcome.error is not None and outcome.error is self.disk_error:
+                raise OutputError(f"cannot write the outputs of {outcome.path} to "
+                                  f"{self.out_dir}: {self.disk_error.strerror}; stopped with "
+                                  f"{self.written} of {self.total} images written") from None
             if outcome.error is not None and not _expected(outcome.error):
                 raise outcome.error
+            self.written += outcome.error is None
             yield outcome
+
+
+def _take(ready: queue.Queue, count: int, report: Progress) -> list:
+    """The next ``count`` items of the reader, reporting "reading" while waiting."""
+    group = []
+    for _ in range(count):
+        if ready.empty():
+            report("reading", 0, 1)
+        group.append(ready.get())
+    return group
+
+
+def _predict(segmenter: Segmenter, item, outcome: FileOutcome, classes: Vocabulary,
+             unknown_threshold: float | None, progress: Progress | None):
+    """``(outcome, Segmentation or None)`` of one encoded image (or the error it met)."""
+    if isinstance(item, BaseException):
+        outcome.error = item
+        return outcome, None
+    try:
+        segmenter.set_encoded(item)
+        return outcome, segmenter.predict(classes, unknown_threshold=unknown_threshold,
+                                          progress=progress)
+    except Exception as err:  # noqa: BLE001 - decided by _expected
+        if not _expected(err):
+            raise
+        outcome.error = err
+        return outcome, None
+    finally:  # its graphs are not needed while its files are written
+        segmenter.release_image()
 
 
 def segment_files(
@@ -177,7 +220,9 @@ def segment_files(
 
     A generator: one ``FileOutcome`` per file, in the order of ``paths``, yielded once the
     file's outputs are written (or it failed). An unreadable image or a failed write
-    does not stop the others. On ``KeyboardInterrupt`` the results already computed are
+    does not stop the others, but a full disk (``ENOSPC``, a quota, a file size limit, a
+    read-only file system) stops the batch at the first write that fails, with an
+    ``OutputError``. On ``KeyboardInterrupt`` the results already computed are
     written and yielded, then the interrupt is raised again; every file written is
     complete (``files.atomic_write``).
 
@@ -191,10 +236,9 @@ def segment_files(
         max_pixels: refuse larger images; None disables the cap.
         save_scores: also write ``<stem>_scores.npy``, `(C, H, W)` float32.
         read_ahead: images decoded and resized ahead of the segmenter (>= 1).
-        write_behind: segmentations waiting for the writer (>= 1); each holds its scores.
-        encode_together: images whose windows share the encoders' forward passes
-            (``Segmenter.encode_images``); default :data:`IMAGES_PER_PASS_CUDA` on CUDA,
-            where one image's windows are too few to fill the GPU, else 1.
+        write_behind: segmentations waiting for the writer (>= 1).
+        encode_together: images sharing the encoders' passes; default
+            :data:`IMAGES_PER_PASS_CUDA` on CUDA, else 1.
         progress: ``(stage, done, total)`` callback, called from the calling thread: the
             stage "images" (``done`` = the files finished before this one) when an image
             starts, the segmenter's stages, "reading" while waiting for the reader and
@@ -204,23 +248,19 @@ def segment_files(
         ClassNamesError: a bad vocabulary, e.g. a name too long for the text encoder
             (before any file is read).
         ValueError: ``stems`` of another length, or a depth below 1.
+        OutputError: the disk is full (the outputs yielded before are complete).
     """
-    classes = parse_class_names(classes)
     paths = [Path(p) for p in paths]
     stems = [p.stem for p in paths] if stems is None else list(stems)
     if len(stems) != len(paths):
         raise ValueError(f"got {len(stems)} stems for {len(paths)} paths")
-    if read_ahead < 1 or write_behind < 1 or (encode_together is not None
-                                               and encode_together < 1):
+    if min(read_ahead, write_behind, encode_together or 1) < 1:
         raise ValueError("read_ahead, write_behind and encode_together must be >= 1")
-    segmenter.clip.encode_classes(classes)  # once, before any image: a bad name stops here
+    classes = segmenter.encode_vocabulary(classes)  # once, first: a bad name stops here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def report(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(stage, done, total)
-
+    report = progress or (lambda stage, done, total: None)
     together = encode_together or (IMAGES_PER_PASS_CUDA if segmenter.device.type == "cuda"
                                    else 1)
     ready: queue.Queue = queue.Queue(maxsize=max(read_ahead, together))
@@ -228,6 +268,7 @@ def segment_files(
     reader = threading.Thread(target=_read_ahead, name="lposs-reader", daemon=True,
                               args=(segmenter, paths, max_pixels, ready, stop))
     writer = _Writer(out_dir, save_scores, write_behind)
+    writer.total = len(paths)
     reader.start()
     writer.start()
     yielded = 0
@@ -235,29 +276,15 @@ def segment_files(
     encoded: deque = deque()  # the group encoded last, waiting for predict
     try:
         for index, (path, stem) in enumerate(zip(paths, stems)):
+            if writer.disk_error is not None:  # raises once the outputs before it are out
+                yield from writer.finished()
             report("images", index, len(paths))
             if not encoded:
-                group = []
-                for _ in range(min(together, len(paths) - index)):
-                    if ready.empty():
-                        report("reading", 0, 1)
-                    group.append(ready.get())
+                group = _take(ready, min(together, len(paths) - index), report)
                 encoded.extend(_encode(segmenter, group, progress))
             item = encoded.popleft()
-            outcome, result = FileOutcome(path, stem), None
-            if isinstance(item, BaseException):
-                outcome.error = item
-            else:
-                try:
-                    segmenter.set_encoded(item)
-                    result = segmenter.predict(classes, unknown_threshold=unknown_threshold,
-                                               progress=progress)
-                except Exception as err:  # noqa: BLE001 - decided by _expected
-                    if not _expected(err):
-                        raise
-                    outcome.error = err
-                finally:  # its graphs are not needed while its files are written
-                    segmenter.release_image()
+            outcome, result = _predict(segmenter, item, FileOutcome(path, stem), classes,
+                                       unknown_threshold, progress)
             writer.jobs.put((outcome, result, None if result is None else item.image))
             del item, result  # the writer holds them now
             for outcome in writer.finished():
