@@ -151,7 +151,7 @@ def evaluate(
     spec = RecordSpec.of(digest, dataset, boundary)
     cache = None
     if cache_dir is not None:
-        cache = cache_folder(cache_dir, segmenter.config, settings["models"])
+        cache = cache_folder(cache_dir, segmenter.encoder_identity())
     with process_group(world) as group:
         if run_dir is not None:
             claim_run_dir(run_dir, settings, rank, group)
