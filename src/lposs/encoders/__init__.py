@@ -7,38 +7,11 @@ loaded). Each encoder exposes ``weights_info`` (where its weights came from), ``
 (their identity, for every cache key) and ``precision`` (:mod:`lposs.encoders.device`).
 """
 
-from .clip import CLIP_MEAN, CLIP_STD, ClipEncoder, imagenet_templates, load_clip
+from .clip import ClipEncoder, imagenet_templates, load_clip
 from .device import resolve_device, resolve_precision
-from .dino import IMAGENET_MEAN, IMAGENET_STD, DinoEncoder, load_dino
-from .sources import (
-    DINO_MODELS,
-    WEIGHTS_ENV,
-    WeightsSource,
-    resolve_clip_weights,
-    resolve_dino_weights,
-    resolve_weights,
-    weights_id,
-)
-from .weights import read_checkpoint
+from .dino import DinoEncoder, load_dino
+from .sources import DINO_MODELS, WEIGHTS_ENV, WeightsSource, resolve_weights, weights_id
 
-__all__ = [
-    "load_clip",
-    "load_dino",
-    "ClipEncoder",
-    "DinoEncoder",
-    "DINO_MODELS",
-    "WEIGHTS_ENV",
-    "WeightsSource",
-    "weights_id",
-    "read_checkpoint",
-    "resolve_weights",
-    "resolve_clip_weights",
-    "resolve_dino_weights",
-    "resolve_device",
-    "resolve_precision",
-    "imagenet_templates",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-]
+__all__ = ["load_clip", "load_dino", "ClipEncoder", "DinoEncoder", "DINO_MODELS", "WEIGHTS_ENV",
+           "WeightsSource", "weights_id", "resolve_weights", "resolve_device",
+           "resolve_precision", "imagenet_templates"]

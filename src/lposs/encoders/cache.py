@@ -9,13 +9,14 @@ is not (hashing the two models' files takes seconds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 from ..output.files import atomic_write, file_sha256
 
-__all__ = ["CACHE_ENV", "cache_root", "remembered_sha256"]
+__all__ = ["CACHE_ENV", "cache_root", "remembered_sha256", "text_cache_folder"]
 
 CACHE_ENV = "LPOSS_CACHE"  # folder for caches kept across runs (default ~/.cache/lposs)
 _DIGEST_INDEX = "file-sha256.json"  # {resolved path: {size, mtime_ns, inode, sha256}}
@@ -27,6 +28,18 @@ def cache_root() -> Path:
     if root:
         return Path(root).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lposs"
+
+
+def text_cache_folder(model: str, overrides: dict, weights_id: str) -> Path | None:
+    """Where text embeddings of a CLIP model persist: ``<cache>/text/<model>-<key>``, the key
+    a digest of the model name, its architecture overrides and its weights' ``weights_id``;
+    None for weights without a content digest (random ones)."""
+    if "sha256:" not in weights_id:
+        return None
+    key = json.dumps({"model": model, "overrides": overrides, "weights": weights_id},
+                     sort_keys=True, default=str).encode()
+    label = "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+    return cache_root() / "text" / f"{label}-{hashlib.sha256(key).hexdigest()[:24]}"
 
 
 def remembered_sha256(path: str | os.PathLike) -> str:

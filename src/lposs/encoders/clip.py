@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ClassNamesError
 from ..output.files import atomic_write
 from ..vocab import split_synonyms
-from .cache import cache_root
+from .cache import text_cache_folder
 from .common import DenseEncoder
 from .device import PRECISIONS, resolve_device, resolve_precision
 from .sources import (
@@ -78,11 +78,9 @@ class ClipEncoder(DenseEncoder):
         mean: pixel mean (RGB); default: the model's preprocessing config, else CLIP's.
         std: pixel std (RGB); default: the model's preprocessing config, else CLIP's.
         templates: prompt templates with one ``{}``; default: the 80 ImageNet templates.
-        text_cache_dir: a folder that keeps text embeddings across processes; it must
-            belong to these exact weights (``load_clip`` chooses one per model and
-            weights digest). Each file in it is keyed by the synonym, the templates, the
-            model dtype, the tokenizer and its context length, and
-            ``TEXT_EMBEDDING_VERSION``. None: keep them in memory only.
+        text_cache_dir: a folder that keeps text embeddings across processes, of these
+            exact weights (``load_clip`` picks it by ``weights_id``); files in it are keyed
+            by the synonym, templates, dtype and tokenizer. None: memory only.
 
     Attributes:
         model: the wrapped OpenCLIP model.
@@ -180,9 +178,9 @@ class ClipEncoder(DenseEncoder):
         """Prompt-ensembled text embeddings, one row per ``;``-separated synonym.
 
         Each synonym is put into every template, encoded, L2-normalised, averaged over
-        templates and L2-normalised again. Embeddings are cached per synonym; a cached file
-        that does not hold a finite unit vector of this size is recomputed and rewritten,
-        with a warning naming it.
+        templates and L2-normalised again. Embeddings are cached per synonym; a cache file
+        without a finite unit vector of this size is recomputed, rewritten and named in a
+        warning.
 
         Args:
             names: C class names (checked by :func:`lposs.vocab.vocabulary` where they
@@ -283,12 +281,8 @@ class ClipEncoder(DenseEncoder):
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``model.encode_text`` over only the first L token positions, L = the longest
-        prompt (up to its end-of-text token): `(B, 77)` int -> `(B, E)`.
-
-        Exact for OpenCLIP's causal text towers pooled at the end-of-text token (positions
-        after it are padding that no earlier position attends to), and about 4x less work
-        for the short template prompts. Other text towers run ``encode_text`` as it is.
-        """
+        prompt: `(B, 77)` int -> `(B, E)`. Exact for causal towers pooled at the end-of-text
+        token (no earlier position attends to the padding after it); ~4x less work."""
         model = self.model
         mask = getattr(model, "attn_mask", None)
         if mask is None or getattr(model, "text_pool_type", None) != "argmax":
@@ -363,24 +357,12 @@ def load_clip(
     if schema == "hf-hub" and source.path is None:  # open_clip has downloaded it by now
         source = hub_cached(source.repo, OPEN_CLIP_FILES, cache_dir=cache_dir) or source
     info = source.info()
-    text_cache_dir = _text_cache_dir(name, model_kwargs, info) if schema is None else None
+    text_cache_dir = (text_cache_folder(name, model_kwargs, weights_id(info))
+                      if schema is None else None)  # a local-dir's config is in no key
     encoder = ClipEncoder(model, open_clip.get_tokenizer(name), mean=tag_cfg.get("mean"),
                           std=tag_cfg.get("std"), text_cache_dir=text_cache_dir)
     encoder.weights_info = info
     return encoder
-
-
-def _text_cache_dir(name: str, model_kwargs: dict, weights_info: dict) -> Path | None:
-    """Where text embeddings of these weights persist: ``<cache>/text/<model>-<key>``, the
-    key a digest of the model name, its architecture overrides and the weights'
-    ``weights_id``; None for weights without a content digest (random ones)."""
-    identity = weights_id(weights_info)
-    if "sha256:" not in identity:
-        return None
-    key = json.dumps({"model": name, "overrides": model_kwargs, "weights": identity},
-                     sort_keys=True, default=str).encode()
-    label = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
-    return cache_root() / "text" / f"{label}-{hashlib.sha256(key).hexdigest()[:24]}"
 
 
 def _create_model(name: str, quick_gelu: bool, cache_dir, model_kwargs: dict,

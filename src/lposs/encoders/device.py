@@ -124,19 +124,9 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16``).
-
-    Read from the flags of ``/proc/cpuinfo`` (Linux); elsewhere from PyTorch's own check
-    when it has one, else False.
-    """
-    flags = _cpu_flags()
-    if flags is not None:
-        return bool(flags & _CPU_BF16_FLAGS)
-    check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
-    try:
-        return bool(check()) if callable(check) else False
-    except Exception:  # noqa: BLE001 - a private PyTorch helper; unknown means no
-        return False
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` among the
+    flags of ``/proc/cpuinfo``; False where that file cannot be read)."""
+    return bool((_cpu_flags() or frozenset()) & _CPU_BF16_FLAGS)
 
 
 @lru_cache(maxsize=1)
