@@ -159,16 +159,7 @@ def test_batching_gives_the_same_features(tiny_clip, tiny_dino):
         torch.testing.assert_close(encoder.dense_features(windows[3:4])[0], full[3])
 
 
-def test_input_validation(tiny_clip, tiny_dino):
-    for encoder in (tiny_clip, tiny_dino):
-        with pytest.raises(ValueError, match="windows"):
-            encoder.dense_features(torch.rand(3, 64, 64))
-        with pytest.raises(ValueError, match="windows"):
-            encoder.dense_features(torch.rand(1, 4, 64, 64))
-        with pytest.raises(TypeError, match="windows"):
-            encoder.dense_features(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-        with pytest.raises(ValueError, match="batch_size"):
-            encoder.dense_features(torch.rand(1, 3, 64, 64), batch_size=0)
+def test_factory_arguments_are_checked():
     with pytest.raises(ValueError, match="precision"):
         load_clip("ViT-B-16", pretrained=None, precision="fp8")
     with pytest.raises(ValueError, match="name"):
@@ -229,12 +220,8 @@ def test_text_embeddings_are_cached_per_name(tiny_clip):
         hook.remove()
 
 
-def test_class_name_validation(tiny_clip):
-    with pytest.raises(ClassNamesError):
-        tiny_clip.encode_classes([])
-    with pytest.raises(ClassNamesError):
-        tiny_clip.encode_classes("cat")
-    with pytest.raises(ClassNamesError, match=r"names\[1\]"):
+def test_an_empty_synonym_is_a_class_names_error(tiny_clip):
+    with pytest.raises(ClassNamesError, match="empty"):
         tiny_clip.encode_classes(["cat", " ; "])
 
 

@@ -86,6 +86,32 @@ def test_encoders_say_which_precision_runs(cpu_flags, tiny_clip_kwargs, tiny_din
         load_dino("dino_vitb16", pretrained=False, precision="fp16", **tiny_dino_kwargs)
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(cpu_flags, tmp_path, tiny_model_files,
+                                                    capsys):
+    import warnings
+
+    cpu_flags(frozenset({"avx2"}))
+    with pytest.warns(UserWarning, match="bf16.*slower than fp32 on this CPU"):
+        assert resolve_precision("bf16", "cpu") == "bf16"
+    cpu_flags(frozenset({"avx2", "avx512_bf16"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native bf16, or a GPU: no warning
+        assert resolve_precision("bf16", "cpu") == resolve_precision("bf16", "cuda") == "bf16"
+    cpu_flags(frozenset({"avx2"}))
+    from PIL import Image
+
+    clip_dir, dino_file = tiny_model_files
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "x.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # as a plain `lposs` run has it
+        code = main(["segment", str(tmp_path / "x.png"), "--classes", "a,b", "--out",
+                     str(tmp_path / "o"), "--precision", "bf16", "--clip-model",
+                     f"local-dir:{clip_dir}", "--dino-model", "vit_tiny_patch16_224",
+                     "--dino-weights", str(dino_file), "--k", "30", "--r", "5"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert code == 0 and len(lines) == 1 and "slower than fp32" in lines[0]
+
+
 def _one_line(err: ConfigError) -> str:
     message = str(err)
     assert "\n" not in message and len(message) < 300

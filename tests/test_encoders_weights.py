@@ -15,13 +15,8 @@ from safetensors.torch import save_file
 
 from lposs import Segmenter
 from lposs.cli import main
-from lposs.encoders import (
-    ClipEncoder,
-    file_sha256,
-    load_clip,
-    load_dino,
-    resolve_weights,
-)
+from lposs.encoders import ClipEncoder, load_clip, load_dino, resolve_weights
+from lposs.encoders.cache import remembered_sha256
 from lposs.errors import UnsafeCheckpointError, WeightsNotFoundError
 
 CLIP_FILE = "ViT-B-16-laion2b_s34b_b88k.safetensors"  # the name load_clip looks for
@@ -105,10 +100,41 @@ def test_text_cache_key_follows_templates_and_precision(tiny_clip, tiny_clip_kwa
     assert other._disk_path("cat") != encoder._disk_path("cat")
 
 
+@pytest.mark.parametrize("poison", ["nan", "zero", "norm", "shape", "not a tensor file"])
+def test_a_poisoned_text_cache_entry_is_recomputed_rewritten_and_named(
+        tiny_clip, tiny_clip_kwargs, isolated, poison):
+    folder, hub = isolated
+    _save(tiny_clip.model, folder / CLIP_FILE)
+    first = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    first.encode_classes(["cat", "dog"])
+    expected = _template_average(first.model, first.tokenizer, first.templates, "cat")
+    path = first._disk_path("cat")
+    if poison == "not a tensor file":
+        path.write_bytes(b"garbage")
+    else:
+        bad = {"nan": torch.full((32,), float("nan")), "zero": torch.zeros(32),
+               "norm": 1.01 * expected, "shape": expected[:16] / expected[:16].norm()}[poison]
+        torch.save(bad, path)
+    again = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs)
+    with pytest.warns(UserWarning) as caught:
+        embeddings, _ = again.encode_classes(["cat", "dog"])
+    assert len(caught) == 1 and str(path) in str(caught[0].message)
+    torch.testing.assert_close(embeddings[0], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.load(path, weights_only=True), embeddings[0])  # rewritten
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten entry is good: no warning
+        reread, _ = load_clip("ViT-B-16", cache_dir=hub, **tiny_clip_kwargs).encode_classes(
+            ["cat"])
+    torch.testing.assert_close(reread[0], embeddings[0])
+
+
 def test_file_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("LPOSS_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "w.bin"
     path.write_bytes(b"x" * 1000)
+    file_sha256 = remembered_sha256
     assert file_sha256(path) == _sha256(path)
     index_path = tmp_path / "cache" / "file-sha256.json"
     index = json.loads(index_path.read_text())
@@ -161,6 +187,11 @@ def test_weights_info_of_file_hub_and_random(
     assert ClipEncoder(tiny_clip.model, tiny_clip.tokenizer).weights_info == {
         "source": "unknown"}
     json.dumps(dino.weights_info)  # ready for the output JSON
+    # The one identity of the weights, for every cache key and identity check:
+    assert encoder.weights_id == found.weights_id == f"sha256:{_sha256(given)}"
+    assert dino.weights_id == ("hub:timm/vit_base_patch16_224.dino@abc123/model.safetensors"
+                               f"#sha256:{_sha256(snapshot / 'model.safetensors')}")
+    assert load_clip("ViT-B-16", pretrained=None, **tiny_clip_kwargs).weights_id == "random"
 
 
 def test_local_dir_clip_reports_its_file(tiny_model_files):
@@ -230,6 +261,60 @@ def test_cli_text_file_as_clip_weights_is_one_line(tmp_path, tiny_model_files, c
     assert str(text) in errors[0] and "expected" in errors[0]
 
 
+def test_a_folder_given_as_weights_says_it_is_a_folder(tmp_path, tiny_model_files, capsys):
+    from PIL import Image
+
+    clip_dir, dino_file = tiny_model_files
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30)).save(image)
+    for flag, other in (("--clip-weights", ["--dino-weights", str(dino_file)]),
+                        ("--dino-weights", ["--clip-model", f"local-dir:{clip_dir}"])):
+        code = main(["segment", str(image), "--classes", "a,b", "--out", str(tmp_path / "o"),
+                     flag, str(tmp_path), "--dino-model", "vit_tiny_patch16_224", *other])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("lposs: error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in err
+        assert str(tmp_path) in errors[0] and "is a directory" in errors[0]
+        assert "weight file is expected" in errors[0] and "does not exist" not in errors[0]
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_is_refused_without_torchs_warning(tiny_dino, tiny_dino_kwargs, tmp_path,
+                                                    protocol):
+    import pickle
+    import warnings
+
+    path = tmp_path / "weights.pt"  # a plain pickle of tensors, not written by torch.save
+    with open(path, "wb") as f:
+        pickle.dump(dict(tiny_dino.model.state_dict()), f, protocol=protocol)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UnsafeCheckpointError, match="pickled") as err:
+            load_dino("dino_vitb16", weights=path, **tiny_dino_kwargs)
+    assert not caught and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["no folder", "no config"])
+def test_a_local_dir_without_openclip_config_is_one_line(tmp_path, capsys, layout):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30)).save(image)
+    folder = tmp_path / "clip"
+    if layout == "no config":
+        folder.mkdir()
+        (folder / "open_clip_model.safetensors").write_bytes(b"")
+    code = main(["segment", str(image), "--classes", "a,b", "--out", str(tmp_path / "o"),
+                 "--clip-model", f"local-dir:{folder}"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lposs: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err
+    assert str(folder) in errors[0] and "open_clip_config.json" in errors[0]
+    assert ("is not a folder" if layout == "no folder" else "has no") in errors[0]
+    with pytest.raises(WeightsNotFoundError, match="open_clip_config.json"):
+        load_clip(f"local-dir:{folder}")
+
+
 # ----------------------------------------------------------------------------- missing weights
 
 
@@ -241,8 +326,8 @@ def test_both_missing_models_are_reported_at_once(isolated, tmp_path, capsys):
     message = str(err.value)
     for hint in ("--clip-weights", "--dino-weights", CLIP_FILE, "dino_vitb16.safetensors"):
         assert hint in message
-    assert "\n" not in message
-    with pytest.raises(WeightsNotFoundError, match="--clip-weights.*--dino-weights"):
+    assert len(message) < 600 and len(message.splitlines()) <= 5  # short, not one long line
+    with pytest.raises(WeightsNotFoundError, match="(?s)--clip-weights.*--dino-weights"):
         Segmenter.from_pretrained("lposs+")
     from PIL import Image
 
@@ -327,6 +412,8 @@ def test_safetensors_are_read_as_the_library_writes_them_into_memory_of_their_ow
         assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
     path.write_bytes(path.read_bytes()[:20] + b"\0" * (path.stat().st_size - 20))  # in place
     assert torch.equal(loaded["w"], tensors["w"])  # not a view of the file
+    path.write_bytes(b"")  # cut short: a mapped tensor would crash the process (SIGBUS)
+    assert all(torch.equal(loaded[name], value) for name, value in tensors.items())
 
 
 @pytest.mark.parametrize("damage", ["offsets", "truncated", "dtype"])

@@ -211,12 +211,11 @@ class DemoBackend:
         encoders and windows before. Returns ``(EncodedImage, reused)``."""
         from ..output.files import file_sha256
 
-        cfg = segmenter.config
         try:
             digest = file_sha256(path)
         except OSError as err:
             raise ImageError(f"cannot read the uploaded file: {err.strerror or err}") from None
-        key = (digest, cfg.encoder_key())
+        key = (digest, segmenter.encoder_identity())  # settings, precision, weights_id
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key], True

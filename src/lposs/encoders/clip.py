@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path
 
@@ -25,25 +25,26 @@ from torch import nn
 from ..errors import ClassNamesError
 from ..output.files import atomic_write
 from ..vocab import split_synonyms
-from .cache import CACHE_ENV, cache_root
-from .common import DenseEncoder, chunks
+from .cache import text_cache_folder
+from .common import DenseEncoder
 from .device import PRECISIONS, resolve_device, resolve_precision
-from .sources import OPEN_CLIP_FILES, clip_tag_config, local_dir_weights, resolve_clip_weights
-from .weights import WeightsSource, build_with_weights, hub_cached, read_checkpoint
+from .sources import (
+    OPEN_CLIP_FILES,
+    WeightsSource,
+    clip_tag_config,
+    hub_cached,
+    local_dir_weights,
+    resolve_clip_weights,
+    weights_id,
+)
+from .weights import build_with_weights, read_checkpoint
 
-__all__ = [
-    "ClipEncoder",
-    "load_clip",
-    "resolve_clip_weights",
-    "imagenet_templates",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "CACHE_ENV",
-]
+__all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel mean (RGB)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP pixel std (RGB)
 _TEXT_BATCH = 640  # prompts per text-encoder forward pass
+_UNIT_NORM_TOLERANCE = 1e-3  # a cached text embedding further from norm 1 is recomputed
 # Version of the text-embedding computation; bump it when the numbers it gives change, so
 # that embeddings cached on disk by an older version are not reused.
 TEXT_EMBEDDING_VERSION = 2
@@ -77,11 +78,9 @@ class ClipEncoder(DenseEncoder):
         mean: pixel mean (RGB); default: the model's preprocessing config, else CLIP's.
         std: pixel std (RGB); default: the model's preprocessing config, else CLIP's.
         templates: prompt templates with one ``{}``; default: the 80 ImageNet templates.
-        text_cache_dir: a folder that keeps text embeddings across processes; it must
-            belong to these exact weights (``load_clip`` chooses one per model and
-            weights digest). Each file in it is keyed by the synonym, the templates, the
-            model dtype, the tokenizer and its context length, and
-            ``TEXT_EMBEDDING_VERSION``. None: keep them in memory only.
+        text_cache_dir: a folder that keeps text embeddings across processes, of these
+            exact weights (``load_clip`` picks it by ``weights_id``); files in it are keyed
+            by the synonym, templates, dtype and tokenizer. None: memory only.
 
     Attributes:
         model: the wrapped OpenCLIP model.
@@ -100,18 +99,20 @@ class ClipEncoder(DenseEncoder):
         templates: Sequence[str] | None = None,
         text_cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__()
         visual = getattr(model, "visual", None)
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
         if visual is None or blocks is None or not hasattr(visual, "conv1"):
             raise TypeError("model must be an OpenCLIP CLIP model with a VisionTransformer tower")
-        if getattr(visual, "attn_pool", None) is not None:
-            raise ValueError("OpenCLIP ViTs with attentional pooling are not supported")
-        if not isinstance(blocks[-1].attn, nn.MultiheadAttention):
-            raise ValueError("the last vision block must use nn.MultiheadAttention (plain ViT)")
+        if getattr(visual, "attn_pool", None) is not None or not isinstance(
+                blocks[-1].attn, nn.MultiheadAttention):
+            raise ValueError("only plain OpenCLIP ViTs are supported (nn.MultiheadAttention, "
+                             "no attentional pooling)")
         patch = visual.conv1.kernel_size
         if patch[0] != patch[1] or visual.conv1.stride != patch:
             raise ValueError(f"square, non-overlapping patches required, got {patch}")
+        mean = mean if mean is not None else getattr(visual, "image_mean", None) or CLIP_MEAN
+        std = std if std is not None else getattr(visual, "image_std", None) or CLIP_STD
+        super().__init__(mean, std, visual.conv1.weight.device)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.patch_size = int(patch[0])
@@ -119,10 +120,6 @@ class ClipEncoder(DenseEncoder):
         self.templates = tuple(templates) if templates is not None else imagenet_templates()
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise ValueError("templates must be a non-empty list of strings with one '{}' each")
-        mean = mean if mean is not None else getattr(visual, "image_mean", None) or CLIP_MEAN
-        std = std if std is not None else getattr(visual, "image_std", None) or CLIP_STD
-        device = visual.conv1.weight.device
-        self._set_normalization(mean, std, device)
         self.text_cache: dict[str, torch.Tensor] = {}
         self.text_cache_dir = Path(text_cache_dir) if text_cache_dir is not None else None
 
@@ -181,39 +178,36 @@ class ClipEncoder(DenseEncoder):
         """Prompt-ensembled text embeddings, one row per ``;``-separated synonym.
 
         Each synonym is put into every template, encoded, L2-normalised, averaged over
-        templates and L2-normalised again. Embeddings are cached per synonym.
+        templates and L2-normalised again. Embeddings are cached per synonym; a cache file
+        without a finite unit vector of this size is recomputed, rewritten and named in a
+        warning.
 
         Args:
-            names: C class names; ``"person; man; woman"`` gives three rows for one class.
+            names: C class names (checked by :func:`lposs.vocab.vocabulary` where they
+                enter); ``"person; man; woman"`` gives three rows for one class.
 
         Returns:
             ``(embeddings, class_index)``: ``(C', E)`` float32 unit vectors on the model's
             device and ``(C',)`` int64, the position in ``names`` of each row's class.
 
         Raises:
-            ClassNamesError: ``names`` is empty or not a list, a name or synonym is
-                empty (``"a;"``; see :func:`lposs.vocab.split_synonyms`), or one is too long
-                for the text context (77 tokens for OpenCLIP, templates included): cut, it
-                could not be told from another name with the same beginning.
+            ClassNamesError: a synonym is too long for the text context (77 tokens for
+                OpenCLIP, templates included): cut, it could not be told from another
+                name with the same beginning.
         """
-        if isinstance(names, str) or not isinstance(names, Sequence):
-            raise ClassNamesError("names must be a sequence of class-name strings, not one string")
-        if not names:
-            raise ClassNamesError("names is empty: give at least one class name")
         rows, index = [], []
         for position, name in enumerate(names):
-            if not isinstance(name, str):
-                raise ClassNamesError(f"names[{position}] must be a str, got {type(name).__name__}")
-            try:
-                synonyms = split_synonyms(name)
-            except ClassNamesError as err:
-                raise ClassNamesError(f"names[{position}]: {err}") from None
+            synonyms = split_synonyms(name)
             rows += synonyms
             index += [position] * len(synonyms)
-        missing = [s for s in dict.fromkeys(rows) if s not in self._cached(s)]
+        damaged: list[Path] = []
+        missing = [s for s in dict.fromkeys(rows) if not self._recall(s, damaged)]
+        if damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            warnings.warn(f"text-embedding cache file {damaged[0]}{more} held no finite unit "
+                          "vector of this model; recomputed and rewritten", stacklevel=2)
         if missing:
-            embeddings = self._encode_texts(missing)
-            for synonym, embedding in zip(missing, embeddings, strict=True):
+            for synonym, embedding in zip(missing, self._encode_texts(missing), strict=True):
                 self.text_cache[synonym] = embedding
                 self._store(synonym, embedding)
         embeddings = torch.stack([self.text_cache[s] for s in rows])
@@ -235,17 +229,24 @@ class ClipEncoder(DenseEncoder):
         key = "\n".join(parts).encode()
         return self.text_cache_dir / f"{hashlib.sha256(key).hexdigest()[:40]}.pt"
 
-    def _cached(self, synonym: str) -> dict[str, torch.Tensor]:
-        """The in-memory cache, after pulling ``synonym`` in from disk when it is there."""
+    def _recall(self, synonym: str, damaged: list[Path]) -> bool:
+        """Whether ``synonym``'s embedding is in memory, after reading it from disk when it
+        is there; a file that holds no finite ``(E,)`` unit vector is added to ``damaged``."""
         path = self._disk_path(synonym)
-        if synonym not in self.text_cache and path is not None and path.is_file():
-            try:
-                embedding = torch.load(path, map_location=self.mean.device, weights_only=True)
-            except Exception:  # a damaged cache file is recomputed and rewritten
-                return self.text_cache
-            if torch.is_tensor(embedding) and embedding.shape == (self.embed_dim,):
-                self.text_cache[synonym] = embedding.float()
-        return self.text_cache
+        if synonym in self.text_cache or path is None or not path.is_file():
+            return synonym in self.text_cache
+        try:
+            embedding = torch.load(path, map_location=self.mean.device, weights_only=True)
+        except Exception:  # noqa: BLE001 - any unreadable file is a damaged entry
+            embedding = None
+        if not (torch.is_tensor(embedding) and embedding.is_floating_point()
+                and embedding.shape == (self.embed_dim,)
+                and bool(torch.isfinite(embedding).all())
+                and abs(float(embedding.float().norm()) - 1.0) <= _UNIT_NORM_TOLERANCE):
+            damaged.append(path)
+            return False
+        self.text_cache[synonym] = embedding.float()
+        return True
 
     def _store(self, synonym: str, embedding: torch.Tensor) -> None:
         path = self._disk_path(synonym)
@@ -273,19 +274,15 @@ class ClipEncoder(DenseEncoder):
                 "after that point would get the same embedding; shorten it")
         feats = torch.empty(len(prompts), self.embed_dim, device=tokens.device)
         for length in lengths.unique().tolist():
-            for rows in chunks((lengths == length).nonzero().squeeze(1), _TEXT_BATCH):
+            for rows in (lengths == length).nonzero().squeeze(1).split(_TEXT_BATCH):
                 feats[rows] = self._encode_tokens(tokens[rows]).float()
         feats = F.normalize(feats, dim=-1).view(len(synonyms), len(self.templates), -1)
         return F.normalize(feats.mean(dim=1), dim=-1)
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``model.encode_text`` over only the first L token positions, L = the longest
-        prompt (up to its end-of-text token): `(B, 77)` int -> `(B, E)`.
-
-        Exact for OpenCLIP's causal text towers pooled at the end-of-text token (positions
-        after it are padding that no earlier position attends to), and about 4x less work
-        for the short template prompts. Other text towers run ``encode_text`` as it is.
-        """
+        prompt: `(B, 77)` int -> `(B, E)`. Exact for causal towers pooled at the end-of-text
+        token (no earlier position attends to the padding after it); ~4x less work."""
         model = self.model
         mask = getattr(model, "attn_mask", None)
         if mask is None or getattr(model, "text_pool_type", None) != "argmax":
@@ -302,17 +299,6 @@ class ClipEncoder(DenseEncoder):
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-@contextmanager
-def _quiet_root_logger():
-    """Silence open_clip's root-logger notes ("initialized randomly") while lposs loads weights."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def load_clip(
     name: str = "ViT-B-16",
     pretrained: str | None = "laion2b_s34b_b88k",
@@ -323,41 +309,25 @@ def load_clip(
     cache_dir: str | os.PathLike | None = None,
     **model_kwargs,
 ) -> ClipEncoder:
-    """Build an OpenCLIP ViT as a frozen :class:`ClipEncoder`.
-
-    Weights come from, in order: ``weights``; ``$LPOSS_WEIGHTS/<name>-<pretrained><ext>``
-    or ``$LPOSS_WEIGHTS/<name><ext>`` (ext ``.safetensors``, ``.pt``, ``.pth``, ``.bin``),
-    e.g. ``ViT-B-16-laion2b_s34b_b88k.safetensors``; the Hugging Face Hub cache of
-    OpenCLIP's tag; a Hub download when the Hub answers.
-
-    Text embeddings of pretrained weights persist in ``$LPOSS_CACHE/text`` (default
-    ``~/.cache/lposs``), in a folder keyed by the model, its architecture overrides and
-    the sha256 of the weight file read (see :func:`lposs.encoders.cache.file_sha256`), so
-    a file replaced under the same name gets fresh embeddings.
+    """Build an OpenCLIP ViT as a frozen :class:`ClipEncoder`; ``weights_info`` says where
+    its weights came from (searched as :mod:`lposs.encoders.sources` says, e.g.
+    ``$LPOSS_WEIGHTS/ViT-B-16-laion2b_s34b_b88k.safetensors``).
 
     Args:
         name: OpenCLIP model name (``open_clip.list_models()``), a plain ViT.
         pretrained: OpenCLIP pretrained tag (or, as in OpenCLIP, a checkpoint file);
             None (and no ``weights``): random weights.
-        weights: a local checkpoint of the full CLIP model (state dict, possibly nested
-            under ``"state_dict"`` / ``"model"``), or a source found by
-            :func:`resolve_clip_weights`.
+        weights: a local checkpoint of the full CLIP model, or a ``WeightsSource``.
         device: where the model runs (default: CPU).
-        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (GPU only) or ``"auto"`` (see
-            :func:`lposs.encoders.resolve_precision`); the model is cast, features are
-            returned as float32. The encoder's ``precision`` says which one runs.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (GPU only) or ``"auto"``
+            (:func:`lposs.encoders.resolve_precision`); features are returned as float32.
         cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
-        **model_kwargs: architecture overrides passed to ``open_clip.create_model``
-            (e.g. ``embed_dim``, ``vision_cfg``), for small test models.
-
-    Returns:
-        The encoder, in eval mode with gradients off; ``weights_info`` says where its
-        weights came from.
+        **model_kwargs: architecture overrides for ``open_clip.create_model`` (small tests).
 
     Raises:
         ConfigError: unknown model name, pretrained tag, precision or device.
         WeightsNotFoundError: no weights found, or a file that is not a checkpoint of
-            this model; the message names the file or lists how to provide them.
+            this model; the message names the file or says how to provide them.
         UnsafeCheckpointError: the checkpoint holds pickled objects.
     """
     import open_clip
@@ -369,25 +339,14 @@ def load_clip(
     source = weights if isinstance(weights, WeightsSource) else resolve_clip_weights(
         name, pretrained, weights=weights, cache_dir=cache_dir)
     schema, identifier = parse_model_name(name)  # local-dir: / hf-hub: carry their own weights
-    loaded_by_open_clip = (
-        (schema == "local-dir" and source.path == local_dir_weights(identifier))
-        or (schema == "hf-hub" and source.source == "hub")
-    )
+    by_open_clip = ((schema == "local-dir" and source.path == local_dir_weights(identifier))
+                    or (schema == "hf-hub" and source.source == "hub"))
     state_dict = None
-    if source.path is not None and not loaded_by_open_clip:
+    if source.path is not None and not by_open_clip:
         state_dict = read_checkpoint(source.path)  # before building: a bad file fails fast
 
-    def build(on: torch.device) -> nn.Module:
-        with _quiet_root_logger():
-            return open_clip.create_model(
-                name,
-                pretrained=None,
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                device=on,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-                **model_kwargs,
-            )
-
+    build = partial(_create_model, name, bool(tag_cfg.get("quick_gelu", False)), cache_dir,
+                    model_kwargs)
     if state_dict is None:
         model = build(torch.device("cpu"))
     else:
@@ -395,15 +354,31 @@ def load_clip(
                                    fill=_fill_causal_mask)
         del state_dict  # its tensors are the parameters now: a cast must not keep both
     model = model.to(device=device, dtype=dtype)
-    tokenizer = open_clip.get_tokenizer(name)
     if schema == "hf-hub" and source.path is None:  # open_clip has downloaded it by now
         source = hub_cached(source.repo, OPEN_CLIP_FILES, cache_dir=cache_dir) or source
     info = source.info()
-    text_cache_dir = _text_cache_dir(name, model_kwargs, info) if schema is None else None
-    encoder = ClipEncoder(model, tokenizer, mean=tag_cfg.get("mean"), std=tag_cfg.get("std"),
-                          text_cache_dir=text_cache_dir)
+    text_cache_dir = (text_cache_folder(name, model_kwargs, weights_id(info))
+                      if schema is None else None)  # a local-dir's config is in no key
+    encoder = ClipEncoder(model, open_clip.get_tokenizer(name), mean=tag_cfg.get("mean"),
+                          std=tag_cfg.get("std"), text_cache_dir=text_cache_dir)
     encoder.weights_info = info
     return encoder
+
+
+def _create_model(name: str, quick_gelu: bool, cache_dir, model_kwargs: dict,
+                  on: torch.device) -> nn.Module:
+    """``open_clip.create_model`` without weights on device ``on``, its root-logger notes
+    ("initialized randomly") silenced."""
+    import open_clip
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu,
+                                      device=on, **model_kwargs,
+                                      cache_dir=None if cache_dir is None else str(cache_dir))
+    finally:
+        logging.disable(previous)
 
 
 def _convert_clip_keys(model: nn.Module, state_dict: dict) -> dict:
@@ -421,16 +396,3 @@ def _fill_causal_mask(model: nn.Module) -> None:
     mask = getattr(model, "attn_mask", None)
     if isinstance(mask, torch.Tensor) and mask.is_meta:
         model.attn_mask = torch.full(tuple(mask.shape), float("-inf")).triu_(1)
-
-
-def _text_cache_dir(name: str, model_kwargs: dict, weights_info: dict) -> Path | None:
-    """Where text embeddings of these weights persist: ``<cache>/text/<model>-<key>``, the
-    key a digest of the model name, its architecture overrides and the weights' identity
-    (content sha256; Hub repository, revision and file); None for random weights."""
-    if "sha256" not in weights_info:
-        return None
-    identity = {k: weights_info.get(k) for k in ("sha256", "repo", "revision", "file")}
-    key = json.dumps({"model": name, "overrides": model_kwargs, "weights": identity},
-                     sort_keys=True, default=str).encode()
-    label = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
-    return cache_root() / "text" / f"{label}-{hashlib.sha256(key).hexdigest()[:24]}"

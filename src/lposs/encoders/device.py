@@ -4,7 +4,8 @@ Precisions (the dtype the models are cast to; features always come back as float
 
 - ``"fp32"``: the default, everywhere.
 - ``"bf16"``: any device; fast on GPUs and on CPUs that compute bf16 natively
-  (``avx512_bf16`` or ``amx_bf16``), slower than fp32 on other CPUs.
+  (``avx512_bf16`` or ``amx_bf16``); on other CPUs about 3x slower than fp32 (a warning
+  says so).
 - ``"fp16"``: GPUs only. Refused on the CPU, where PyTorch runs fp16 matrix products
   in slow fallback kernels (many times slower than fp32); use ``bf16`` or ``auto``.
 - ``"auto"``: ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, ``fp32`` otherwise.
@@ -12,6 +13,7 @@ Precisions (the dtype the models are cast to; features always come back as float
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -92,6 +94,9 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
     Returns:
         ``"fp32"``, ``"fp16"`` or ``"bf16"`` (a key of :data:`PRECISIONS`).
 
+    Warns:
+        UserWarning: ``"bf16"`` on a CPU without native bf16 (slower than fp32 there).
+
     Raises:
         ConfigError: an unknown precision, or ``"fp16"`` on the CPU.
     """
@@ -111,23 +116,17 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
             "products there many times slower than fp32); use 'bf16', 'auto' or 'fp32', or "
             "run on a GPU"
         )
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("precision 'bf16' runs slower than fp32 on this CPU, which has no native "
+                      "bf16 (avx512_bf16 or amx_bf16); use fp32 or auto",
+                      stacklevel=1)  # one location: shown once for both encoders
     return precision
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16``).
-
-    Read from the flags of ``/proc/cpuinfo`` (Linux); elsewhere from PyTorch's own check
-    when it has one, else False.
-    """
-    flags = _cpu_flags()
-    if flags is not None:
-        return bool(flags & _CPU_BF16_FLAGS)
-    check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
-    try:
-        return bool(check()) if callable(check) else False
-    except Exception:  # noqa: BLE001 - a private PyTorch helper; unknown means no
-        return False
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` among the
+    flags of ``/proc/cpuinfo``; False where that file cannot be read)."""
+    return bool((_cpu_flags() or frozenset()) & _CPU_BF16_FLAGS)
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ the class and register tokens dropped. Only ``blocks[:-1]`` and the last block's
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +18,10 @@ from torch import nn
 from ..errors import WeightsNotFoundError
 from .common import DenseEncoder
 from .device import PRECISIONS, resolve_device, resolve_precision
-from .sources import DINO_MODELS, resolve_dino_weights, timm_name_and_config
-from .weights import WeightsSource, build_with_weights, read_checkpoint
+from .sources import WeightsSource, resolve_dino_weights, timm_name_and_config
+from .weights import build_with_weights, read_checkpoint
 
-__all__ = [
-    "DinoEncoder",
-    "load_dino",
-    "resolve_dino_weights",
-    "DINO_MODELS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-]
+__all__ = ["DinoEncoder", "load_dino", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet pixel mean (RGB)
 IMAGENET_STD = (0.229, 0.224, 0.225)  # ImageNet pixel std (RGB)
@@ -49,7 +43,6 @@ class DinoEncoder(DenseEncoder):
     """
 
     def __init__(self, model: nn.Module, *, mean=None, std=None) -> None:
-        super().__init__()
         blocks = getattr(model, "blocks", None)
         if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
             raise TypeError("model must be a timm VisionTransformer")
@@ -61,14 +54,13 @@ class DinoEncoder(DenseEncoder):
         patch = tuple(model.patch_embed.patch_size)
         if patch[0] != patch[1]:
             raise ValueError(f"square patches required, got {patch}")
-        self.model = model.eval().requires_grad_(False)
-        self.patch_size = int(patch[0])
-        self.embed_dim = qkv.out_features // 3
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = mean if mean is not None else cfg.get("mean") or IMAGENET_MEAN
         std = std if std is not None else cfg.get("std") or IMAGENET_STD
-        device = qkv.weight.device
-        self._set_normalization(mean, std, device)
+        super().__init__(mean, std, qkv.weight.device)
+        self.model = model.eval().requires_grad_(False)
+        self.patch_size = int(patch[0])
+        self.embed_dim = qkv.out_features // 3
 
     def _dtype(self) -> torch.dtype:
         return self.model.blocks[-1].attn.qkv.weight.dtype
@@ -99,74 +91,67 @@ def load_dino(
     cache_dir: str | os.PathLike | None = None,
     **model_kwargs,
 ) -> DinoEncoder:
-    """Build a DINO / DINOv2 ViT from timm as a frozen :class:`DinoEncoder`.
+    """Build a DINO / DINOv2 ViT from timm as a frozen :class:`DinoEncoder`; ``weights_info``
+    says where its weights came from.
 
-    Weights come from, in order: ``weights``; the folder ``$LPOSS_WEIGHTS`` holding
-    ``<name><ext>``, ``<timm name><ext>`` or the original release's file name (ext
-    ``.safetensors``, ``.pt``, ``.pth``, ``.bin``), e.g. ``dino_vitb16.safetensors``,
-    ``vit_base_patch16_224.dino.safetensors`` or ``dino_vitbase16_pretrain.pth``; the
-    Hugging Face Hub cache of timm's copy; a Hub download when the Hub answers.
-    Checkpoints in the original facebookresearch DINO / DINOv2 key layout are mapped by
-    timm's checkpoint filter.
+    Weights are searched as :mod:`lposs.encoders.sources` says; ``$LPOSS_WEIGHTS`` may hold
+    ``<name><ext>``, ``<timm name><ext>`` or the original release's file name, e.g.
+    ``dino_vitb16.safetensors``, ``vit_base_patch16_224.dino.safetensors`` or
+    ``dino_vitbase16_pretrain.pth``. The original facebookresearch DINO / DINOv2 key
+    layout is mapped by timm's checkpoint filter.
 
     Args:
-        name: ``dino_vitb16``, ``dino_vitb8``, ``dinov2_vitb14`` (see ``DINO_MODELS``), or
-            a timm ViT name with its pretrained tag, e.g. ``vit_base_patch14_reg4_dinov2.lvd142m``.
-        weights: a local checkpoint (state dict, possibly nested under ``"state_dict"`` /
-            ``"model"``), or a source found by :func:`resolve_dino_weights`.
+        name: ``dino_vitb16``, ``dino_vitb8``, ``dinov2_vitb14`` (``DINO_MODELS``), or a timm
+            ViT name with its pretrained tag, e.g. ``vit_base_patch14_reg4_dinov2.lvd142m``.
+        weights: a local checkpoint, or a ``WeightsSource``.
         device: where the model runs (default: CPU).
-        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (GPU only) or ``"auto"`` (see
-            :func:`lposs.encoders.resolve_precision`); the model is cast, features are
-            returned as float32. The encoder's ``precision`` says which one runs.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (GPU only) or ``"auto"``
+            (:func:`lposs.encoders.resolve_precision`); features are returned as float32.
         pretrained: False (and no ``weights``): random weights.
         cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
-        **model_kwargs: architecture overrides passed to ``timm.create_model`` (e.g.
-            ``embed_dim``, ``depth``), for small test models.
-
-    Returns:
-        The encoder, in eval mode with gradients off; ``weights_info`` says where its
-        weights came from.
+        **model_kwargs: architecture overrides for ``timm.create_model`` (small tests).
 
     Raises:
         ConfigError: unknown model name, precision or device.
         WeightsNotFoundError: no weights found, or a file that is not a checkpoint of
-            this model; the message names the file or lists how to provide them.
+            this model; the message names the file or says how to provide them.
         UnsafeCheckpointError: the checkpoint holds pickled objects.
     """
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
 
-    timm_name, cfg = timm_name_and_config(name)
+    timm_name, _ = timm_name_and_config(name)
     device = resolve_device(device)
     dtype = PRECISIONS[resolve_precision(precision, device)]
     source = weights if isinstance(weights, WeightsSource) else resolve_dino_weights(
         name, weights=weights, pretrained=pretrained, cache_dir=cache_dir)
-    path = source.path
-    state_dict = None
-    if path is not None:  # read before building the model: a bad file fails fast
-        state_dict = read_checkpoint(path, strip_prefixes=("module.", "backbone."))
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs}
 
     def build(on: torch.device) -> nn.Module:
         with on:
             return timm.create_model(timm_name, pretrained=False, **kwargs)
 
-    def convert(model: nn.Module, checkpoint: dict) -> dict:
-        try:
-            mapped = checkpoint_filter_fn(checkpoint, model)
-        except Exception as err:  # noqa: BLE001 - timm's key mapping fails on foreign files
-            raise WeightsNotFoundError(
-                f"{path} does not hold weights of {name!r} (timm {timm_name}): the checkpoint "
-                f"keys do not map to a ViT ({type(err).__name__}: {str(err)[:200]}); check "
-                "the model name and the file"
-            ) from err
-        return {k: v for k, v in mapped.items() if not k.startswith("head.")}
-
-    if state_dict is None:
+    if source.path is None:
         model = build(torch.device("cpu"))
-    else:
-        model = build_with_weights(build, convert, state_dict, path, name)
+    else:  # the file is read before the model is built: a bad file fails fast
+        state_dict = read_checkpoint(source.path, strip_prefixes=("module.", "backbone."))
+        convert = partial(_convert_dino_keys, f"{source.path} does not hold weights of "
+                          f"{name!r} (timm {timm_name})")
+        model = build_with_weights(build, convert, state_dict, source.path, name)
         del state_dict  # its tensors are the parameters now: a cast must not keep both
     encoder = DinoEncoder(model.to(device=device, dtype=dtype))
     encoder.weights_info = source.info()
     return encoder
+
+
+def _convert_dino_keys(mismatch: str, model: nn.Module, checkpoint: dict) -> dict:
+    """timm's mapping of the original DINO / DINOv2 keys to its own, without the head;
+    ``mismatch`` begins the error when the keys do not map."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        mapped = checkpoint_filter_fn(checkpoint, model)
+    except Exception as err:  # noqa: BLE001 - timm's key mapping fails on foreign files
+        raise WeightsNotFoundError(f"{mismatch}: the checkpoint keys do not map to a ViT "
+                                   f"({type(err).__name__}: {str(err)[:200]}); check the "
+                                   "model name and the file") from err
+    return {k: v for k, v in mapped.items() if not k.startswith("head.")}

@@ -1,33 +1,50 @@
-"""Which weights each encoder loads, decided before anything is loaded.
+"""Where each encoder's weights come from, decided before anything is loaded, and their identity.
 
-``resolve_clip_weights`` and ``resolve_dino_weights`` run the search of ``load_clip`` and
-``load_dino`` (see :mod:`lposs.encoders.weights`) and return a :class:`WeightsSource`;
-``resolve_weights`` does both and reports every missing model in one error, so a first
-run without weights lists all that is missing at once.
+The search of ``load_clip`` / ``load_dino``, in order:
+
+1. ``weights=PATH`` (``--clip-weights`` / ``--dino-weights``): a local checkpoint, as is.
+2. The folder named by ``$LPOSS_WEIGHTS``, holding a file named after the model,
+   ``<stem><ext>`` with ``ext`` one of ``.safetensors``, ``.pt``, ``.pth``, ``.bin``
+   (CLIP: ``ViT-B-16-laion2b_s34b_b88k.safetensors``; DINO: ``dino_vitb16.safetensors``).
+3. The Hugging Face Hub cache (files OpenCLIP / timm downloaded before): no network.
+4. A Hub download, only when the Hub answers; offline (``HF_HUB_OFFLINE=1``) or with no
+   route to the Hub this fails at once with :class:`WeightsNotFoundError`.
+
+The result is a :class:`WeightsSource`; its ``info()`` is the provenance record encoders
+expose as ``weights_info``, and :func:`weights_id` the one string that every cache key
+and identity check uses for those weights.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, WeightsNotFoundError
-from .weights import (
-    WEIGHTS_ENV,
-    WeightsSource,
-    find_in_hub,
-    find_in_weights_dir,
-    hub_cached,
-)
+from .cache import remembered_sha256
+from .weights import WEIGHT_EXTENSIONS, weight_file
 
 __all__ = [
+    "WEIGHTS_ENV",
+    "DINO_MODELS",
+    "OPEN_CLIP_FILES",
+    "WeightsSource",
+    "weights_id",
     "resolve_weights",
     "resolve_clip_weights",
     "resolve_dino_weights",
-    "DINO_MODELS",
-    "OPEN_CLIP_FILES",
+    "clip_tag_config",
+    "local_dir_weights",
+    "timm_name_and_config",
+    "hub_cached",
 ]
 
+WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
 # lposs names of the vision models -> timm model names (architecture.pretrained_tag).
 DINO_MODELS = {
     "dino_vitb16": "vit_base_patch16_224.dino",
@@ -36,78 +53,96 @@ DINO_MODELS = {
 }
 # OpenCLIP's own weight files in a Hub repository or a local-dir: folder, in its order.
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HUB_PROBE_TIMEOUT_S = 3.0  # seconds to wait for a TCP connection to the Hub
 
 
-def resolve_weights(
-    *,
-    clip: str,
-    clip_pretrained: str | None,
-    clip_weights: str | os.PathLike | None = None,
-    dino: str | None = None,
-    dino_weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> tuple[WeightsSource, WeightsSource | None]:
-    """The weight sources of both encoders, found before either is loaded.
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where one model's weights come from.
 
-    Args:
-        clip: OpenCLIP model name (see :func:`lposs.encoders.load_clip`).
-        clip_pretrained: its pretrained tag; None: random weights.
-        clip_weights: a local CLIP checkpoint instead of the search.
-        dino: DINO model name (see :func:`lposs.encoders.load_dino`); None: no DINO.
-        dino_weights: a local DINO checkpoint instead of the search.
-        cache_dir: Hugging Face Hub cache folder (default: huggingface_hub's).
+    Attributes:
+        source: ``"file"`` (a local file given or found in ``$LPOSS_WEIGHTS``), ``"hub"``
+            (a Hugging Face Hub file, from its local cache) or ``"random"`` (no weights).
+        path: the local file that is read; None for random weights.
+        repo: the Hub repository, for ``"hub"``.
+        revision: the Hub commit of the cached snapshot holding the file, for ``"hub"``.
+        file: the file's name in the Hub repository, for ``"hub"``.
+    """
 
-    Returns:
-        ``(clip_source, dino_source)``, ``dino_source`` None when ``dino`` is None; pass
-        them as ``weights=`` to ``load_clip`` / ``load_dino``.
+    source: str
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+    file: str | None = None
+
+    def info(self) -> dict:
+        """The provenance record: ``source`` and, where they apply, ``path``, ``repo``,
+        ``revision``, ``file`` and the file's ``sha256`` (hex)."""
+        record = {"source": self.source}
+        for key in ("path", "repo", "revision", "file"):
+            if getattr(self, key) is not None:
+                record[key] = str(getattr(self, key))
+        if self.path is not None and Path(self.path).is_file():
+            record["sha256"] = remembered_sha256(self.path)
+        return record
+
+
+def weights_id(info: dict) -> str:
+    """The identity of an encoder's weights from its ``weights_info``, as one string:
+    ``"sha256:<hex>"`` for a file, ``"hub:<repo>@<revision>/<file>#sha256:<hex>"`` for a
+    Hub file, ``"random"`` for none (``"unknown"`` for a model wrapped directly)."""
+    source = info.get("source", "unknown")
+    if source == "file":
+        return f"sha256:{info.get('sha256')}"
+    if source == "hub":
+        hub = f"hub:{info.get('repo')}@{info.get('revision')}/{info.get('file')}"
+        return hub + (f"#sha256:{info['sha256']}" if "sha256" in info else "")
+    return str(source)
+
+
+def resolve_weights(*, clip: str, clip_pretrained: str | None,
+                    clip_weights: str | os.PathLike | None = None, dino: str | None = None,
+                    dino_weights: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None,
+                    ) -> tuple[WeightsSource, WeightsSource | None]:
+    """The weight sources of both encoders (``dino`` None: no DINO), found before either is
+    loaded; pass them as ``weights=`` to ``load_clip`` / ``load_dino``.
 
     Raises:
         ConfigError: an unknown model name or pretrained tag.
-        WeightsNotFoundError: weights of one or both models are missing; one message
-            says, for each, how to provide them.
+        WeightsNotFoundError: a given file is missing, or weights of one or both models
+            are found nowhere; one short message names every missing model.
     """
-    missing: list[str] = []
-    clip_source = dino_source = None
-    try:
-        clip_source = resolve_clip_weights(clip, clip_pretrained, weights=clip_weights,
-                                           cache_dir=cache_dir)
-    except WeightsNotFoundError as err:
-        missing.append(str(err))
+    missing: list[tuple[str, ...]] = []
+    sources: list[WeightsSource | None] = [None, None]
+    searches = [lambda: resolve_clip_weights(clip, clip_pretrained, weights=clip_weights,
+                                             cache_dir=cache_dir)]
     if dino is not None:
+        searches.append(lambda: resolve_dino_weights(dino, weights=dino_weights,
+                                                     cache_dir=cache_dir))
+    for i, search in enumerate(searches):
         try:
-            dino_source = resolve_dino_weights(dino, weights=dino_weights, cache_dir=cache_dir)
+            sources[i] = search()
         except WeightsNotFoundError as err:
-            missing.append(str(err))
-    if len(missing) == 1:
-        raise WeightsNotFoundError(missing[0])
+            if not hasattr(err, "missing"):
+                raise
+            missing += err.missing
     if missing:
-        raise WeightsNotFoundError(
-            "weights of both models are missing. CLIP: " + missing[0] + " DINO: " + missing[1]
-        )
-    return clip_source, dino_source
+        raise _no_weights(missing)
+    return sources[0], sources[1]
 
 
-def resolve_clip_weights(
-    name: str = "ViT-B-16",
-    pretrained: str | None = "laion2b_s34b_b88k",
-    *,
-    weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> WeightsSource:
-    """Find where :func:`load_clip` would take the weights of ``name`` from, loading nothing.
-
-    Args: as for :func:`load_clip`.
-
-    Returns:
-        The source: ``"file"`` (``weights``, a file given as ``pretrained``, one found in
-        ``$LPOSS_WEIGHTS`` or the file of a ``local-dir:`` folder), ``"hub"`` (the
-        Hugging Face Hub cache, or downloaded when the Hub answers; for ``hf-hub:``
-        names, the repository OpenCLIP downloads from) or ``"random"``.
+def resolve_clip_weights(name: str = "ViT-B-16", pretrained: str | None = "laion2b_s34b_b88k",
+                         *, weights: str | os.PathLike | None = None,
+                         cache_dir: str | os.PathLike | None = None) -> WeightsSource:
+    """Where :func:`load_clip` takes the weights of ``name`` from (arguments as there):
+    ``weights``, a file given as ``pretrained``, ``$LPOSS_WEIGHTS``, the file of a
+    ``local-dir:`` folder, the Hub (``hf-hub:`` names: the repository OpenCLIP downloads
+    from), or random weights. Loads nothing.
 
     Raises:
         ConfigError: unknown model name or pretrained tag.
-        WeightsNotFoundError: ``weights`` does not exist, or no weights were found; the
-            message lists how to provide them.
+        WeightsNotFoundError: ``weights`` is not a file, or no weights were found.
     """
     from open_clip.factory import parse_model_name
 
@@ -116,11 +151,7 @@ def resolve_clip_weights(
     if schema is None and weights is None and pretrained is not None and os.path.isfile(pretrained):
         weights = pretrained  # OpenCLIP also accepts a file as `pretrained`
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist (CLIP "
-                                       f"model {name!r})")
-        return WeightsSource("file", path)
+        return WeightsSource("file", weight_file(weights, f"CLIP model {name!r}"))
     if schema == "local-dir":  # OpenCLIP loads the folder's own file, or none (random)
         found = local_dir_weights(identifier)
         return WeightsSource("file", found) if found is not None else WeightsSource("random")
@@ -129,70 +160,87 @@ def resolve_clip_weights(
                 or WeightsSource("hub", repo=identifier))
     if pretrained is None:
         return WeightsSource("random")
-    return _find_clip_weights(name, pretrained, tag_cfg, cache_dir)
+    stem = f"{name}-{pretrained}"
+    found = _find_in_weights_dir([stem, name])
+    if found is not None:
+        return WeightsSource("file", found)
+    repo_id, files = _clip_hub_files(tag_cfg.get("hf_hub", ""))
+    reason = "the pretrained tag has no Hugging Face Hub copy"
+    if repo_id:
+        source, reason = _find_in_hub(repo_id, files, cache_dir=cache_dir)
+        if source is not None:
+            return source
+    download = f"hf download {repo_id} {files[0]}" if repo_id else "OpenCLIP while online"
+    raise _no_weights([(f"CLIP model {name!r} (pretrained {pretrained!r})", reason,
+                        "--clip-weights", f"{stem}.safetensors", download)])
 
 
-def resolve_dino_weights(
-    name: str = "dino_vitb16",
-    *,
-    weights: str | os.PathLike | None = None,
-    pretrained: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-) -> WeightsSource:
-    """Find where :func:`load_dino` would take the weights of ``name`` from, loading nothing.
-
-    Args: as for :func:`load_dino`.
-
-    Returns:
-        The source: ``"file"`` (``weights``, or found in ``$LPOSS_WEIGHTS``), ``"hub"``
-        (the Hugging Face Hub cache, or downloaded when the Hub answers) or ``"random"``.
+def resolve_dino_weights(name: str = "dino_vitb16", *,
+                         weights: str | os.PathLike | None = None, pretrained: bool = True,
+                         cache_dir: str | os.PathLike | None = None) -> WeightsSource:
+    """Where :func:`load_dino` takes the weights of ``name`` from (arguments as there):
+    ``weights``, ``$LPOSS_WEIGHTS``, the Hub, or random weights. Loads nothing.
 
     Raises:
         ConfigError: unknown model name.
-        WeightsNotFoundError: ``weights`` does not exist, or no weights were found; the
-            message lists how to provide them.
+        WeightsNotFoundError: ``weights`` is not a file, or no weights were found.
     """
     timm_name, cfg = timm_name_and_config(name)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist (DINO "
-                                       f"model {name!r})")
-        return WeightsSource("file", path)
+        return WeightsSource("file", weight_file(weights, f"DINO model {name!r}"))
     if not pretrained:
         return WeightsSource("random")
     original = os.path.basename(cfg.get("url") or "").rsplit(".", 1)[0]
-    local = find_in_weights_dir([s for s in dict.fromkeys([name, timm_name, original]) if s])
-    if local is not None:
-        return WeightsSource("file", local)
+    found = _find_in_weights_dir([s for s in dict.fromkeys([name, timm_name, original]) if s])
+    if found is not None:
+        return WeightsSource("file", found)
     repo_id = cfg.get("hf_hub_id")
     reason = f"timm has no Hugging Face Hub copy of {timm_name}"
     if repo_id:
         files = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
-        found, reason = find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
-        if found is not None:
-            return found
-    hub_hint = f"`hf download {repo_id} model.safetensors`" if repo_id else "timm while online"
-    raise WeightsNotFoundError(
-        f"no weights for vision model {name!r} (timm {timm_name}): {reason}. Provide them in "
-        f"one of these ways: pass a local checkpoint with --dino-weights PATH (command line) or "
-        f"load_dino(..., weights=PATH) (.safetensors, .pt, .pth, .bin; the original "
-        f"facebookresearch files work too); or put '{name}.safetensors' (or .pt/.pth/.bin, or "
-        f"'{timm_name}.safetensors') in the folder named by the {WEIGHTS_ENV} environment "
-        f"variable; or download them once while online ({hub_hint}) so the Hugging Face Hub "
-        "cache holds them."
-    )
+        source, reason = _find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
+        if source is not None:
+            return source
+    download = f"hf download {repo_id} {files[0]}" if repo_id else "timm while online"
+    raise _no_weights([(f"DINO model {name!r}", reason, "--dino-weights",
+                        f"{name}.safetensors", download)])
+
+
+def _no_weights(missing: list[tuple[str, ...]]) -> WeightsNotFoundError:
+    """The error for models found nowhere; ``missing`` holds per model ``(model, reason,
+    flag, file name in $LPOSS_WEIGHTS, download command)``. It keeps them as ``.missing``."""
+    models, reasons, flags, files, downloads = zip(*missing)
+    lines = [f"no weights for {' nor '.join(models)}: {'; '.join(dict.fromkeys(reasons))}.",
+             f"Give {' and '.join(f + ' PATH' for f in flags)} (in Python: weights=PATH),",
+             f"or put {' and '.join(files)} in the folder ${WEIGHTS_ENV},",
+             f"or download once while online: {downloads[0]}",
+             *(f"  and {command}" for command in downloads[1:])]
+    err = WeightsNotFoundError("\n  ".join(lines))
+    err.missing = missing
+    return err
 
 
 def clip_tag_config(name: str, pretrained: str | None, weights) -> dict:
-    """OpenCLIP's config of the pretrained tag (empty without one); checks name and tag."""
+    """OpenCLIP's config of the pretrained tag (empty without one); checks name and tag.
+
+    Raises:
+        ConfigError: an unknown model name or pretrained tag.
+        WeightsNotFoundError: a ``local-dir:`` folder that is missing or holds no
+            ``open_clip_config.json``.
+    """
     import open_clip
     from open_clip.factory import parse_model_name
 
+    schema, identifier = parse_model_name(name) if isinstance(name, str) else (None, None)
+    if schema == "local-dir" and not (Path(identifier) / "open_clip_config.json").is_file():
+        what = "has no open_clip_config.json" if Path(identifier).is_dir() else "is not a folder"
+        raise WeightsNotFoundError(
+            f"CLIP model {name!r}: {identifier!r} {what}; a local-dir: folder holds OpenCLIP's "
+            "open_clip_config.json and its weights (open_clip_model.safetensors)")
     if not isinstance(name, str) or open_clip.get_model_config(name) is None:
         raise ConfigError(f"{name!r} is not an OpenCLIP model name (see "
                           "open_clip.list_models()) nor a local-dir:/path OpenCLIP folder")
-    if parse_model_name(name)[0] is not None or pretrained is None or os.path.isfile(pretrained):
+    if schema is not None or pretrained is None or os.path.isfile(pretrained):
         return {}
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
     if not tag_cfg and weights is None:
@@ -214,44 +262,27 @@ def local_dir_weights(folder: str) -> Path | None:
                 None)
 
 
-def _find_clip_weights(name: str, pretrained: str, tag_cfg: dict, cache_dir) -> WeightsSource:
-    local = find_in_weights_dir([f"{name}-{pretrained}", name])
-    if local is not None:
-        return WeightsSource("file", local)
-    repo_and_file = tag_cfg.get("hf_hub", "")
-    reason = "the pretrained tag has no Hugging Face Hub copy"
-    if repo_and_file:
-        if repo_and_file.endswith("/"):  # a repository holding OpenCLIP's default file names
-            repo_id = repo_and_file.rstrip("/")
-            files = list(OPEN_CLIP_FILES)
-        else:  # "org/repo/filename"
-            repo_id, filename = os.path.split(repo_and_file)
-            stem = filename.rsplit(".", 1)[0]
-            files = [f"{stem}.safetensors", filename] if filename.endswith(".bin") else [filename]
-        found, reason = find_in_hub(repo_id, files, cache_dir=cache_dir)
-        if found is not None:
-            return found
-        hub_hint = f"`hf download {repo_id} {files[0]}`"
-    else:
-        hub_hint = "OpenCLIP while online"
-    raise WeightsNotFoundError(
-        f"no weights for CLIP model {name!r} (pretrained={pretrained!r}): {reason}. Provide "
-        f"them in one of these ways: pass a local checkpoint with --clip-weights PATH (command "
-        f"line) or load_clip(..., weights=PATH) (.safetensors, .pt, .pth, .bin); or put "
-        f"'{name}-{pretrained}.safetensors' (or .pt/.pth/.bin) in the folder named by the "
-        f"{WEIGHTS_ENV} environment variable; or download them once while online "
-        f"({hub_hint}) so the Hugging Face Hub cache holds them."
-    )
+def _clip_hub_files(repo_and_file: str) -> tuple[str, list[str]]:
+    """OpenCLIP's ``hf_hub`` entry as ``(repository, files to try)``; ``("", [])`` for none."""
+    if not repo_and_file:
+        return "", []
+    if repo_and_file.endswith("/"):  # a repository holding OpenCLIP's default file names
+        return repo_and_file.rstrip("/"), list(OPEN_CLIP_FILES)
+    repo_id, filename = os.path.split(repo_and_file)  # "org/repo/filename"
+    stem = filename.rsplit(".", 1)[0]
+    return repo_id, [f"{stem}.safetensors", filename] if filename.endswith(".bin") else [filename]
 
 
 def timm_name_and_config(name: str) -> tuple[str, dict]:
-    """The timm model name of ``name`` and its pretrained config (a dict, maybe empty)."""
+    """The timm model name of ``name`` and its pretrained config (a dict, maybe empty).
+
+    Raises:
+        ConfigError: ``name`` is neither a key of :data:`DINO_MODELS` nor a timm ViT.
+    """
     import timm
     from timm.models import get_pretrained_cfg
 
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    timm_name = DINO_MODELS.get(name, name)
+    timm_name = DINO_MODELS.get(name, name) if isinstance(name, str) else ""
     if not timm.is_model(timm_name) or not timm_name.startswith("vit_"):
         raise ConfigError(f"name {name!r} is not one of {sorted(DINO_MODELS)} nor a timm ViT name")
     try:
@@ -259,3 +290,82 @@ def timm_name_and_config(name: str) -> tuple[str, dict]:
     except RuntimeError as err:  # an unknown pretrained tag
         raise ConfigError(f"name {name!r}: {err}") from err
     return timm_name, cfg.to_dict() if cfg is not None else {}
+
+
+def _find_in_weights_dir(stems: Sequence[str]) -> Path | None:
+    """The first file ``$LPOSS_WEIGHTS/<stem><ext>`` that exists, stems first, then
+    extensions; None when ``LPOSS_WEIGHTS`` is unset or holds none of them."""
+    folder = os.environ.get(WEIGHTS_ENV)
+    if not folder:
+        return None
+    candidates = (Path(folder).expanduser() / f"{s}{e}" for s in stems for e in WEIGHT_EXTENSIONS)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _find_in_hub(repo_id: str, filenames: Sequence[str], *,
+                 cache_dir: str | os.PathLike | None) -> tuple[WeightsSource | None, str]:
+    """A Hub file from the local cache, else downloaded when the Hub answers: ``(source,
+    "")``, or ``(None, why not)`` (offline, unreachable, missing on the Hub)."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        return None, "huggingface_hub is not installed"
+    found = hub_cached(repo_id, filenames, cache_dir=cache_dir)
+    if found is not None:
+        return found, ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    if constants.HF_HUB_OFFLINE or offline:
+        return None, "not in the Hugging Face Hub cache and HF_HUB_OFFLINE is set"
+    why = _hub_unreachable(constants.ENDPOINT)
+    if why:
+        return None, f"not in the Hugging Face Hub cache and the Hub is unreachable ({why})"
+    last_error = "no candidate file"
+    for filename in filenames:
+        try:
+            path = huggingface_hub.hf_hub_download(
+                repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir))
+        except Exception as err:  # noqa: BLE001 - any Hub failure becomes the typed error
+            last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            continue
+        return _hub_source(repo_id, filename, path), ""
+    return None, f"download of {repo_id} failed ({last_error})"
+
+
+def hub_cached(repo_id: str, filenames: Sequence[str], *,
+               cache_dir: str | os.PathLike | None = None) -> WeightsSource | None:
+    """The first of ``filenames`` in the local Hugging Face Hub cache of ``repo_id`` (no
+    network), as a ``"hub"`` source; None when none is cached or huggingface_hub is absent."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None
+    for filename in filenames:
+        cached = huggingface_hub.try_to_load_from_cache(
+            repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir))
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return _hub_source(repo_id, filename, cached)
+    return None
+
+
+def _hub_source(repo_id: str, filename: str, path: str | os.PathLike) -> WeightsSource:
+    """A Hub file's source; the revision is the commit folder of its cached snapshot."""
+    parts = Path(path).parts
+    revision = None
+    if "snapshots" in parts[:-1]:  # <cache>/models--org--name/snapshots/<commit>/<file>
+        revision = parts[len(parts) - parts[::-1].index("snapshots")]
+    return WeightsSource("hub", Path(path), repo=repo_id, revision=revision, file=filename)
+
+
+def _hub_unreachable(endpoint: str) -> str:
+    """Why no TCP connection to the Hub opens within a few seconds; "" when one does (or
+    behind a proxy, which decides)."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme in urllib.request.getproxies():
+        return ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S):
+            return ""
+    except OSError as err:
+        return f"{url.hostname}:{port}: {err}"

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
-from ..config import LPOSSConfig
 from ..errors import DatasetError, LpossError
 from ..output.files import file_sha256
 from ..pipeline.encoded import EncodedImage
@@ -21,16 +19,14 @@ __all__ = ["cache_folder", "encode_cached"]
 _log = logging.getLogger(__name__)
 
 
-def cache_folder(cache_dir: str | os.PathLike, config: LPOSSConfig,
-                 model_digests: Mapping[str, str | None]) -> Path:
-    """The folder of ``cache_dir`` for these encoders (``LPOSSConfig.encoder_key`` and the
-    weights' digests), created if needed.
+def cache_folder(cache_dir: str | os.PathLike, encoder_identity: str) -> Path:
+    """The folder of ``cache_dir`` for these encoders (``Segmenter.encoder_identity``: the
+    encoder settings, the precision and the weights' ``weights_id``), created if needed.
 
     Raises:
         LpossError: the folder cannot be created.
     """
-    key = {**dict(config.encoder_key()), "models": dict(model_digests)}
-    folder = Path(cache_dir) / f"encoded-{settings_digest(key)[:16]}"
+    folder = Path(cache_dir) / f"encoded-{settings_digest({'encoders': encoder_identity})[:16]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -125,7 +125,7 @@ def evaluate(
     spec = RecordSpec.of(settings_digest(settings), dataset, boundary)
     cache = None
     if cache_dir is not None and segmenter is not None:  # the oracle runs no encoder
-        cache = cache_folder(cache_dir, segmenter.config, settings["models"])
+        cache = cache_folder(cache_dir, segmenter.encoder_identity())
     with process_group(world) as group, _locked(run_dir, rank):
         if run_dir is not None:
             claim_run_dir(run_dir, settings, rank, group)

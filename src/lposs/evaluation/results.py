@@ -194,7 +194,7 @@ def _settings_line(settings: Mapping[str, Any]) -> str:
         parts.append(f"{key}={value}")
     for key, value in (settings.get("models") or {}).items():
         if value is not None:
-            parts.append(f"{key}_weights_sha256={value[:12]}")
+            parts.append(f"{key}_weights={value}")
     for key, value in (settings.get("extra") or {}).items():
         parts.append(f"{key}={value}")
     return ", ".join(parts)

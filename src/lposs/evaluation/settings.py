@@ -1,5 +1,5 @@
 """What an evaluation run is: its method, and the settings fingerprint that a run folder
-is tied to (dataset, method, config, SHA-256 digests of the encoders' weights)."""
+is tied to (dataset, method, config, the encoders' ``weights_id``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import weakref
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from ..methods import METHODS as _TABLE
 from ..methods import method_of, with_method
@@ -25,7 +22,6 @@ __all__ = [
     "ORACLE_PATCH_SIZE",
     "resolve_method",
     "check_dataset",
-    "module_digest",
     "fingerprint",
     "run_settings",
     "settings_digest",
@@ -38,30 +34,6 @@ METHODS = (*(name for name, m in _TABLE.items() if not m.protocol), "oracle")
 RECORD_FORMAT = 1  # version of the settings and record files
 DILATION_RATIO = 0.02  # Boundary IoU band width (fraction of the image diagonal)
 ORACLE_PATCH_SIZE = 16  # the oracle row of the paper: ViT-B/16 patches
-
-_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def module_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes); memoised until a
-    tensor changes in place."""
-    tensors = list(module.state_dict(keep_vars=True).items())
-    try:
-        version = tuple((id(t), t._version) for _, t in tensors)
-    except RuntimeError:  # inference tensors keep no version counter: no memo
-        version = None
-    cached = _DIGESTS.get(module)
-    if version is not None and cached is not None and cached[0] == version:
-        return cached[1]
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    _DIGESTS[module] = (version, digest)
-    return digest
-
 
 def resolve_method(segmenter: Segmenter | None,
                    method: str | None) -> tuple[str, Segmenter | None]:
@@ -123,8 +95,8 @@ def fingerprint(dataset: SegmentationDataset, segmenter: Segmenter | None, metho
         config.pop("batch_size")  # how many windows per forward pass: not a setting of the result
         settings["config"] = config
         settings["models"] = {
-            "clip": module_digest(segmenter.clip),
-            "dino": module_digest(segmenter.dino) if config["patch_stage"] else None,
+            "clip": segmenter.clip.weights_id,
+            "dino": segmenter.dino.weights_id if config["patch_stage"] else None,
         }
     if extra is not None:
         if not isinstance(extra, Mapping):
@@ -153,7 +125,7 @@ def run_settings(
 
     Returns:
         dataset (name, root, classes, ignore_index, reduce_zero_label), method, the config
-        fields but ``batch_size`` and SHA-256 digests of the encoders' weights (or the
+        fields but ``batch_size`` and the encoders' ``weights_id`` (or the
         oracle's patch size), plus ``extra``.
     """
     check_dataset(dataset)

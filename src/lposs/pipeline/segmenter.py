@@ -207,17 +207,10 @@ class Segmenter:
     def encoder_identity(self) -> str:
         """What decides an ``EncodedImage`` made by this segmenter, as one string: the
         encoder settings (``LPOSSConfig.encoder_key``), the precision, and each encoder's
-        weights (content sha256, Hub repository and revision; ``"random"`` when there are
-        none, so two random-weight models cannot be told apart)."""
-        def weights(encoder) -> dict | None:
-            if encoder is None:
-                return None
-            info = getattr(encoder, "weights_info", None) or {}
-            return {k: info.get(k) for k in ("source", "sha256", "repo", "revision", "file")}
-
-        dino = self.dino if self.config.patch_stage else None
+        ``weights_id`` (``"random"`` for random weights, which cannot be told apart)."""
+        dino = self.dino.weights_id if self.dino is not None and self.config.patch_stage else None
         return json.dumps({"config": self.config.encoder_key(), "precision": self.clip.precision,
-                           "clip": weights(self.clip), "dino": weights(dino)},
+                           "clip": self.clip.weights_id, "dino": dino},
                           sort_keys=True, default=str)
 
     def release_image(self) -> None:
