@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lposs.encoders.common import normalize_and_pad
+from lposs.pipeline.windows import pad_to_multiple
 from lposs.predictors import clearclip, maskclip, naclip, sclip
 from lposs.predictors.common import resized_positional_embedding, tokens_before_last_block
 
@@ -148,7 +148,8 @@ def test_naclip_std_changes_features_and_bias_matches_official(visual):
 def test_maskclip_equals_clip_encoder(tiny_clip):
     windows = torch.rand(3, 3, 48, 80)
     with torch.no_grad():
-        pixels = normalize_and_pad(windows, tiny_clip.mean, tiny_clip.std, tiny_clip.patch_size)
+        padded = pad_to_multiple(windows.float(), tiny_clip.patch_size)
+        pixels = (padded - tiny_clip.mean.view(1, 3, 1, 1)) / tiny_clip.std.view(1, 3, 1, 1)
         got = F.normalize(maskclip.dense_features(tiny_clip.model.visual, pixels), dim=1)
         want = tiny_clip.dense_features(windows)
     torch.testing.assert_close(got, want, **TOL)
