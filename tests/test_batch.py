@@ -39,6 +39,9 @@ def _without_timings(path):
 
 
 def _no_writer_left():
+    for thread in threading.enumerate():  # a writer that is ending may need a moment
+        if thread.name == "lposs-writer":
+            thread.join(timeout=10)
     return not any(t.name == "lposs-writer" for t in threading.enumerate())
 
 
