@@ -137,6 +137,13 @@ def test_the_papers_numbers_stand_beside_lposs(tmp_path, tiny_clip, tiny_dino):
     table = evaluate_mess([dataset], segmenter, method="lposs+").to_markdown()
     assert "| SUIM | Agriculture and Biology |" in table and table.count("| 40.3 |") == 1
     assert "| Agriculture and Biology | 1 |" in table and "| 31.3 |" in table
+    assert "lposs+ with DINO ViT-B/16, 224 x 224 windows" in table
+    ensemble = Segmenter(tiny_clip, tiny_dino, segmenter.config.replace(
+        windows=((224, 112), (448, 224))))
+    table = evaluate_mess([dataset], ensemble, method="lposs").to_markdown()
+    assert table.count("| 40.1 |") == 1 and "| 30.7 |" in table and "ensemble windows" in table
+    table = evaluate_mess([dataset], segmenter, method="maskclip").to_markdown()
+    assert "The paper has no row" in table and "| SUIM | Agriculture and Biology |" in table
 
 
 def _one_error(capsys) -> str:
