@@ -174,7 +174,7 @@ def test_bad_runs_are_one_line_errors(dataset, tmp_path, capsys, monkeypatch):
         ["compare", str(a), str(a), "--out", out], capsys)
 
 
-def test_sweep_plots_one_figure_per_setting(dataset, segmenter, tmp_path):
+def test_sweep_plots_one_figure_per_setting(dataset, segmenter, tmp_path, monkeypatch):
     result = sweep(dataset, segmenter, {"k": [3, 6], "tau": [0.01, 0.05, 0.1]}, method="lposs",
                    limit=2, run_dir=tmp_path / "sweep")
     assert len(result.rows) == 6
@@ -182,3 +182,10 @@ def test_sweep_plots_one_figure_per_setting(dataset, segmenter, tmp_path):
         assert _is_png(tmp_path / "sweep" / f"sweep_{name}.png")
     written = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert written["names"] == ["k", "tau"]
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    with pytest.warns(UserWarning, match=r"no sweep plots: .*lposs\[plots\]"):
+        sweep(dataset, segmenter, {"k": [3, 6]}, method="lposs", limit=2,
+              run_dir=tmp_path / "plain")
+    assert (tmp_path / "plain" / "sweep.md").is_file()
+    assert not list((tmp_path / "plain").glob("*.png"))

@@ -478,7 +478,7 @@ def get_dataset(name: str, data_root: str | os.PathLike, **kwargs) -> Segmentati
         ValueError: Unknown name.
         DatasetError: The dataset is missing or incomplete; the message names the expected path.
     """
-    if name.startswith("mess:"):  # mess-benchmark is imported only for these
+    if isinstance(name, str) and name.startswith("mess:"):  # imports mess-benchmark
         from .mess import load_mess
 
         return load_mess(name[len("mess:"):], data_root)
