@@ -1,7 +1,7 @@
 """The ``lposs`` command line: thin wrappers that parse, call the library and print.
 
-One module per command (``segment``, ``refine``, ``eval``, ``convert``, ``demo``), each with
-``SUMMARY``, ``add_parser(subparsers)`` and ``run(args)``; what they share is in
+One module per command (``segment``, ``refine``, ``eval``, ``compare``, ``convert``, ``demo``),
+each with ``SUMMARY``, ``add_parser(subparsers)`` and ``run(args)``; what they share is in
 ``options``. A command imports its heavy dependencies only when its options are built or
 it runs, and ``main`` builds only the options of the command given, so that ``lposs segment``
 never imports the datasets or the web demo. Every user mistake (the library's typed errors,
@@ -23,7 +23,7 @@ from .options import EXIT_FAILED, EXIT_INTERRUPTED, HelpFormatter, fail, memory_
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = ("segment", "refine", "eval", "convert", "demo")
+COMMANDS = ("segment", "refine", "eval", "compare", "convert", "demo")
 """The sub-commands, in the order ``lposs --help`` lists them; each is a module here."""
 
 

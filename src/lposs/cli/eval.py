@@ -41,6 +41,9 @@ runs/eval/<dataset>-<method>-<settings digest>.
 --method sets the stages (maskclip: no propagation; lposs: patches; lposs+: patches and
 pixels); --preset picks the models and windows. Several processes:
   torchrun --nproc-per-node N -m lposs eval ... --device cuda
+MESS (pip install 'lposs[mess]'; data prepared by python -m mess.prepare_all_datasets
+--dataset_dir DIR): --dataset mess:suim --data-root DIR, or --dataset mess for every MESS
+dataset present, one run folder each, and RUN_DIR/mess.{json,md} (Tables 7-8).
 Sweep propagation settings (encoders run once per image, outputs cached in --cache-dir,
 default RUN_DIR/cache):
   lposs eval --dataset voc --data-root data --sweep k=200,400 --sweep tau=0.01,0.05"""
@@ -54,8 +57,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", formatter_class=HelpFormatter, description=_DESCRIPTION,
                               help=SUMMARY)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", required=True, choices=[*DATASETS, "folder"],
-                      help="a benchmark, or 'folder' for --images/--masks/--class-file")
+    data.add_argument("--dataset", required=True, metavar="NAME",
+                      help=f"a benchmark ({', '.join(DATASETS)}), 'folder' for --images/"
+                           "--masks/--class-file, 'mess:<name>' for a MESS dataset (suim, "
+                           "paxray_lungs, ...) or 'mess' for every MESS dataset present")
     data.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                       help="folder holding the benchmark (VOCdevkit, coco_stuff164k, ...)")
     data.add_argument("--split", default="val", help="benchmark split")
@@ -131,6 +136,10 @@ def _dataset(args: argparse.Namespace):
                              reduce_zero_label=args.reduce_zero_label)
     if args.data_root is None:
         raise LpossError(f"--dataset {args.dataset} needs --data-root DIR")
+    if args.dataset == "mess":  # a list: every MESS dataset present
+        from ..evaluation.mess import present_mess_datasets
+
+        return present_mess_datasets(args.data_root)
     try:
         return get_dataset(args.dataset, args.data_root, split=args.split)
     except ValueError as err:
@@ -192,14 +201,21 @@ def run(args: argparse.Namespace) -> int:
         raise LpossError("--sweep needs a model method: the oracle has no propagation settings")
     rank, world, local_rank = distributed_context()
     dataset = _dataset(args)
+    several = isinstance(dataset, list)  # --dataset mess
+    if grid and several:
+        raise LpossError("--sweep runs on one dataset, not on every MESS dataset")
     segmenter = None if args.method == "oracle" else _segmenter(args, local_rank, world)
     extra = {"precision": args.precision} if segmenter is not None else None
     out = args.out
     if out is None:
-        digest = settings_digest(run_settings(dataset, segmenter, method=args.method,
-                                              extra_settings=extra))
+        settings = run_settings(dataset[0] if several else dataset, segmenter,
+                                method=args.method, extra_settings=extra)
+        if several:  # the same folder whichever MESS datasets are present
+            settings.pop("dataset")
+        digest = settings_digest(settings)
+        name = "mess" if several else dataset.name
         suffix = "-sweep" if grid else ""
-        out = Path("runs") / "eval" / f"{dataset.name}-{args.method}-{digest[:10]}{suffix}"
+        out = Path("runs") / "eval" / f"{name}-{args.method}-{digest[:10]}{suffix}"
     bar = _Bar(enabled=rank == 0 and not args.no_progress and sys.stderr.isatty())
     options = {"method": args.method, "boundary": args.boundary, "limit": args.limit,
                "run_dir": out, "cache_dir": args.cache_dir, "progress": bar,
@@ -209,6 +225,11 @@ def run(args: argparse.Namespace) -> int:
         if grid:
             result = sweep(dataset, segmenter, grid, **options)
             written = out / "sweep.json"
+        elif several:
+            from ..evaluation.mess import evaluate_mess
+
+            result = evaluate_mess(dataset, segmenter, **options)
+            written = out / "mess.json"
         else:
             result = evaluate(dataset, segmenter, **options)
             written = out / "results.json"

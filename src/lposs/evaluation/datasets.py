@@ -469,7 +469,7 @@ def get_dataset(name: str, data_root: str | os.PathLike, **kwargs) -> Segmentati
 
     Args:
         name: One of ``DATASETS`` (voc, voc20, context, context59, coco_object, coco_stuff,
-            ade20k, cityscapes).
+            ade20k, cityscapes), or ``mess:<name>`` (``lposs.evaluation.mess.load_mess``).
         data_root: The folder holding ``VOCdevkit``, ``coco_stuff164k``,
             ``ADEChallengeData2016`` or ``cityscapes``, or that dataset folder itself.
         **kwargs: Passed to the loader (``split``, default ``"val"``).
@@ -478,6 +478,11 @@ def get_dataset(name: str, data_root: str | os.PathLike, **kwargs) -> Segmentati
         ValueError: Unknown name.
         DatasetError: The dataset is missing or incomplete; the message names the expected path.
     """
+    if isinstance(name, str) and name.startswith("mess:"):  # imports mess-benchmark
+        from .mess import load_mess
+
+        return load_mess(name[len("mess:"):], data_root)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, "
+                         "mess:<name>")
     return DATASETS[name](data_root, **kwargs)

@@ -7,18 +7,20 @@ import contextlib
 import itertools
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config import LPOSSConfig
 from ..distributed import distributed_context, process_group
-from ..errors import ConfigError
+from ..errors import ConfigError, LpossError
 from ..output.files import atomic_write, write_json
 from ..pipeline.segmenter import Segmenter
 from ..progress import Progress
 from .datasets import SegmentationDataset
 from .loop import evaluate
+from .plots import sweep_plots
 from .results import SweepResult
 from .settings import resolve_method
 
@@ -62,7 +64,8 @@ def sweep(
     """Evaluate every combination of propagation settings, encoding each image once.
 
     Each combination is an ``evaluate`` run with ``segmenter.config.replace(**values)``, in
-    ``run_dir/<name=value_...>`` (resumable like any run); the encoder outputs are cached in
+    ``run_dir/<name=value_...>`` (resumable like any run), with ``run_dir/sweep_<name>.png``
+    plotting the mIoU against each setting (Fig. 10); the encoder outputs are cached in
     ``cache_dir`` (default ``run_dir/cache``, or a temporary folder without ``run_dir``).
 
     Args:
@@ -104,4 +107,8 @@ def sweep(
     if run_dir is not None and rank == 0:
         write_json(run_dir / "sweep.json", out.to_dict())
         atomic_write(run_dir / "sweep.md", lambda f: f.write(out.to_markdown().encode()))
+        try:
+            sweep_plots(out, run_dir)
+        except LpossError as err:  # no matplotlib: the tables are written all the same
+            warnings.warn(f"no sweep plots: {err}", stacklevel=2)
     return out
