@@ -57,18 +57,6 @@ def imagenet_templates() -> tuple[str, ...]:
     return tuple(json.loads(text)["imagenet_templates"])
 
 
-def _blocks_batch_first(transformer: nn.Module) -> bool:
-    """The token layout the residual blocks expect, read from the model (varies by version).
-
-    open_clip >= 2.24 runs its blocks batch-first ``(B, L, D)``; older versions run them
-    sequence-first ``(L, B, D)``. ``nn.MultiheadAttention`` records which one it expects.
-    """
-    attn = transformer.resblocks[0].attn
-    if isinstance(attn, nn.MultiheadAttention):
-        return bool(attn.batch_first)
-    return bool(getattr(transformer, "batch_first", True))
-
-
 class ClipEncoder(DenseEncoder):
     """A frozen OpenCLIP model giving MaskCLIP dense features and prompt-ensembled text.
 
@@ -127,51 +115,9 @@ class ClipEncoder(DenseEncoder):
         return self.model.visual.conv1.weight.dtype
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """MaskCLIP: ``(B, 3, H, W)`` normalised pixels -> ``(B, E, H/P, W/P)`` unnormalised."""
-        visual = self.model.visual
-        x = visual.conv1(x)  # (B, width, gh, gw)
-        batch, _, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self._positional_embedding(gh, gw).to(x.dtype)
-        x = visual.ln_pre(x)  # patch dropout is skipped: identity at inference
-        transformer = visual.transformer
-        batch_first = _blocks_batch_first(transformer)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for block in transformer.resblocks[:-1]:
-            x = block(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        x = self._value_path(transformer.resblocks[-1], x)
-        x = visual.ln_post(x)[:, 1:]
-        if visual.proj is not None:
-            x = x @ visual.proj
-        return x.transpose(1, 2).reshape(batch, -1, gh, gw)
+        from ..predictors.maskclip import dense_features  # here: predictors import encoders
 
-    @staticmethod
-    def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The last block with attention replaced by its value projection, ``(B, L, D)``."""
-        attn = block.attn
-        width = x.shape[-1]
-        fused = attn.in_proj_weight is not None  # [W_q; W_k; W_v] stacked, as in CLIP
-        w_v = attn.in_proj_weight[2 * width :] if fused else attn.v_proj_weight
-        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
-        v = attn.out_proj(F.linear(block.ln_1(x), w_v, b_v))
-        x = x + block.ls_1(v)
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    def _positional_embedding(self, gh: int, gw: int) -> torch.Tensor:
-        """``(1 + gh*gw, width)`` positional embedding, the grid part resized bicubically."""
-        visual = self.model.visual
-        pos = visual.positional_embedding
-        old_h, old_w = visual.grid_size
-        if (gh, gw) == (old_h, old_w):
-            return pos
-        grid = pos[1:].float().reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pos.dtype)
-        return torch.cat([pos[:1], grid])
+        return dense_features(self.model.visual, x)
 
     @torch.inference_mode()
     def encode_classes(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 __all__ = [
     "window_grid",
+    "window_setups",
     "crop_windows",
     "pad_to_multiple",
     "patch_positions",
@@ -49,6 +50,19 @@ def window_grid(height: int, width: int, *, size: int = 224, stride: int = 112) 
     cols = _starts(width, size, stride)
     boxes = [(y1, x1, y2, x2) for (y1, y2) in rows for (x1, x2) in cols]
     return torch.tensor(boxes, dtype=torch.long)
+
+
+def window_setups(height: int, width: int,
+                  windows: tuple[tuple[int, int], ...] | None) -> list[Tensor]:
+    """The boxes of each ``(size, stride)`` setup (:func:`window_grid`); ``windows=None``
+    (no windows): one setup of one box, the whole image.
+
+    Returns:
+        one ``(n_win, 4)`` int64 tensor of boxes per setup, on the CPU.
+    """
+    if windows is None:
+        return [torch.tensor([[0, 0, height, width]])]
+    return [window_grid(height, width, size=size, stride=stride) for size, stride in windows]
 
 
 def crop_windows(image: Tensor, boxes: Tensor, *, multiple: int) -> Tensor:
