@@ -21,28 +21,11 @@ import torch
 
 from ..errors import UnsafeCheckpointError, WeightsNotFoundError
 
-__all__ = ["WEIGHT_EXTENSIONS", "weight_file", "read_checkpoint", "build_with_weights"]
+__all__ = ["read_checkpoint", "build_with_weights"]
 
-WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")  # searched in this order
 _NESTING_KEYS = ("state_dict", "model")  # checkpoints may nest the state dict under these
 _EXPECTED = ("expected a .safetensors file or a PyTorch checkpoint written by torch.save "
              "(a state dict of tensors)")
-
-
-def weight_file(path: str | os.PathLike, model: str) -> Path:
-    """``path`` checked to be a file; ``model`` (e.g. ``"CLIP model 'ViT-B-16'"``) is named
-    in the error.
-
-    Raises:
-        WeightsNotFoundError: ``path`` is a directory or does not exist.
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise WeightsNotFoundError(f"weights {str(path)!r} ({model}) is a directory; a weight "
-                                   f"file is expected ({', '.join(WEIGHT_EXTENSIONS)})")
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {str(path)!r} ({model}) does not exist")
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike, *, strip_prefixes: Sequence[str] = ("module.",)):
