@@ -102,7 +102,7 @@ def encode_images(clip, dino, config: LPOSSConfig, images: Sequence[PreparedImag
     counter = StageCounter(progress, "encoding windows", passes)
     setups: list[list[WindowSetup]] = [[] for _ in images]
     for s in range(len(boxes[0])):
-        crops = [crop_windows(w, per[s], multiple=1) for w, per in zip(workings, boxes)]
+        crops = [crop_windows(w, per[s]) for w, per in zip(workings, boxes)]
         groups: dict[tuple, list[int]] = {}  # the windows of small images are smaller
         for i, c in enumerate(crops):
             groups.setdefault(tuple(c.shape[1:]), []).append(i)
