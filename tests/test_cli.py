@@ -270,3 +270,20 @@ def test_segment_json_says_which_image_and_which_weights(tmp_path, model_args, c
     clip = record["weights"]["clip"]
     assert "pretrained" not in clip  # the weights are the local folder's, not a Hub tag's
     assert clip["model"].startswith("local-dir:")
+
+
+@pytest.mark.parametrize("spec,windows", [("none", None), ("32/16,48/24", [[32, 16], [48, 24]])])
+def test_windows_flag_sets_the_window_setups(tmp_path, model_args, spec, windows, capsys):
+    image = _photo(tmp_path / "x.png")
+    code = main(["segment", str(image), "--classes", "a,b", "--out", str(tmp_path / "out"),
+                 "--windows", spec, *model_args])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "x.json").read_text())
+    assert record["settings"]["windows"] == windows
+
+
+def test_a_bad_windows_flag_is_a_one_line_error(tmp_path, model_args, capsys):
+    code = main(["segment", str(_photo(tmp_path / "x.png")), "--classes", "a,b", "--out",
+                 str(tmp_path / "out"), "--windows", "32", *model_args])
+    assert code != 0
+    assert len(_error_lines(capsys.readouterr().err)) == 1

@@ -45,6 +45,11 @@ def test_invalid_settings_raise_config_error(changes):
         LPOSSConfig().replace(**changes)
 
 
+def test_no_windows_is_a_setting():
+    assert LPOSSConfig(windows=None).windows is None
+    assert LPOSSConfig(windows=None).replace(k=5).encoder_key() != LPOSSConfig().encoder_key()
+
+
 def test_unknown_names_raise_config_error():
     with pytest.raises(lposs.ConfigError, match="choose one of"):
         get_preset("nope")

@@ -76,8 +76,35 @@ def maskclip_reference(model, window):
     return out.T.reshape(-1, gh, gw)
 
 
+def official_dino_prepare_tokens(vit, x):
+    """facebookresearch/dino vision_transformer.py prepare_tokens and interpolate_pos_encoding,
+    line by line (``w`` is the height there, as prepare_tokens passes it)."""
+    B, nc, w, h = x.shape
+    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    x = torch.cat((vit.cls_token.expand(B, -1, -1), x), dim=1)
+    npatch = x.shape[1] - 1
+    N = vit.pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return x + vit.pos_embed
+    class_pos_embed = vit.pos_embed[:, 0]
+    patch_pos_embed = vit.pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // vit.patch_embed.patch_size[0]
+    h0 = h // vit.patch_embed.patch_size[0]
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode="bicubic",
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return x + torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
 def dino_reference(model, window, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Last-block values of one window: run timm's own forward, split its qkv output."""
+    """Last-block values of one window: DINO's own token preparation (timm's forward for a
+    model with register tokens), timm's blocks, the last qkv output split."""
     patch = model.patch_embed.patch_size[0]
     x = _pad_normalize(window, patch, mean, std)
     captured = {}
@@ -86,7 +113,10 @@ def dino_reference(model, window, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     )
     try:
         with torch.no_grad():
-            model.forward_features(x[None])
+            if model.num_prefix_tokens == 1:
+                model.blocks(official_dino_prepare_tokens(model, x[None]))
+            else:
+                model.forward_features(x[None])
     finally:
         hook.remove()
     qkv = captured["qkv"][0]  # (L, 3 * D): [q heads | k heads | v heads]
@@ -106,7 +136,7 @@ def _windows(*shape, seed=0):
 # ----------------------------------------------------------------------------- CLIP
 
 
-@pytest.mark.parametrize("size", [(224, 224), (200, 150), (100, 260)])
+@pytest.mark.parametrize("size", [(224, 224), (200, 150), (100, 260), (448, 448)])
 def test_maskclip_matches_step_by_step_computation(tiny_clip, size):
     windows = _windows(2, 3, *size, seed=size[0])
     feats = tiny_clip.dense_features(windows)
@@ -231,7 +261,7 @@ def test_an_empty_synonym_is_a_class_names_error(tiny_clip):
 @pytest.mark.parametrize(
     ("fixture", "patch"), [("tiny_dino", 16), ("tiny_dino_p8", 8), ("tiny_dinov2", 14)]
 )
-@pytest.mark.parametrize("size", [(224, 224), (200, 150)])
+@pytest.mark.parametrize("size", [(224, 224), (200, 150), (448, 448)])
 def test_dino_values_match_split_of_last_qkv(request, fixture, patch, size):
     encoder = request.getfixturevalue(fixture)
     windows = _windows(2, 3, *size, seed=patch)
@@ -242,6 +272,21 @@ def test_dino_values_match_split_of_last_qkv(request, fixture, patch, size):
         torch.testing.assert_close(
             feats[i], dino_reference(encoder.model, windows[i]), atol=2e-5, rtol=1e-4
         )
+
+
+def test_dino_keeps_timms_positions_at_its_native_size(tiny_dino):
+    """At 224 x 224 (DINO's own 14 x 14 grid) nothing is resampled: timm's forward gives the
+    same values, so the default 224 windows are as before."""
+    window = _windows(1, 3, 224, 224, seed=9)
+    x = _pad_normalize(window[0], 16, IMAGENET_MEAN, IMAGENET_STD)[None]
+    model, captured = tiny_dino.model, {}
+    hook = model.blocks[-1].attn.qkv.register_forward_hook(lambda m, a, out: captured.update(o=out))
+    with torch.no_grad():
+        model.forward_features(x)
+    hook.remove()
+    values = captured["o"][0, 1:, 128:]  # (196, 64): the v third of qkv, class token dropped
+    want = F.normalize(values, dim=-1).T.reshape(64, 14, 14)
+    torch.testing.assert_close(tiny_dino.dense_features(window)[0], want, atol=1e-6, rtol=0)
 
 
 def test_dinov2_with_registers_drops_register_tokens(tiny_dino_kwargs):

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lposs.encoders import load_clip
+from lposs.encoders.dino import dino_value_features, interpolate_pos_encoding
 from lposs.errors import UnsafeCheckpointError, WeightsNotFoundError
 from lposs.predictors import clip_dinoiser as cd
 from lposs.predictors import proxyclip
@@ -78,7 +79,7 @@ def test_interpolate_pos_encoding_is_dinos_rule(grid):
     pos = torch.randn(1, 1 + 14 * 14, 8)
     x = torch.zeros(1, 1 + grid[0] * grid[1], 8)
     expected = official_interpolate_pos_encoding(pos, 16, x, grid[0] * 16, grid[1] * 16)[0]
-    got = cd.interpolate_pos_encoding(pos[0], *grid)
+    got = interpolate_pos_encoding(pos[0], *grid)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     if grid != (14, 14):  # the +0.1 / scale_factor rule is not a resize to the grid's size
         by_size = F.interpolate(pos[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2), size=grid,
@@ -293,7 +294,7 @@ def test_training_free_form_is_official(clip4, dino_name, request):
     dino_pixels = _normalised(dino, windows)
     maskclip, _ = cd.maskclip_features(clip4.model.visual, _normalised(clip4, windows))
     got = cd.training_free_features(
-        maskclip, cd.dino_value_features(dino.model, dino_pixels), gamma=0.2)
+        maskclip, dino_value_features(dino.model, dino_pixels), gamma=0.2)
     feats, _ = official_maskclip(clip4.model.visual, _normalised(clip4, windows))
     expected = official_weighted_pool(feats, official_dino_corrs(dino.model, dino_pixels))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

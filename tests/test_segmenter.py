@@ -126,6 +126,26 @@ def test_pipeline_equals_the_papers_order_step_by_step(tiny_clip, tiny_dino):
     assert agree >= 0.999, agree  # float round-off may flip a near-tie, nothing more
 
 
+def test_no_windows_is_one_pass_over_the_padded_working_image(tiny_clip, tiny_dino):
+    """windows=None: each encoder sees the whole 224 x 388 working image, padded to 224 x 400
+    (a 14 x 25 grid, positions resampled by MaskCLIP's and DINO's own rules), the patch grid
+    resized straight back to 224 x 388: the same as one window covering the image."""
+    from test_encoders import dino_reference, maskclip_reference
+
+    image, classes = _image(height=150, width=260, seed=5), ["cat", "dog;puppy"]
+    segmenter = Segmenter(tiny_clip, tiny_dino, FAST.replace(windows=None))
+    encoded = segmenter.set_image(image)
+    (setup,) = encoded.setups
+    assert setup.boxes.tolist() == [[0, 0, 224, 388]]
+    torch.testing.assert_close(setup.clip[0], maskclip_reference(tiny_clip.model, encoded.working),
+                               atol=2e-5, rtol=1e-4)
+    dino = dino_reference(tiny_dino.model, encoded.working)  # (D, 14, 25)
+    torch.testing.assert_close(setup.dino, dino.flatten(1).T, atol=2e-5, rtol=1e-4)
+    one_window = Segmenter(tiny_clip, tiny_dino, FAST.replace(windows=((400, 400),)))
+    torch.testing.assert_close(segmenter.predict(classes).scores.full(),
+                               one_window(image, classes).scores.full())
+
+
 def test_maskclip_preset_is_the_upsampled_cosine_similarity(tiny_clip):
     # One 224 window: working size 224 x 224, no propagation at all.
     image = torch.rand(3, 224, 224)

@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lposs.pipeline.windows import crop_windows, patch_positions, stitch_windows, window_grid
+from lposs.pipeline.windows import (
+    crop_windows,
+    patch_positions,
+    stitch_windows,
+    window_grid,
+    window_setups,
+)
 
 SIZES = [(1, 1), (5, 300), (100, 150), (224, 224), (225, 224), (335, 336), (336, 337),
          (447, 448), (448, 448), (448, 597), (449, 1000), (1000, 449), (223, 900)]
@@ -53,16 +59,20 @@ def test_window_grid_known_cases():
     assert window_grid(448, 448).shape == (9, 4)
 
 
-def test_crop_windows_content_and_zero_padding():
+def test_crop_windows_content():
     image = torch.rand(3, 30, 50)
     boxes = torch.tensor([[0, 0, 20, 21], [10, 29, 30, 50]])
-    crops = crop_windows(image, boxes, multiple=8)
-    assert crops.shape == (2, 3, 24, 24)
-    torch.testing.assert_close(crops[0, :, :20, :21], image[:, 0:20, 0:21])
-    torch.testing.assert_close(crops[1, :, :20, :21], image[:, 10:30, 29:50])
-    assert (crops[:, :, 20:, :] == 0).all() and (crops[:, :, :, 21:] == 0).all()
-    exact = crop_windows(image, torch.tensor([[0, 0, 16, 16]]), multiple=16)
-    assert exact.shape == (1, 3, 16, 16)
+    crops = crop_windows(image, boxes)
+    assert crops.shape == (2, 3, 20, 21)
+    torch.testing.assert_close(crops[0], image[:, 0:20, 0:21])
+    torch.testing.assert_close(crops[1], image[:, 10:30, 29:50])
+
+
+def test_window_setups_without_windows_is_the_whole_image():
+    assert [b.tolist() for b in window_setups(30, 50, None)] == [[[0, 0, 30, 50]]]
+    two = window_setups(300, 470, ((224, 112), (448, 224)))
+    assert [b.tolist() for b in two] == [window_grid(300, 470).tolist(),
+                                         window_grid(300, 470, size=448, stride=224).tolist()]
 
 
 def test_patch_positions():

@@ -56,7 +56,8 @@ class LPOSSConfig:
     # Pre-processing and windows.
     short_side: int = 448  # the image is resized so that its shorter side has this many pixels
     long_side: int = 2048  # ... unless that makes the longer side exceed this (mmseg's cap)
-    windows: tuple[tuple[int, int], ...] = ((224, 112),)  # (window size, stride) setups, averaged
+    # (window size, stride) setups, averaged; None: the whole image in one pass (no windows)
+    windows: tuple[tuple[int, int], ...] | None = ((224, 112),)
     batch_size: int = 16  # windows per encoder forward pass
     # LPOSS: patch graph.
     patch_stage: bool = True  # run label propagation over patches (False: MaskCLIP scores)
@@ -129,9 +130,11 @@ def _check_range(cfg: LPOSSConfig) -> None:
 
 def _check_windows(windows: Any) -> None:
     """Raise ``ConfigError`` unless ``windows`` holds (size, stride) int pairs that cover
-    the image (stride <= size)."""
+    the image (stride <= size), or is None."""
+    if windows is None:
+        return
     if not isinstance(windows, tuple) or not windows:
-        raise ConfigError(f"windows must be a non-empty tuple of (size, stride) pairs, got "
+        raise ConfigError(f"windows must be a non-empty tuple of (size, stride) pairs or None, got "
                           f"{windows!r}")
     for pair in windows:
         if (not isinstance(pair, tuple) or len(pair) != 2

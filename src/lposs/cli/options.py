@@ -86,12 +86,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dino-model", default=None, metavar="NAME",
                        help="dino_vitb16, dino_vitb8, dinov2_vitb14 or a timm ViT name "
                             "(default: the preset's)")
+    group.add_argument("--windows", type=_windows, default=None, metavar="SPEC",
+                       help="sliding windows SIZE/STRIDE[,SIZE/STRIDE...], or none: the whole "
+                            "working image in one pass (default: the preset's, 224/112)")
     group.add_argument("--clip-weights", type=Path, default=None, metavar="FILE",
                        help="local CLIP checkpoint (.safetensors, .pt, .pth, .bin) instead of the "
                             "OpenCLIP cache/download")
     group.add_argument("--dino-weights", type=Path, default=None, metavar="FILE",
                        help="local DINO checkpoint (.safetensors, .pt, .pth, .bin) instead of the "
                             "timm cache/download")
+
+
+def _windows(text: str) -> tuple:
+    """``--windows``: ``none`` -> ``()`` (no windows), else the ``SIZE/STRIDE`` pairs."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(tuple(int(v) for v in pair.split("/")) for pair in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected none or SIZE/STRIDE pairs such as 224/112, got {text!r}") from None
 
 
 def add_propagation_options(parser: argparse.ArgumentParser, *, patch: bool,
@@ -126,6 +140,8 @@ def config_from(args: argparse.Namespace, base: LPOSSConfig) -> LPOSSConfig:
     """
     changes = {field: getattr(args, dest) for dest, field in _CONFIG_FIELDS.items()
                if getattr(args, dest, None) is not None}
+    if getattr(args, "windows", None) is not None:
+        changes["windows"] = args.windows or None
     if getattr(args, "no_refine", False):
         changes["pixel_stage"] = False
     return base.replace(**changes)

@@ -1,11 +1,6 @@
-"""The two frozen ViTs of LPOSS: an OpenCLIP model (MaskCLIP features, text) and DINO (values).
-
-``load_clip`` and ``load_dino`` build them by the names OpenCLIP and timm use, with weights
-from a local file, the ``LPOSS_WEIGHTS`` folder or the Hugging Face Hub cache
-(:mod:`lposs.encoders.sources`, which also finds both models' weights before either is
-loaded). Each encoder exposes ``weights_info`` (where its weights came from), ``weights_id``
-(their identity, for every cache key) and ``precision`` (:mod:`lposs.encoders.device`).
-"""
+"""The two frozen ViTs of LPOSS: an OpenCLIP model (MaskCLIP features, text) and DINO (values),
+built by ``load_clip`` / ``load_dino`` with weights found by :mod:`lposs.encoders.sources`;
+each exposes ``weights_info``, ``weights_id`` and ``precision``."""
 
 from .clip import ClipEncoder, imagenet_templates, load_clip
 from .device import resolve_device, resolve_precision

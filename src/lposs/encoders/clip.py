@@ -1,9 +1,9 @@
 """The vision-language model: an OpenCLIP ViT used the MaskCLIP way, and its text encoder.
 
-Dense features (METHOD.md, Encoders): run the vision transformer up to the input
-``x`` of its last residual block, replace that block's self-attention by its value
-path, ``v = out_proj(W_v ln_1(x) + b_v); v = v + x; v = v + mlp(ln_2(v))``, then
-``ln_post``, drop the class token and apply the visual projection.
+Dense features (METHOD.md, Encoders) are :func:`lposs.predictors.maskclip.dense_features`:
+the last block's self-attention replaced by its value path, then ``ln_post``, the class
+token dropped and the visual projection. Text: prompt-ensembled embeddings, cached per
+synonym in memory and, for weights with a content digest, on disk.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .sources import (
 )
 from .weights import build_with_weights, read_checkpoint
 
-__all__ = ["ClipEncoder", "load_clip", "imagenet_templates", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["ClipEncoder", "load_clip", "imagenet_templates"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel mean (RGB)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP pixel std (RGB)
@@ -57,65 +57,41 @@ def imagenet_templates() -> tuple[str, ...]:
     return tuple(json.loads(text)["imagenet_templates"])
 
 
-def _blocks_batch_first(transformer: nn.Module) -> bool:
-    """The token layout the residual blocks expect, read from the model (varies by version).
-
-    open_clip >= 2.24 runs its blocks batch-first ``(B, L, D)``; older versions run them
-    sequence-first ``(L, B, D)``. ``nn.MultiheadAttention`` records which one it expects.
-    """
-    attn = transformer.resblocks[0].attn
-    if isinstance(attn, nn.MultiheadAttention):
-        return bool(attn.batch_first)
-    return bool(getattr(transformer, "batch_first", True))
-
-
 class ClipEncoder(DenseEncoder):
     """A frozen OpenCLIP model giving MaskCLIP dense features and prompt-ensembled text.
 
     Args:
-        model: an ``open_clip.CLIP`` whose ``visual`` is an OpenCLIP ``VisionTransformer``.
+        model: an ``open_clip.CLIP`` whose ``visual`` is a plain OpenCLIP ViT.
         tokenizer: the model's open_clip tokenizer (``open_clip.get_tokenizer(name)``).
-        mean: pixel mean (RGB); default: the model's preprocessing config, else CLIP's.
-        std: pixel std (RGB); default: the model's preprocessing config, else CLIP's.
+        mean, std: pixel mean and std (RGB); default: the model's preprocessing config,
+            else CLIP's.
         templates: prompt templates with one ``{}``; default: the 80 ImageNet templates.
-        text_cache_dir: a folder that keeps text embeddings across processes, of these
-            exact weights (``load_clip`` picks it by ``weights_id``); files in it are keyed
-            by the synonym, templates, dtype and tokenizer. None: memory only.
+        text_cache_dir: a folder keeping text embeddings of these exact weights across
+            processes (``load_clip`` picks it by ``weights_id``); None: memory only.
 
     Attributes:
         model: the wrapped OpenCLIP model.
         patch_size: P, the vision transformer's patch size in pixels.
         embed_dim: E, the joint embedding size (512 for ViT-B-16).
-        text_cache: ``{name: (E,) float32 embedding}`` of every class name encoded so far.
+        text_cache: ``{synonym: (E,) float32 embedding}`` of every name encoded so far.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer,
-        *,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        templates: Sequence[str] | None = None,
-        text_cache_dir: str | os.PathLike | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, tokenizer, *, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, templates: Sequence[str] | None = None,
+                 text_cache_dir: str | os.PathLike | None = None) -> None:
         visual = getattr(model, "visual", None)
-        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-        if visual is None or blocks is None or not hasattr(visual, "conv1"):
+        if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
             raise TypeError("model must be an OpenCLIP CLIP model with a VisionTransformer tower")
         if getattr(visual, "attn_pool", None) is not None or not isinstance(
-                blocks[-1].attn, nn.MultiheadAttention):
+                visual.transformer.resblocks[-1].attn, nn.MultiheadAttention):
             raise ValueError("only plain OpenCLIP ViTs are supported (nn.MultiheadAttention, "
                              "no attentional pooling)")
-        patch = visual.conv1.kernel_size
-        if patch[0] != patch[1] or visual.conv1.stride != patch:
-            raise ValueError(f"square, non-overlapping patches required, got {patch}")
-        mean = mean if mean is not None else getattr(visual, "image_mean", None) or CLIP_MEAN
-        std = std if std is not None else getattr(visual, "image_std", None) or CLIP_STD
-        super().__init__(mean, std, visual.conv1.weight.device)
+        super().__init__(mean or getattr(visual, "image_mean", None) or CLIP_MEAN,
+                         std or getattr(visual, "image_std", None) or CLIP_STD,
+                         visual.conv1.weight.device)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.patch_size = int(patch[0])
+        self.patch_size = int(visual.conv1.kernel_size[0])
         self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else visual.width
         self.templates = tuple(templates) if templates is not None else imagenet_templates()
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
@@ -127,60 +103,16 @@ class ClipEncoder(DenseEncoder):
         return self.model.visual.conv1.weight.dtype
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """MaskCLIP: ``(B, 3, H, W)`` normalised pixels -> ``(B, E, H/P, W/P)`` unnormalised."""
-        visual = self.model.visual
-        x = visual.conv1(x)  # (B, width, gh, gw)
-        batch, _, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self._positional_embedding(gh, gw).to(x.dtype)
-        x = visual.ln_pre(x)  # patch dropout is skipped: identity at inference
-        transformer = visual.transformer
-        batch_first = _blocks_batch_first(transformer)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for block in transformer.resblocks[:-1]:
-            x = block(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        x = self._value_path(transformer.resblocks[-1], x)
-        x = visual.ln_post(x)[:, 1:]
-        if visual.proj is not None:
-            x = x @ visual.proj
-        return x.transpose(1, 2).reshape(batch, -1, gh, gw)
+        from ..predictors.maskclip import dense_features  # here: predictors import encoders
 
-    @staticmethod
-    def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The last block with attention replaced by its value projection, ``(B, L, D)``."""
-        attn = block.attn
-        width = x.shape[-1]
-        fused = attn.in_proj_weight is not None  # [W_q; W_k; W_v] stacked, as in CLIP
-        w_v = attn.in_proj_weight[2 * width :] if fused else attn.v_proj_weight
-        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
-        v = attn.out_proj(F.linear(block.ln_1(x), w_v, b_v))
-        x = x + block.ls_1(v)
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    def _positional_embedding(self, gh: int, gw: int) -> torch.Tensor:
-        """``(1 + gh*gw, width)`` positional embedding, the grid part resized bicubically."""
-        visual = self.model.visual
-        pos = visual.positional_embedding
-        old_h, old_w = visual.grid_size
-        if (gh, gw) == (old_h, old_w):
-            return pos
-        grid = pos[1:].float().reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pos.dtype)
-        return torch.cat([pos[:1], grid])
+        return dense_features(self.model.visual, x)
 
     @torch.inference_mode()
     def encode_classes(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt-ensembled text embeddings, one row per ``;``-separated synonym.
-
-        Each synonym is put into every template, encoded, L2-normalised, averaged over
-        templates and L2-normalised again. Embeddings are cached per synonym; a cache file
-        without a finite unit vector of this size is recomputed, rewritten and named in a
-        warning.
+        """Prompt-ensembled text embeddings, one row per ``;``-separated synonym: each
+        synonym in every template, encoded, L2-normalised, averaged over the templates and
+        L2-normalised again. A disk-cache file without a finite unit vector of this size is
+        recomputed, rewritten and named in a warning.
 
         Args:
             names: C class names (checked by :func:`lposs.vocab.vocabulary` where they
@@ -191,9 +123,8 @@ class ClipEncoder(DenseEncoder):
             device and ``(C',)`` int64, the position in ``names`` of each row's class.
 
         Raises:
-            ClassNamesError: a synonym is too long for the text context (77 tokens for
-                OpenCLIP, templates included): cut, it could not be told from another
-                name with the same beginning.
+            ClassNamesError: a synonym too long for the text context (77 tokens for
+                OpenCLIP, templates included): cut, it could not be told from another.
         """
         rows, index = [], []
         for position, name in enumerate(names):
@@ -214,19 +145,16 @@ class ClipEncoder(DenseEncoder):
         return embeddings, torch.tensor(index, dtype=torch.long, device=embeddings.device)
 
     def _disk_path(self, synonym: str) -> Path | None:
+        """The cache file of ``synonym``, keyed also by the dtype, tokenizer and templates."""
         if self.text_cache_dir is None:
             return None
         tokenizer = type(self.tokenizer)
-        parts = [
-            f"text-embedding-v{TEXT_EMBEDDING_VERSION}",
-            str(self._dtype()),
+        key = "\n".join([
+            f"text-embedding-v{TEXT_EMBEDDING_VERSION}", str(self._dtype()),
             f"{tokenizer.__module__}.{tokenizer.__qualname__}",
             f"context_length={getattr(self.tokenizer, 'context_length', None)}",
             f"model_context_length={getattr(self.model, 'context_length', None)}",
-            json.dumps(self.templates),
-            synonym,
-        ]
-        key = "\n".join(parts).encode()
+            json.dumps(self.templates), synonym]).encode()
         return self.text_cache_dir / f"{hashlib.sha256(key).hexdigest()[:40]}.pt"
 
     def _recall(self, synonym: str, damaged: list[Path]) -> bool:
@@ -250,11 +178,10 @@ class ClipEncoder(DenseEncoder):
 
     def _store(self, synonym: str, embedding: torch.Tensor) -> None:
         path = self._disk_path(synonym)
-        if path is None:
-            return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f: torch.save(embedding.cpu().clone(), f))
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda f: torch.save(embedding.cpu().clone(), f))
         except OSError:  # a read-only cache only costs speed
             pass
 
@@ -310,8 +237,7 @@ def load_clip(
     **model_kwargs,
 ) -> ClipEncoder:
     """Build an OpenCLIP ViT as a frozen :class:`ClipEncoder`; ``weights_info`` says where
-    its weights came from (searched as :mod:`lposs.encoders.sources` says, e.g.
-    ``$LPOSS_WEIGHTS/ViT-B-16-laion2b_s34b_b88k.safetensors``).
+    its weights came from (searched as :mod:`lposs.encoders.sources` says).
 
     Args:
         name: OpenCLIP model name (``open_clip.list_models()``), a plain ViT.
@@ -341,15 +267,12 @@ def load_clip(
     schema, identifier = parse_model_name(name)  # local-dir: / hf-hub: carry their own weights
     by_open_clip = ((schema == "local-dir" and source.path == local_dir_weights(identifier))
                     or (schema == "hf-hub" and source.source == "hub"))
-    state_dict = None
-    if source.path is not None and not by_open_clip:
-        state_dict = read_checkpoint(source.path)  # before building: a bad file fails fast
-
     build = partial(_create_model, name, bool(tag_cfg.get("quick_gelu", False)), cache_dir,
                     model_kwargs)
-    if state_dict is None:
+    if source.path is None or by_open_clip:
         model = build(torch.device("cpu"))
-    else:
+    else:  # the file is read before the model is built: a bad file fails fast
+        state_dict = read_checkpoint(source.path)
         model = build_with_weights(build, _convert_clip_keys, state_dict, source.path, name,
                                    fill=_fill_causal_mask)
         del state_dict  # its tensors are the parameters now: a cast must not keep both
@@ -382,11 +305,9 @@ def _create_model(name: str, quick_gelu: bool, cache_dir, model_kwargs: dict,
 
 
 def _convert_clip_keys(model: nn.Module, state_dict: dict) -> dict:
-    """OpenCLIP's mapping of other checkpoint layouts to its own keys, where it has one."""
-    try:
-        from open_clip.convert import convert_state_dict
-    except ImportError:
-        return state_dict
+    """OpenCLIP's mapping of other checkpoint layouts (e.g. OpenAI's) to its own keys."""
+    from open_clip.convert import convert_state_dict
+
     return convert_state_dict(model, state_dict)
 
 

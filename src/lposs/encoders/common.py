@@ -17,9 +17,9 @@ __all__ = ["DenseEncoder"]
 
 
 class DenseEncoder(nn.Module):
-    """A frozen ViT that turns windows into L2-normalised patch features.
-
-    Subclasses set ``patch_size`` and implement ``_features`` and ``_dtype``.
+    """A frozen ViT that turns windows into L2-normalised patch features; subclasses set
+    ``patch_size`` and implement ``_features`` (normalised ``(B, 3, H, W)``, H and W
+    multiples of P -> ``(B, D, H/P, W/P)``) and ``_dtype``.
 
     Attributes:
         weights_info: where the weights came from, for provenance records:
@@ -51,17 +51,8 @@ class DenseEncoder(nn.Module):
         return next((name for name, d in PRECISIONS.items() if d == dtype), str(dtype))
 
     def train(self, mode: bool = True) -> DenseEncoder:
-        """Encoders stay in eval mode (frozen); this keeps the wrapped model in eval."""
-        super().train(False)
-        return self
-
-    def _dtype(self) -> torch.dtype:
-        """The dtype the model computes in."""
-        raise NotImplementedError
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised pixels, H and W multiples of P -> ``(B, D, H/P, W/P)``."""
-        raise NotImplementedError
+        """Encoders stay in eval mode (frozen)."""
+        return super().train(False)
 
     @torch.inference_mode()
     def dense_features(self, windows: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:

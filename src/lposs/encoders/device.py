@@ -1,14 +1,9 @@
-"""Where the encoders run and in which precision: device checks and ``precision="auto"``.
-
-Precisions (the dtype the models are cast to; features always come back as float32):
-
-- ``"fp32"``: the default, everywhere.
-- ``"bf16"``: any device; fast on GPUs and on CPUs that compute bf16 natively
-  (``avx512_bf16`` or ``amx_bf16``); on other CPUs about 3x slower than fp32 (a warning
-  says so).
-- ``"fp16"``: GPUs only. Refused on the CPU, where PyTorch runs fp16 matrix products
-  in slow fallback kernels (many times slower than fp32); use ``bf16`` or ``auto``.
-- ``"auto"``: ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, ``fp32`` otherwise.
+"""Where the encoders run and in which precision (the dtype the models are cast to; features
+always come back as float32): ``"fp32"``, the default; ``"bf16"``, fast on GPUs and on CPUs
+with native bf16 (``avx512_bf16`` or ``amx_bf16``), about 3x slower than fp32 on other CPUs
+(a warning says so); ``"fp16"``, GPUs only (PyTorch computes fp16 matrix products on the CPU
+many times slower than fp32); ``"auto"``: fp16 on CUDA, bf16 on a CPU with native bf16,
+fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -23,26 +18,23 @@ from ..errors import ConfigError
 
 __all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "cpu_has_native_bf16"]
 
-# Precision names the factories cast to, and their dtypes ("auto" resolves to one of these).
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of native bf16
 _CPUINFO = Path("/proc/cpuinfo")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device a model goes to: ``device`` as given, or the CPU when it is None.
+    """``device`` as a ``torch.device`` present on this machine; None: the CPU.
 
     Raises:
         TypeError: ``device`` is not a str, torch.device or None.
-        ConfigError: ``device`` is not a device name, or that device is not available on
-            this machine (no CUDA / MPS, or a CUDA index out of range); one line.
+        ConfigError: not a device name, or that device is not available here; one line.
     """
     if device is None:
         return torch.device("cpu")
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(
-            f"device must be a str, a torch.device or None, got {type(device).__name__}"
-        )
+        raise TypeError(f"device must be a str, a torch.device or None, got "
+                        f"{type(device).__name__}")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
@@ -56,24 +48,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _unavailable(device: torch.device) -> str:
     """Why ``device`` cannot be used here, in one short sentence; "" when it can."""
-    if device.type == "cpu":
-        return ""
     if device.type == "cuda":
-        if not torch.cuda.is_available():
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
             return "PyTorch finds no CUDA GPU here (torch.cuda.is_available() is False)"
-        count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             return (f"CUDA device index {device.index} is out of range, this machine has "
                     f"{count} CUDA device{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
         return ""
-    if device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            return ("PyTorch finds no Apple MPS device here "
-                    "(torch.backends.mps.is_available() is False)")
-        return ""
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "PyTorch finds no Apple MPS device here (torch.backends.mps.is_available() is False)"
     try:
-        torch.empty(0, device=device)  # other backends (xpu, ...): try an allocation
+        torch.empty(0, device=device)  # the CPU, MPS and other backends (xpu, ...)
     except (RuntimeError, AssertionError) as err:
         return _first_line(err)
     return ""
@@ -85,14 +71,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
-    """The precision the models run in on ``device``, ``"auto"`` resolved.
-
-    Args:
-        precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (see the module notes).
-        device: where the models run (default: CPU).
-
-    Returns:
-        ``"fp32"``, ``"fp16"`` or ``"bf16"`` (a key of :data:`PRECISIONS`).
+    """The precision the models run in on ``device`` (default: CPU): ``"fp32"``, ``"fp16"`` or
+    ``"bf16"`` (a key of :data:`PRECISIONS`), ``"auto"`` resolved (see the module notes).
 
     Warns:
         UserWarning: ``"bf16"`` on a CPU without native bf16 (slower than fp32 there).
@@ -107,15 +87,12 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
     if precision == "auto":
         if device_type == "cuda":
             return "fp16"
-        if device_type == "cpu" and cpu_has_native_bf16():
-            return "bf16"
-        return "fp32"
+        return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device_type == "cpu":
         raise ConfigError(
             "precision 'fp16' is not supported on the CPU (PyTorch computes fp16 matrix "
             "products there many times slower than fp32); use 'bf16', 'auto' or 'fp32', or "
-            "run on a GPU"
-        )
+            "run on a GPU")
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
         warnings.warn("precision 'bf16' runs slower than fp32 on this CPU, which has no native "
                       "bf16 (avx512_bf16 or amx_bf16); use fp32 or auto",
@@ -124,8 +101,7 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` among the
-    flags of ``/proc/cpuinfo``; False where that file cannot be read)."""
+    """Whether ``avx512_bf16`` or ``amx_bf16`` is among the CPU flags of ``/proc/cpuinfo``."""
     return bool((_cpu_flags() or frozenset()) & _CPU_BF16_FLAGS)
 
 
@@ -133,11 +109,10 @@ def cpu_has_native_bf16() -> bool:
 def _cpu_flags() -> frozenset[str] | None:
     """The CPU feature flags of ``/proc/cpuinfo``; None where that file cannot be read."""
     try:
-        text = _CPUINFO.read_text(errors="replace")
+        lines = _CPUINFO.read_text(errors="replace").splitlines()
     except OSError:
         return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
+    for key, _, value in (line.partition(":") for line in lines):
         if key.strip() in {"flags", "Features"}:  # x86 / ARM
             return frozenset(value.split())
     return frozenset()

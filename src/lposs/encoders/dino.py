@@ -2,18 +2,20 @@
 
 Features (METHOD.md, Encoders): the value vectors of the last block's attention, taken
 from its ``qkv`` projection after that block's ``norm1``, all heads concatenated, with
-the class and register tokens dropped. Only ``blocks[:-1]`` and the last block's
-``norm1`` + ``qkv`` are run.
+the class and register tokens dropped. Positional embeddings are resampled as
+facebookresearch/dino ``vision_transformer.py`` does (:func:`interpolate_pos_encoding`),
+which the paper's pipeline (through torch.hub) and FOUND / ProxyCLIP use, not as timm does.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import WeightsNotFoundError
 from .common import DenseEncoder
@@ -21,20 +23,77 @@ from .device import PRECISIONS, resolve_device, resolve_precision
 from .sources import WeightsSource, resolve_dino_weights, timm_name_and_config
 from .weights import build_with_weights, read_checkpoint
 
-__all__ = ["DinoEncoder", "load_dino", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["DinoEncoder", "load_dino", "interpolate_pos_encoding", "dino_tokens",
+           "dino_value_features"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet pixel mean (RGB)
 IMAGENET_STD = (0.229, 0.224, 0.225)  # ImageNet pixel std (RGB)
+
+
+def interpolate_pos_encoding(pos_embed: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """facebookresearch/dino ``interpolate_pos_encoding``: the square grid resized bicubically
+    by ``scale_factor = (g + 0.1) / sqrt(N)`` (not to a size, as timm does), unchanged when
+    ``gh == gw`` and ``gh * gw == N``; computed in float32.
+
+    Args:
+        pos_embed: ``(1 + N, D)``, the class token's row first, N a square.
+        grid_h: gh, patch rows of the input; grid_w: gw, its patch columns.
+
+    Returns:
+        ``(1 + gh * gw, D)`` in ``pos_embed``'s dtype.
+    """
+    n = pos_embed.shape[0] - 1
+    if grid_h * grid_w == n and grid_h == grid_w:
+        return pos_embed
+    side = math.sqrt(n)
+    grid = pos_embed[1:].float().reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
+    scale = ((grid_h + 0.1) / side, (grid_w + 0.1) / side)
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    grid = grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:1], grid])
+
+
+def dino_tokens(model: nn.Module, pixels: Tensor) -> Tensor:
+    """facebookresearch/dino ``prepare_tokens`` on a timm ViT built with
+    ``dynamic_img_size=True``: ``(B, 3, H, W)`` normalised pixels, H and W multiples of P ->
+    ``(B, 1 + gh * gw, D)`` tokens, class token first. A model with register tokens (or no
+    class row in ``pos_embed``) gets timm's own ``_pos_embed`` instead."""
+    x = model.patch_embed(pixels)  # (B, gh, gw, D)
+    if model.num_prefix_tokens != 1 or not model.has_class_token or model.no_embed_class:
+        return model._pos_embed(x)
+    batch, grid_h, grid_w, _ = x.shape
+    x = torch.cat([model.cls_token.expand(batch, -1, -1).to(x.dtype), x.flatten(1, 2)], dim=1)
+    return x + interpolate_pos_encoding(model.pos_embed[0], grid_h, grid_w).to(x.dtype)
+
+
+def dino_value_features(model: nn.Module, pixels: Tensor) -> Tensor:
+    """The last block's value vectors, all heads (FOUND's hook on ``blocks[-1].attn.qkv``).
+
+    Args:
+        model: a timm DINO ViT (see :func:`dino_tokens`).
+        pixels: ``(B, 3, H, W)`` ImageNet-normalised, H and W multiples of the patch size P.
+
+    Returns:
+        ``(B, D, H/P, W/P)`` unnormalised, class and register tokens dropped.
+    """
+    x = model.norm_pre(dino_tokens(model, pixels))
+    for block in model.blocks[:-1]:
+        x = block(x)
+    last = model.blocks[-1]
+    qkv, dim = last.attn.qkv, last.attn.qkv.out_features // 3
+    bias = qkv.bias[2 * dim :] if qkv.bias is not None else None
+    values = F.linear(last.norm1(x), qkv.weight[2 * dim :], bias)[:, model.num_prefix_tokens :]
+    patch = model.patch_embed.patch_size[0]
+    return values.transpose(1, 2).reshape(x.shape[0], dim, pixels.shape[-2] // patch, -1)
 
 
 class DinoEncoder(DenseEncoder):
     """A frozen timm VisionTransformer giving the value features of its last block.
 
     Args:
-        model: a timm ``VisionTransformer`` created with ``dynamic_img_size=True`` (any
-            window size; positional embeddings are resampled by timm).
-        mean: pixel mean (RGB); default: the model's pretrained config, else ImageNet's.
-        std: pixel std (RGB); default: the model's pretrained config, else ImageNet's.
+        model: a timm ``VisionTransformer`` created with ``dynamic_img_size=True``.
+        mean, std: pixel mean and std (RGB); default: the model's pretrained config, else
+            ImageNet's.
 
     Attributes:
         model: the wrapped timm model.
@@ -43,42 +102,24 @@ class DinoEncoder(DenseEncoder):
     """
 
     def __init__(self, model: nn.Module, *, mean=None, std=None) -> None:
-        blocks = getattr(model, "blocks", None)
-        if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
+        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise TypeError("model must be a timm VisionTransformer")
-        qkv = getattr(blocks[-1].attn, "qkv", None)
-        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
-            raise ValueError("the last block's attention must have a fused qkv nn.Linear")
-        if not getattr(model, "dynamic_img_size", False):
-            raise ValueError("create the timm model with dynamic_img_size=True (any window size)")
-        patch = tuple(model.patch_embed.patch_size)
-        if patch[0] != patch[1]:
-            raise ValueError(f"square patches required, got {patch}")
+        qkv = getattr(model.blocks[-1].attn, "qkv", None)
+        if not isinstance(qkv, nn.Linear) or not getattr(model, "dynamic_img_size", False):
+            raise ValueError("a timm ViT with a fused qkv nn.Linear, created with "
+                             "dynamic_img_size=True, is needed")
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = mean if mean is not None else cfg.get("mean") or IMAGENET_MEAN
-        std = std if std is not None else cfg.get("std") or IMAGENET_STD
-        super().__init__(mean, std, qkv.weight.device)
+        super().__init__(mean or cfg.get("mean") or IMAGENET_MEAN,
+                         std or cfg.get("std") or IMAGENET_STD, qkv.weight.device)
         self.model = model.eval().requires_grad_(False)
-        self.patch_size = int(patch[0])
+        self.patch_size = int(model.patch_embed.patch_size[0])
         self.embed_dim = qkv.out_features // 3
 
     def _dtype(self) -> torch.dtype:
         return self.model.blocks[-1].attn.qkv.weight.dtype
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-block values: ``(B, 3, H, W)`` normalised pixels -> ``(B, D, H/P, W/P)``."""
-        model = self.model
-        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = model.patch_embed(x)  # (B, gh, gw, width) in dynamic-size mode
-        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
-        for block in model.blocks[:-1]:
-            x = block(x)
-        last = model.blocks[-1]
-        qkv, v = last.attn.qkv, slice(2 * self.embed_dim, None)  # only v of the fused qkv
-        bias = qkv.bias[v] if qkv.bias is not None else None
-        values = F.linear(last.norm1(x), qkv.weight[v], bias)
-        values = values[:, model.num_prefix_tokens :]  # drop class and register tokens
-        return values.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
+    def _features(self, x: Tensor) -> Tensor:
+        return dino_value_features(self.model, x)
 
 
 def load_dino(
@@ -95,10 +136,8 @@ def load_dino(
     says where its weights came from.
 
     Weights are searched as :mod:`lposs.encoders.sources` says; ``$LPOSS_WEIGHTS`` may hold
-    ``<name><ext>``, ``<timm name><ext>`` or the original release's file name, e.g.
-    ``dino_vitb16.safetensors``, ``vit_base_patch16_224.dino.safetensors`` or
-    ``dino_vitbase16_pretrain.pth``. The original facebookresearch DINO / DINOv2 key
-    layout is mapped by timm's checkpoint filter.
+    ``<name><ext>``, ``<timm name><ext>`` or the original release's file name (e.g.
+    ``dino_vitbase16_pretrain.pth``), whose key layout timm's checkpoint filter maps.
 
     Args:
         name: ``dino_vitb16``, ``dino_vitb8``, ``dinov2_vitb14`` (``DINO_MODELS``), or a timm

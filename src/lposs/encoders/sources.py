@@ -1,18 +1,14 @@
 """Where each encoder's weights come from, decided before anything is loaded, and their identity.
 
-The search of ``load_clip`` / ``load_dino``, in order:
-
-1. ``weights=PATH`` (``--clip-weights`` / ``--dino-weights``): a local checkpoint, as is.
-2. The folder named by ``$LPOSS_WEIGHTS``, holding a file named after the model,
-   ``<stem><ext>`` with ``ext`` one of ``.safetensors``, ``.pt``, ``.pth``, ``.bin``
-   (CLIP: ``ViT-B-16-laion2b_s34b_b88k.safetensors``; DINO: ``dino_vitb16.safetensors``).
-3. The Hugging Face Hub cache (files OpenCLIP / timm downloaded before): no network.
-4. A Hub download, only when the Hub answers; offline (``HF_HUB_OFFLINE=1``) or with no
-   route to the Hub this fails at once with :class:`WeightsNotFoundError`.
-
-The result is a :class:`WeightsSource`; its ``info()`` is the provenance record encoders
-expose as ``weights_info``, and :func:`weights_id` the one string that every cache key
-and identity check uses for those weights.
+``load_clip`` / ``load_dino`` search, in order: ``weights=PATH`` (``--clip-weights`` /
+``--dino-weights``), as is; ``$LPOSS_WEIGHTS/<stem><ext>``, ``ext`` one of
+:data:`WEIGHT_EXTENSIONS` (``ViT-B-16-laion2b_s34b_b88k.safetensors``,
+``dino_vitb16.safetensors``); the Hugging Face Hub cache (files OpenCLIP / timm downloaded
+before); a Hub download, only when the Hub answers (offline, ``HF_HUB_OFFLINE=1``, or with
+no route to the Hub this fails at once with :class:`WeightsNotFoundError`). The result is a
+:class:`WeightsSource`; its ``info()`` is the provenance record encoders expose as
+``weights_info``, and :func:`weights_id` the one string every cache key and identity check
+uses for those weights.
 """
 
 from __future__ import annotations
@@ -27,24 +23,14 @@ from pathlib import Path
 
 from ..errors import ConfigError, WeightsNotFoundError
 from .cache import remembered_sha256
-from .weights import WEIGHT_EXTENSIONS, weight_file
 
-__all__ = [
-    "WEIGHTS_ENV",
-    "DINO_MODELS",
-    "OPEN_CLIP_FILES",
-    "WeightsSource",
-    "weights_id",
-    "resolve_weights",
-    "resolve_clip_weights",
-    "resolve_dino_weights",
-    "clip_tag_config",
-    "local_dir_weights",
-    "timm_name_and_config",
-    "hub_cached",
-]
+__all__ = ["WEIGHTS_ENV", "WEIGHT_EXTENSIONS", "DINO_MODELS", "OPEN_CLIP_FILES",
+           "WeightsSource", "weights_id", "resolve_weights", "resolve_clip_weights",
+           "resolve_dino_weights", "clip_tag_config", "local_dir_weights",
+           "timm_name_and_config", "hub_cached"]
 
 WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
+WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")  # searched in this order
 # lposs names of the vision models -> timm model names (architecture.pretrained_tag).
 DINO_MODELS = {
     "dino_vitb16": "vit_base_patch16_224.dino",
@@ -64,9 +50,8 @@ class WeightsSource:
         source: ``"file"`` (a local file given or found in ``$LPOSS_WEIGHTS``), ``"hub"``
             (a Hugging Face Hub file, from its local cache) or ``"random"`` (no weights).
         path: the local file that is read; None for random weights.
-        repo: the Hub repository, for ``"hub"``.
-        revision: the Hub commit of the cached snapshot holding the file, for ``"hub"``.
-        file: the file's name in the Hub repository, for ``"hub"``.
+        repo, revision, file: for ``"hub"``: the repository, the commit of the cached
+            snapshot holding the file, and the file's name in the repository.
     """
 
     source: str
@@ -113,23 +98,20 @@ def resolve_weights(*, clip: str, clip_pretrained: str | None,
         WeightsNotFoundError: a given file is missing, or weights of one or both models
             are found nowhere; one short message names every missing model.
     """
-    missing: list[tuple[str, ...]] = []
-    sources: list[WeightsSource | None] = [None, None]
     searches = [lambda: resolve_clip_weights(clip, clip_pretrained, weights=clip_weights,
-                                             cache_dir=cache_dir)]
-    if dino is not None:
-        searches.append(lambda: resolve_dino_weights(dino, weights=dino_weights,
-                                                     cache_dir=cache_dir))
-    for i, search in enumerate(searches):
+                                             cache_dir=cache_dir),
+                lambda: resolve_dino_weights(dino, weights=dino_weights, cache_dir=cache_dir)]
+    sources, missing = [], []
+    for search in searches[: 1 if dino is None else 2]:
         try:
-            sources[i] = search()
+            sources.append(search())
         except WeightsNotFoundError as err:
             if not hasattr(err, "missing"):
                 raise
             missing += err.missing
     if missing:
         raise _no_weights(missing)
-    return sources[0], sources[1]
+    return sources[0], sources[1] if dino is not None else None
 
 
 def resolve_clip_weights(name: str = "ViT-B-16", pretrained: str | None = "laion2b_s34b_b88k",
@@ -151,7 +133,7 @@ def resolve_clip_weights(name: str = "ViT-B-16", pretrained: str | None = "laion
     if schema is None and weights is None and pretrained is not None and os.path.isfile(pretrained):
         weights = pretrained  # OpenCLIP also accepts a file as `pretrained`
     if weights is not None:
-        return WeightsSource("file", weight_file(weights, f"CLIP model {name!r}"))
+        return WeightsSource("file", _weight_file(weights, f"CLIP model {name!r}"))
     if schema == "local-dir":  # OpenCLIP loads the folder's own file, or none (random)
         found = local_dir_weights(identifier)
         return WeightsSource("file", found) if found is not None else WeightsSource("random")
@@ -161,18 +143,11 @@ def resolve_clip_weights(name: str = "ViT-B-16", pretrained: str | None = "laion
     if pretrained is None:
         return WeightsSource("random")
     stem = f"{name}-{pretrained}"
-    found = _find_in_weights_dir([stem, name])
-    if found is not None:
-        return WeightsSource("file", found)
     repo_id, files = _clip_hub_files(tag_cfg.get("hf_hub", ""))
-    reason = "the pretrained tag has no Hugging Face Hub copy"
-    if repo_id:
-        source, reason = _find_in_hub(repo_id, files, cache_dir=cache_dir)
-        if source is not None:
-            return source
-    download = f"hf download {repo_id} {files[0]}" if repo_id else "OpenCLIP while online"
-    raise _no_weights([(f"CLIP model {name!r} (pretrained {pretrained!r})", reason,
-                        "--clip-weights", f"{stem}.safetensors", download)])
+    return _search([stem, name], repo_id, files, cache_dir,
+                   (f"CLIP model {name!r} (pretrained {pretrained!r})",
+                    "the pretrained tag has no Hugging Face Hub copy", "--clip-weights",
+                    f"{stem}.safetensors", "OpenCLIP while online"))
 
 
 def resolve_dino_weights(name: str = "dino_vitb16", *,
@@ -187,23 +162,47 @@ def resolve_dino_weights(name: str = "dino_vitb16", *,
     """
     timm_name, cfg = timm_name_and_config(name)
     if weights is not None:
-        return WeightsSource("file", weight_file(weights, f"DINO model {name!r}"))
+        return WeightsSource("file", _weight_file(weights, f"DINO model {name!r}"))
     if not pretrained:
         return WeightsSource("random")
     original = os.path.basename(cfg.get("url") or "").rsplit(".", 1)[0]
-    found = _find_in_weights_dir([s for s in dict.fromkeys([name, timm_name, original]) if s])
+    files = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
+    return _search([s for s in dict.fromkeys([name, timm_name, original]) if s],
+                   cfg.get("hf_hub_id"), list(dict.fromkeys(files)), cache_dir,
+                   (f"DINO model {name!r}", f"timm has no Hugging Face Hub copy of {timm_name}",
+                    "--dino-weights", f"{name}.safetensors", "timm while online"))
+
+
+def _weight_file(path: str | os.PathLike, model: str) -> Path:
+    """``path`` checked to be a file; ``model`` (e.g. ``"CLIP model 'ViT-B-16'"``) is named
+    in the ``WeightsNotFoundError``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise WeightsNotFoundError(f"weights {str(path)!r} ({model}) is a directory; a weight "
+                                   f"file is expected ({', '.join(WEIGHT_EXTENSIONS)})")
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {str(path)!r} ({model}) does not exist")
+    return path
+
+
+def _search(stems: Sequence[str], repo_id: str | None, files: Sequence[str], cache_dir,
+            missing: tuple[str, ...]) -> WeightsSource:
+    """The first ``$LPOSS_WEIGHTS/<stem><ext>``, else a Hub file of ``repo_id``, else the
+    error for ``missing = (model, reason without a repository, flag, file name, download
+    without a repository)``."""
+    folder = os.environ.get(WEIGHTS_ENV)
+    candidates = (Path(folder).expanduser() / f"{s}{e}" for s in stems
+                  for e in WEIGHT_EXTENSIONS) if folder else ()
+    found = next((path for path in candidates if path.is_file()), None)
     if found is not None:
         return WeightsSource("file", found)
-    repo_id = cfg.get("hf_hub_id")
-    reason = f"timm has no Hugging Face Hub copy of {timm_name}"
+    model, reason, flag, file_name, download = missing
     if repo_id:
-        files = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
-        source, reason = _find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
+        source, reason = _find_in_hub(repo_id, files, cache_dir=cache_dir)
         if source is not None:
             return source
-    download = f"hf download {repo_id} {files[0]}" if repo_id else "timm while online"
-    raise _no_weights([(f"DINO model {name!r}", reason, "--dino-weights",
-                        f"{name}.safetensors", download)])
+        download = f"hf download {repo_id} {files[0]}"
+    raise _no_weights([(model, reason, flag, file_name, download)])
 
 
 def _no_weights(missing: list[tuple[str, ...]]) -> WeightsNotFoundError:
@@ -250,16 +249,12 @@ def clip_tag_config(name: str, pretrained: str | None, weights) -> dict:
 
 
 def local_dir_weights(folder: str) -> Path | None:
-    """The weight file OpenCLIP loads from a ``local-dir:`` folder (its own choice when it
-    exposes it, else the first of its default names); None when there is none."""
-    from open_clip import factory
+    """The weight file OpenCLIP loads from a ``local-dir:`` folder (its own choice); None
+    when there is none."""
+    from open_clip.factory import _find_checkpoint_in_dir
 
-    choose = getattr(factory, "_find_checkpoint_in_dir", None)
-    if callable(choose):
-        found = choose(Path(folder))
-        return Path(found) if found else None
-    return next((Path(folder) / f for f in OPEN_CLIP_FILES if (Path(folder) / f).is_file()),
-                None)
+    found = _find_checkpoint_in_dir(Path(folder))
+    return Path(found) if found else None
 
 
 def _clip_hub_files(repo_and_file: str) -> tuple[str, list[str]]:
@@ -292,25 +287,13 @@ def timm_name_and_config(name: str) -> tuple[str, dict]:
     return timm_name, cfg.to_dict() if cfg is not None else {}
 
 
-def _find_in_weights_dir(stems: Sequence[str]) -> Path | None:
-    """The first file ``$LPOSS_WEIGHTS/<stem><ext>`` that exists, stems first, then
-    extensions; None when ``LPOSS_WEIGHTS`` is unset or holds none of them."""
-    folder = os.environ.get(WEIGHTS_ENV)
-    if not folder:
-        return None
-    candidates = (Path(folder).expanduser() / f"{s}{e}" for s in stems for e in WEIGHT_EXTENSIONS)
-    return next((path for path in candidates if path.is_file()), None)
-
-
 def _find_in_hub(repo_id: str, filenames: Sequence[str], *,
                  cache_dir: str | os.PathLike | None) -> tuple[WeightsSource | None, str]:
     """A Hub file from the local cache, else downloaded when the Hub answers: ``(source,
     "")``, or ``(None, why not)`` (offline, unreachable, missing on the Hub)."""
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError:
-        return None, "huggingface_hub is not installed"
+    import huggingface_hub
+    from huggingface_hub import constants
+
     found = hub_cached(repo_id, filenames, cache_dir=cache_dir)
     if found is not None:
         return found, ""
@@ -335,11 +318,9 @@ def _find_in_hub(repo_id: str, filenames: Sequence[str], *,
 def hub_cached(repo_id: str, filenames: Sequence[str], *,
                cache_dir: str | os.PathLike | None = None) -> WeightsSource | None:
     """The first of ``filenames`` in the local Hugging Face Hub cache of ``repo_id`` (no
-    network), as a ``"hub"`` source; None when none is cached or huggingface_hub is absent."""
-    try:
-        import huggingface_hub
-    except ImportError:
-        return None
+    network), as a ``"hub"`` source; None when none is cached."""
+    import huggingface_hub
+
     for filename in filenames:
         cached = huggingface_hub.try_to_load_from_cache(
             repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir))

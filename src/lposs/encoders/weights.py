@@ -1,11 +1,6 @@
-"""Reading a weight file safely, and building a model whose parameters are its tensors.
-
-Checkpoints are read without unpickling arbitrary objects: ``.safetensors`` with the
-safetensors library, ``.pt`` / ``.pth`` / ``.bin`` with ``torch.load(weights_only=True)``.
-The format is read from the file's first bytes, not its extension. A file holding pickled
-objects raises :class:`UnsafeCheckpointError`; any other unreadable or unfitting file
-:class:`WeightsNotFoundError`, naming the file and what was expected.
-"""
+"""Reading a weight file without unpickling objects, and building a model whose parameters
+are its tensors. A file holding pickled objects raises :class:`UnsafeCheckpointError`, any
+other unreadable or unfitting file :class:`WeightsNotFoundError`, naming the file."""
 
 from __future__ import annotations
 
@@ -21,44 +16,20 @@ import torch
 
 from ..errors import UnsafeCheckpointError, WeightsNotFoundError
 
-__all__ = ["WEIGHT_EXTENSIONS", "weight_file", "read_checkpoint", "build_with_weights"]
+__all__ = ["read_checkpoint", "build_with_weights"]
 
-WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")  # searched in this order
 _NESTING_KEYS = ("state_dict", "model")  # checkpoints may nest the state dict under these
 _EXPECTED = ("expected a .safetensors file or a PyTorch checkpoint written by torch.save "
              "(a state dict of tensors)")
 
 
-def weight_file(path: str | os.PathLike, model: str) -> Path:
-    """``path`` checked to be a file; ``model`` (e.g. ``"CLIP model 'ViT-B-16'"``) is named
-    in the error.
-
-    Raises:
-        WeightsNotFoundError: ``path`` is a directory or does not exist.
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise WeightsNotFoundError(f"weights {str(path)!r} ({model}) is a directory; a weight "
-                                   f"file is expected ({', '.join(WEIGHT_EXTENSIONS)})")
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {str(path)!r} ({model}) does not exist")
-    return path
-
-
 def read_checkpoint(path: str | os.PathLike, *, strip_prefixes: Sequence[str] = ("module.",)):
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict, never unpickling objects.
-
-    The tensors own their memory (none maps the file), so a model built from them keeps
-    working when the file is replaced or rewritten in place.
-
-    Args:
-        path: a ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.bin`` torch file. A
-            state dict nested under ``"state_dict"`` or ``"model"`` is unwrapped.
-        strip_prefixes: key prefixes removed when every key carries them (e.g.
-            ``module.`` from DistributedDataParallel).
-
-    Returns:
-        The state dict, tensors on the CPU.
+    """A checkpoint file as a flat ``{name: tensor}`` dict on the CPU: safetensors' own
+    reader, or ``torch.load(weights_only=True)``, told apart by the file's first bytes. The
+    tensors own their memory (none maps the file): a model built from them keeps working
+    when the file is rewritten in place. A state dict nested under ``"state_dict"`` or
+    ``"model"`` is unwrapped; ``strip_prefixes`` (e.g. DDP's ``module.``) are removed when
+    every key carries them.
 
     Raises:
         WeightsNotFoundError: the file cannot be read or is not a checkpoint.
@@ -166,20 +137,11 @@ def build_with_weights(
     *,
     fill: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
-    """A model whose parameters are the checkpoint's tensors, built without a second copy.
-
-    The model is built on the meta device (no random initialisation, no memory) and loaded
-    with ``load_state_dict(assign=True)``, so the checkpoint's tensors become its
-    parameters. ``fill(model)`` then sets the buffers that checkpoints do not hold (e.g.
-    CLIP's causal attention mask). A model that still has an unset tensor after that is
-    built again on the CPU and loaded by copy.
-
-    Args:
-        build: makes the architecture on the device it is given, without weights.
-        convert: maps the checkpoint's keys to the model's: ``convert(model, state_dict)``.
-        state_dict: the checkpoint (:func:`read_checkpoint`).
-        path, name: the file and the model name, for the error message.
-        fill: sets the model's non-persistent buffers after loading.
+    """A model whose parameters are the checkpoint's tensors, without a second copy: built
+    on the meta device by ``build(device)``, loaded with ``load_state_dict(assign=True)``
+    from ``convert(model, state_dict)``, then ``fill(model)`` sets the buffers checkpoints
+    do not hold (CLIP's causal mask). A model still holding a meta tensor is built again on
+    the CPU and loaded by copy. ``path`` and ``name`` are for the error message.
 
     Raises:
         WeightsNotFoundError: the checkpoint does not fit the model.

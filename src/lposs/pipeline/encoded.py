@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..config import LPOSSConfig
 from ..output.files import atomic_write
 from ..progress import Progress, StageCounter
-from .windows import crop_windows, patch_positions, window_grid
+from .windows import crop_windows, patch_positions, window_setups
 
 __all__ = ["WindowSetup", "PreparedImage", "EncodedImage", "encode_images"]
 
@@ -97,13 +97,12 @@ def encode_images(clip, dino, config: LPOSSConfig, images: Sequence[PreparedImag
     start = time.perf_counter()
     device = next(clip.parameters()).device
     workings = [image.working.to(device) for image in images]
-    boxes = [[window_grid(*w.shape[-2:], size=size, stride=stride)
-              for size, stride in config.windows] for w in workings]
+    boxes = [window_setups(*w.shape[-2:], config.windows) for w in workings]
     passes = (2 if config.patch_stage else 1) * sum(len(b) for per in boxes for b in per)
     counter = StageCounter(progress, "encoding windows", passes)
     setups: list[list[WindowSetup]] = [[] for _ in images]
-    for s in range(len(config.windows)):
-        crops = [crop_windows(w, per[s], multiple=1) for w, per in zip(workings, boxes)]
+    for s in range(len(boxes[0])):
+        crops = [crop_windows(w, per[s]) for w, per in zip(workings, boxes)]
         groups: dict[tuple, list[int]] = {}  # the windows of small images are smaller
         for i, c in enumerate(crops):
             groups.setdefault(tuple(c.shape[1:]), []).append(i)

@@ -25,52 +25,34 @@ from torch import Tensor
 from ..config import BAND_PIXELS, DEFAULT_MAX_PIXELS
 from ..errors import ImageError
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "read_image",
-    "find_images",
-    "load_label_map",
-    "working_size",
-    "resize_image",
-    "working_image",
-]
+__all__ = ["IMAGE_SUFFIXES", "read_image", "find_images", "load_label_map", "working_size",
+           "resize_image", "working_image"]
 
 Image.init()
 #: File suffixes of images: every suffix Pillow can open (``.avif``, ``.jfif``, ...), what
 #: :func:`find_images` collects from folders and a folder dataset takes as its images.
 IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
                               if fmt in Image.OPEN))
-
 #: Pillow modes of a label map: palette (indices, not colours), grey, 16/32-bit, bilevel.
 _LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "1")
-
 _PILLOW_CAP_LOCK = threading.Lock()
-
-
-# ----------------------------------------------------------------------------- loading
-def _cap_message(pixels: int, max_pixels: int, what: str) -> str:
-    return (
-        f"{what} has {pixels:,} pixels, more than the limit of {max_pixels:,}; "
-        "if you trust it, raise the limit with --max-pixels N (or max_pixels=N / None "
-        "in Python)"
-    )
 
 
 def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
     if height <= 0 or width <= 0:
         raise ImageError(f"{what} is empty ({height}x{width} pixels)")
     if max_pixels is not None and height * width > max_pixels:
-        raise ImageError(_cap_message(height * width, max_pixels, what))
+        raise ImageError(f"{what} has {height * width:,} pixels, more than the limit of "
+                         f"{max_pixels:,}; if you trust it, raise the limit with --max-pixels N "
+                         "(or max_pixels=N / None in Python)")
 
 
 @contextlib.contextmanager
 def _without_pillow_cap() -> Iterator[None]:
-    """Pillow's own decompression-bomb check off (we apply ``max_pixels`` from the header);
-    a process-wide global, changed under a lock and restored on exit."""
+    """Pillow's own decompression-bomb check off, under a lock (ours is ``max_pixels``)."""
     with _PILLOW_CAP_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             yield
         finally:
@@ -79,19 +61,17 @@ def _without_pillow_cap() -> Iterator[None]:
 
 def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
     """Any Pillow mode to ``(3, H, W)`` RGB: uint8 for 8-bit modes, float32 in [0, 1] for
-    16-bit and float ones; alpha is dropped."""
+    16-bit (scaled by 1/65535) and float ones; alpha is dropped."""
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
-        # 16-bit data (PNG/TIFF) scaled by 1/65535, not clipped to 8 bits
         arr = np.asarray(im).astype(np.float32)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise ImageError(f"{what}: 32-bit integer pixels outside 0..65535 are not supported")
-        rgb = np.repeat((arr / 65535.0)[..., None], 3, axis=2)
+        arr = arr / 65535.0
     elif mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise ImageError(f"{what}: float pixels must be finite and in [0, 1]")
-        rgb = np.repeat(arr[..., None], 3, axis=2)
     else:
         if mode in ("P", "PA"):
             im = im.convert("RGBA")  # applies palette transparency without Pillow's warning
@@ -101,7 +81,7 @@ def _pil_to_tensor(im: Image.Image, what: str) -> Tensor:
             except (ValueError, OSError) as exc:
                 raise ImageError(f"{what}: unsupported image mode {mode!r} ({exc})") from exc
         return _rgb_rows_to_tensor(im)
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).expand(3, -1, -1).clone()
 
 
 def _rgb_rows_to_tensor(im: Image.Image) -> Tensor:
@@ -120,8 +100,7 @@ def _decode(im: Image.Image, what: str, max_pixels: int | None, *,
             in_place: bool = False) -> Image.Image:
     """Check the header size, decode the pixels and apply the EXIF orientation (to ``im``
     itself with ``in_place``, for an image we opened: no copy of its pixels)."""
-    width, height = im.size  # from the header: Image.open does not decode pixels
-    _check_pixels(height, width, max_pixels, what)
+    _check_pixels(im.height, im.width, max_pixels, what)  # from the header: nothing decoded
     try:
         im.load()
         if not in_place:
@@ -151,29 +130,15 @@ def _from_tensor(t: Tensor, max_pixels: int | None, what: str) -> Tensor:
     return t.expand(3, -1, -1).contiguous()
 
 
-def read_image(
-    source: str | os.PathLike | Image.Image | np.ndarray | Tensor,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Tensor:
-    """Read an image as RGB, keeping 8-bit images 8-bit (the one image reader).
-
-    8-bit sources give uint8, so that the working-size resize can be the paper's (OpenCV
-    on uint8 pixels, :func:`resize_image`); 16-bit files (scaled by 1/65535) and float
-    arrays or tensors give float32 in [0, 1]. Grey and palette images become RGB, alpha
-    is dropped, EXIF orientation is applied, a multi-frame file gives its first frame.
-    The size of a file is checked against ``max_pixels`` from its header, before any
-    pixel is decoded.
-
-    Args:
-        source: a file path (any format Pillow reads), a PIL image, a numpy array
-            ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``, or a tensor ``(3, H, W)`` (or
-            ``(1, H, W)``/``(H, W)``; the result stays on its device), uint8 or float in
-            [0, 1].
-        max_pixels: Largest ``H * W`` accepted; ``None`` disables the check.
-
-    Returns:
-        ``(3, H, W)`` tensor: uint8, or float32 in [0, 1].
+def read_image(source: str | os.PathLike | Image.Image | np.ndarray | Tensor, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
+    """The one image reader: a file (any format Pillow reads), PIL image, numpy array
+    ``(H, W)``/``(H, W, 3)``/``(H, W, 4)`` or tensor ``(3, H, W)``/``(1, H, W)``/``(H, W)``
+    (the result stays on its device) -> ``(3, H, W)`` RGB, uint8 for 8-bit sources (for the
+    paper's OpenCV resize, :func:`resize_image`), float32 in [0, 1] for 16-bit files
+    (scaled by 1/65535) and float input. Alpha is dropped, EXIF orientation applied, a
+    multi-frame file gives its first frame; a file's ``H * W`` is checked against
+    ``max_pixels`` (None: no cap) from its header, before decoding.
 
     Raises:
         ImageError: Missing, unreadable, truncated or too large image, or an array of
@@ -203,8 +168,7 @@ def read_image(
         name = getattr(source, "filename", "") or ""
         what = f"image {name!r}" if name else "PIL image"
         with _without_pillow_cap():
-            decoded = _decode(source, what, max_pixels)
-            return _pil_to_tensor(decoded, what)
+            return _pil_to_tensor(_decode(source, what, max_pixels), what)
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 and source.dtype.kind != "f":
             raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype "
@@ -217,20 +181,18 @@ def read_image(
     if isinstance(source, Tensor):
         return _from_tensor(source[None] if source.ndim == 2 else source, max_pixels,
                             "image tensor")
-    raise TypeError(
-        "image must be a path, PIL image, numpy array or torch tensor, "
-        f"got {type(source).__name__}"
-    )
+    raise TypeError(f"image must be a path, PIL image, numpy array or torch tensor, "
+                    f"got {type(source).__name__}")
 
 
-# ----------------------------------------------------------------------------- finding
 def _image_files_under(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, sorted; hidden ones and lposs's own
+    outputs skipped."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                found.append(Path(root) / name)
+        found += [Path(root) / name for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
     return sorted(found)
 
 
@@ -239,29 +201,19 @@ def _is_lposs_output(path: Path) -> bool:
     ``X_overlay.png`` with lposs's ``X.json`` (which names its source) beside it."""
     name = path.name
     stem = name[:-len("_overlay.png")] if name.endswith("_overlay.png") else path.stem
-    if path.suffix != ".png" or not (path.parent / f"{stem}.json").is_file():
-        return False
     try:
         with open(path.parent / f"{stem}.json", encoding="utf-8") as f:
-            record = json.load(f)
+            record = json.load(f) if path.suffix == ".png" else None
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and {"source", "classes", "provenance"} <= record.keys()
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    """Expand files, folders and glob patterns into a list of image files.
-
-    A file is taken as given (whatever its suffix). A folder is searched recursively for
-    files ending in :data:`IMAGE_SUFFIXES` (case-insensitive; hidden files and folders
-    skipped), sorted. A glob pattern (``*``, ``?``, ``[``; ``**`` recurses) keeps its
-    image files and expands the folders it matches. Folders and patterns skip lposs's own
-    outputs (a label PNG or overlay with its lposs JSON beside it), so that photos and
-    results can share a folder. Duplicates (same real path) are dropped, first kept; a
-    symbolic link loop is kept, to fail on its own when read.
-
-    Args:
-        inputs: Paths or patterns, e.g. the CLI's positional arguments.
+    """Expand files (taken as given), folders (searched recursively for
+    :data:`IMAGE_SUFFIXES`, hidden ones skipped, sorted) and glob patterns (``**``
+    recurses; folders matched are expanded) into image files, skipping lposs's own outputs
+    (a label PNG or overlay with its JSON beside it) and repeated real paths.
 
     Returns:
         ``(found, missing)``: the image paths in order, and the inputs that matched no
@@ -277,18 +229,13 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[s
         path = Path(text)
         if path.is_file() or (path.is_symlink() and not path.is_dir()):
             matches = [path]
-        elif path.is_dir():
-            matches = [m for m in _image_files_under(path) if not _is_lposs_output(m)]
         else:
-            matches = []
-            for hit in sorted(glob.glob(text, recursive=True)) if any(
-                    c in text for c in "*?[") else []:
-                hit_path = Path(hit)
-                if hit_path.is_dir():
-                    matches.extend(_image_files_under(hit_path))
-                elif hit.lower().endswith(IMAGE_SUFFIXES):
-                    matches.append(hit_path)
-            matches = [m for m in matches if not _is_lposs_output(m)]
+            hits = [path] if path.is_dir() else [Path(hit) for hit in sorted(
+                glob.glob(text, recursive=True)) if any(c in text for c in "*?[")]
+            matches = [m for hit in hits for m in (
+                _image_files_under(hit) if hit.is_dir()
+                else [hit] if hit.name.lower().endswith(IMAGE_SUFFIXES) else [])
+                if not _is_lposs_output(m)]
         if not matches:
             missing.append(text)
         for match in matches:
@@ -299,22 +246,12 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[s
     return found, missing
 
 
-# ----------------------------------------------------------------------------- label maps
 def load_label_map(path: str | os.PathLike, *,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
-    """Read a label map: the one reader of label PNGs (saved predictions, ground truth).
-
-    Palette images give their pixel indices (not colours), grey, 16-bit and bilevel images
-    their values; 255 keeps its meaning (unknown / ignore, :data:`lposs.config.UNKNOWN`).
-    Reads what :func:`lposs.output.files.save_label_png` writes, and every benchmark's labels.
-
-    Args:
-        path: Label image file.
-        max_pixels: Largest ``H * W`` accepted, checked from the header before decoding
-            (as for images); ``None`` disables the check.
-
-    Returns:
-        ``(H, W)`` int64 labels.
+    """Read a label map (saved predictions, every benchmark's ground truth) as ``(H, W)``
+    int64: palette images give their pixel indices (not colours), grey, 16-bit and bilevel
+    images their values; 255 keeps its meaning (:data:`lposs.config.UNKNOWN`).
+    ``max_pixels`` is checked from the header, as for images.
 
     Raises:
         ImageError: Missing or unreadable file, a colour (RGB) image, whose colours
@@ -328,10 +265,8 @@ def load_label_map(path: str | os.PathLike, *,
         with _without_pillow_cap(), Image.open(path) as im:
             _check_pixels(im.height, im.width, max_pixels, what)
             if im.mode not in _LABEL_MODES:
-                raise ImageError(
-                    f"{what} has mode {im.mode!r}; expected a single-channel (palette or grey) "
-                    "label map of class indices"
-                )
+                raise ImageError(f"{what} has mode {im.mode!r}; expected a single-channel "
+                                 "(palette or grey) label map of class indices")
             arr = np.array(im, dtype=np.int64)
     except ImageError:
         raise
@@ -342,39 +277,21 @@ def load_label_map(path: str | os.PathLike, *,
     return torch.from_numpy(arr)
 
 
-# ----------------------------------------------------------------------------- working size
-def working_size(
-    height: int, width: int, short_side: int = 448, long_side: int = 2048
-) -> tuple[int, int]:
-    """The size at which LPOSS runs, as the paper's test pipeline computes it.
-
-    mmseg's ``Resize(keep_ratio=True)`` with ``img_scale=(long_side, short_side)``
-    (mmcv's ``rescale_size``): ``scale = min(long_side / long, short_side / short)`` and
-    each side becomes ``int(side * scale + 0.5)``, never below 1 pixel.
-
-    Returns:
-        ``(h, w)``, the working height and width.
-    """
+def working_size(height: int, width: int, short_side: int = 448,
+                 long_side: int = 2048) -> tuple[int, int]:
+    """``(h, w)``, the size at which LPOSS runs: mmseg's ``Resize(keep_ratio=True)`` with
+    ``img_scale=(long_side, short_side)`` (mmcv's ``rescale_size``): ``scale = min(long_side
+    / long, short_side / short)``, each side ``int(side * scale + 0.5)``, at least 1."""
     scale = min(long_side / max(height, width), short_side / min(height, width))
     return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (``align_corners=False``, no antialiasing) of a ``(C, H, W)`` image.
-
-    A uint8 image is resized as the paper's pipeline does it: OpenCV's ``cv2.resize(...,
-    interpolation=cv2.INTER_LINEAR)`` on the uint8 pixels (on the CPU), then divided by
-    255. A floating-point image is interpolated in float32 (float64 for float64 input)
-    with ``F.interpolate`` and cast back to its dtype.
-
-    Args:
-        image: ``(C, H, W)`` uint8 or floating-point image.
-        size: ``(h, w)`` output size.
-
-    Returns:
-        ``(C, h, w)`` on the input's device: float32 in [0, 1] for uint8 input, the
-        input's dtype otherwise.
-    """
+    """Bilinear resize (``align_corners=False``, no antialiasing) of a ``(C, H, W)`` image
+    to ``size = (h, w)``: uint8 as the paper's pipeline does it (OpenCV's ``cv2.resize``,
+    ``INTER_LINEAR``, on the CPU) and divided by 255, giving float32; a floating-point image
+    with ``F.interpolate`` in float32 (float64 for float64), returned in its dtype. The
+    result is on the input's device."""
     h, w = size
     if image.dtype == torch.uint8:
         pixels = image.permute(1, 2, 0).cpu().numpy()  # (H, W, C), OpenCV's layout
@@ -389,5 +306,4 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
 def working_image(image: Tensor, short_side: int = 448, long_side: int = 2048) -> Tensor:
     """``(3, H, W)`` uint8 or float image -> ``(3, h, w)`` float32 in [0, 1] at the
     working size (:func:`working_size`, resized by :func:`resize_image`)."""
-    size = working_size(*image.shape[-2:], short_side, long_side)
-    return resize_image(image, size).float()
+    return resize_image(image, working_size(*image.shape[-2:], short_side, long_side)).float()

@@ -29,7 +29,7 @@ from .checks import check_unknown_threshold
 from .encoded import EncodedImage, PreparedImage, encode_images
 from .image import read_image, working_image
 from .scores import ScoreMaps
-from .windows import stitch_windows, window_grid
+from .windows import stitch_windows, window_setups
 
 __all__ = ["Segmenter"]
 
@@ -229,8 +229,7 @@ class Segmenter:
         """
         if encoded is self._given:
             return
-        boxes = [window_grid(*encoded.working.shape[-2:], size=size, stride=stride)
-                 for size, stride in self.config.windows]
+        boxes = window_setups(*encoded.working.shape[-2:], self.config.windows)
         fits = (encoded.encoders in (None, self.encoder_identity())
                 and len(encoded.setups) == len(boxes) and all(
                     torch.equal(s.boxes.cpu(), b) and s.clip.shape[1] == self.clip.embed_dim

@@ -11,74 +11,52 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "window_grid",
-    "crop_windows",
-    "pad_to_multiple",
-    "patch_positions",
-    "stitch_windows",
-]
+__all__ = ["window_grid", "window_setups", "crop_windows", "pad_to_multiple", "patch_positions",
+           "stitch_windows"]
 
 
-def _starts(length: int, size: int, stride: int) -> list[tuple[int, int]]:
+def _spans(length: int, size: int, stride: int) -> list[tuple[int, int]]:
     count = max(length - size + stride - 1, 0) // stride + 1
-    spans = []
-    for i in range(count):
-        end = min(i * stride + size, length)
-        spans.append((max(end - size, 0), end))
-    return spans
+    ends = [min(i * stride + size, length) for i in range(count)]
+    return [(max(end - size, 0), end) for end in ends]
 
 
 def window_grid(height: int, width: int, *, size: int = 224, stride: int = 112) -> Tensor:
-    """Sliding-window boxes covering an image, row-major.
+    """Sliding-window boxes covering an ``H x W`` image, row-major: ``(n_win, 4)`` int64
+    ``(y1, x1, y2, x2)``, end-exclusive, on the CPU.
 
     ``n_rows = max(H - size + stride - 1, 0) // stride + 1``; window row ``i`` spans
     ``y2 = min(i * stride + size, H)``, ``y1 = max(y2 - size, 0)`` (columns alike). The
     last window hugs the border; every window is ``min(size, H) x min(size, W)``.
+    """
+    rows, cols = _spans(height, size, stride), _spans(width, size, stride)
+    return torch.tensor([(y1, x1, y2, x2) for y1, y2 in rows for x1, x2 in cols],
+                        dtype=torch.long)
 
-    Args:
-        height: Image height H.
-        width: Image width W.
-        size: Window side in pixels.
-        stride: Step between windows in pixels.
+
+def window_setups(height: int, width: int,
+                  windows: tuple[tuple[int, int], ...] | None) -> list[Tensor]:
+    """The boxes of each ``(size, stride)`` setup (:func:`window_grid`); ``windows=None``
+    (no windows): one setup of one box, the whole image.
 
     Returns:
-        ``(n_win, 4)`` int64 boxes ``(y1, x1, y2, x2)``, end-exclusive, on the CPU.
+        one ``(n_win, 4)`` int64 tensor of boxes per setup, on the CPU.
     """
-    rows = _starts(height, size, stride)
-    cols = _starts(width, size, stride)
-    boxes = [(y1, x1, y2, x2) for (y1, y2) in rows for (x1, x2) in cols]
-    return torch.tensor(boxes, dtype=torch.long)
+    if windows is None:
+        return [torch.tensor([[0, 0, height, width]])]
+    return [window_grid(height, width, size=size, stride=stride) for size, stride in windows]
 
 
-def crop_windows(image: Tensor, boxes: Tensor, *, multiple: int) -> Tensor:
-    """Crop windows and zero-pad each at the bottom/right to a multiple of ``multiple``.
-
-    Args:
-        image: ``(C, H, W)`` image (RGB in [0, 1] for the encoders).
-        boxes: ``(n, 4)`` boxes ``(y1, x1, y2, x2)``, all of the same size, inside the image.
-        multiple: The padded height and width are multiples of this (the patch size).
-
-    Returns:
-        ``(n, C, h_pad, w_pad)`` crops, same dtype and device as ``image``.
-    """
-    box_list = boxes.tolist()
-    crops = torch.stack([image[:, y1:y2, x1:x2] for y1, x1, y2, x2 in box_list])
-    return pad_to_multiple(crops, multiple)
+def crop_windows(image: Tensor, boxes: Tensor) -> Tensor:
+    """``(C, H, W)`` image, ``(n, 4)`` boxes ``(y1, x1, y2, x2)`` of one size -> ``(n, C, h, w)``
+    crops (the encoders pad them to their patch size)."""
+    return torch.stack([image[:, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes.tolist()])
 
 
 def pad_to_multiple(windows: Tensor, multiple: int) -> Tensor:
-    """Zero-pad at the bottom/right so that height and width are multiples of ``multiple``:
-    the one window padding (crops for the encoders, the encoders' patch grid).
-
-    Args:
-        windows: ``(..., h, w)`` tensor.
-        multiple: The padded height and width are multiples of this (the patch size).
-
-    Returns:
-        ``(..., ceil(h / m) * m, ceil(w / m) * m)``, same dtype and device (``windows``
-        itself when no padding is needed).
-    """
+    """``(..., h, w)`` -> ``(..., ceil(h / m) * m, ceil(w / m) * m)``, zero-padded at the
+    bottom/right to a multiple ``m`` of the patch size (``windows`` itself when it is one):
+    the one window padding."""
     h, w = windows.shape[-2:]
     if h % multiple == 0 and w % multiple == 0:
         return windows
@@ -86,15 +64,9 @@ def pad_to_multiple(windows: Tensor, multiple: int) -> Tensor:
 
 
 def patch_positions(boxes: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:
-    """Patch centres in image pixels, for the spatial term of the patch graph.
-
-    Patch ``(row, col)`` of window ``(y1, x1, y2, x2)`` sits at
-    ``(y1 + P/2 + row * P, x1 + P/2 + col * P)``.
-
-    Args:
-        boxes: ``(n, 4)`` window boxes ``(y1, x1, y2, x2)``.
-        grid: ``(gh, gw)`` patch grid of every window.
-        patch_size: Patch side P in pixels.
+    """Patch centres in image pixels, for the spatial term of the patch graph: patch
+    ``(row, col)`` of window ``(y1, x1, y2, x2)`` (``boxes`` ``(n, 4)``, each a ``(gh, gw)``
+    grid of P-pixel patches) sits at ``(y1 + P/2 + row * P, x1 + P/2 + col * P)``.
 
     Returns:
         ``(n * gh * gw, 2)`` float32 ``(y, x)`` on ``boxes``' device, window-major, then
@@ -124,9 +96,7 @@ def stitch_windows(
     Args:
         window_scores: ``(n, C, gh, gw)`` scores per window patch.
         boxes: ``(n, 4)`` window boxes ``(y1, x1, y2, x2)`` that together cover the image.
-        height: Image height H.
-        width: Image width W.
-        patch_size: Patch side P in pixels.
+        height, width: the image's H and W; patch_size: P.
 
     Returns:
         ``(C, H, W)`` scores, same dtype and device as ``window_scores``.

@@ -15,14 +15,12 @@ Left out: the training-free form's background, FOUND (valeoai/FOUND, another mod
 its own decoder weights). The official code divides by feature norms without a floor;
 here ``F.normalize`` keeps a zero vector at 0 instead of NaN.
 
-DINO runs on windows that are not 224 pixels, so its positional embeddings are resampled
-as facebookresearch/dino ``vision_transformer.py`` does (:func:`interpolate_pos_encoding`),
-which FOUND and ProxyCLIP use, not as timm does.
+DINO's value features are :func:`lposs.encoders.dino.dino_value_features` (positional
+embeddings resampled the facebookresearch/dino way, as FOUND and ProxyCLIP do).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from pathlib import Path
@@ -32,12 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsafeCheckpointError, WeightsNotFoundError
+from .common import blocks_batch_first
+from .maskclip import dense_features as maskclip_dense_features
 
 __all__ = [
     "PROTOCOL",
-    "interpolate_pos_encoding",
-    "dino_tokens",
-    "dino_value_features",
     "maskclip_features",
     "dino_correlations",
     "weighted_pool",
@@ -90,81 +87,12 @@ PROTOCOL = {
 CHECKPOINT_KEYS = ("obj_proj.weight", "obj_proj.bias", "bkg_decoder.weight", "bkg_decoder.bias")
 
 
-def interpolate_pos_encoding(pos_embed: Tensor, grid_h: int, grid_w: int) -> Tensor:
-    """Resample ViT positional embeddings the facebookresearch/dino way.
-
-    ``vision_transformer.py`` ``interpolate_pos_encoding``: bicubic interpolation of the
-    square grid by ``scale_factor = ((g + 0.1) / sqrt(N))`` (not to a size, as timm
-    does; the two differ), unchanged when ``gh * gw == N`` and ``gh == gw``. Computed in
-    float32, returned in the input's dtype.
-
-    Args:
-        pos_embed: ``(1 + N, D)``, the class token's row first, N a square.
-        grid_h: gh, patch rows of the input.
-        grid_w: gw, patch columns.
-
-    Returns:
-        ``(1 + gh * gw, D)``.
-    """
-    n = pos_embed.shape[0] - 1
-    if grid_h * grid_w == n and grid_h == grid_w:
-        return pos_embed
-    side = math.sqrt(n)
-    grid = pos_embed[1:].float().reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
-    scale = ((grid_h + 0.1) / side, (grid_w + 0.1) / side)
-    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
-    grid = grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:1], grid])
-
-
-def dino_tokens(model: nn.Module, pixels: Tensor) -> Tensor:
-    """facebookresearch/dino ``prepare_tokens`` on a timm DINO ViT (class token, no registers).
-
-    Args:
-        model: a timm ``VisionTransformer`` with DINO's layout (as ``load_dino`` builds it).
-        pixels: ``(B, 3, H, W)`` ImageNet-normalised, H and W multiples of the patch size P.
-
-    Returns:
-        ``(B, 1 + gh * gw, D)`` tokens (class token first) for ``model.blocks``.
-    """
-    if model.num_prefix_tokens != 1 or not model.has_class_token or model.no_embed_class:
-        raise ValueError("a DINO (v1) ViT is needed: one class token, no register tokens")
-    patch = model.patch_embed.patch_size[0]
-    grid_h, grid_w = pixels.shape[-2] // patch, pixels.shape[-1] // patch
-    x = model.patch_embed(pixels).reshape(pixels.shape[0], grid_h * grid_w, -1)
-    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-    return x + interpolate_pos_encoding(model.pos_embed[0], grid_h, grid_w).to(x.dtype)
-
-
-def dino_value_features(model: nn.Module, pixels: Tensor) -> Tensor:
-    """The last block's value features, all heads (FOUND's hook on ``blocks[-1].attn.qkv``).
-
-    Args:
-        model: a timm DINO ViT (see :func:`dino_tokens`).
-        pixels: ``(B, 3, H, W)`` ImageNet-normalised, H and W multiples of P.
-
-    Returns:
-        ``(B, D, H/P, W/P)`` unnormalised, the class token dropped.
-    """
-    x = dino_tokens(model, pixels)
-    for block in model.blocks[:-1]:
-        x = block(x)
-    last = model.blocks[-1]
-    qkv, dim = last.attn.qkv, last.attn.qkv.out_features // 3
-    bias = qkv.bias[2 * dim :] if qkv.bias is not None else None
-    values = F.linear(last.norm1(x), qkv.weight[2 * dim :], bias)[:, 1:]
-    patch = model.patch_embed.patch_size[0]
-    return values.transpose(1, 2).reshape(x.shape[0], dim, pixels.shape[-2] // patch, -1)
-
-
 def maskclip_features(visual: nn.Module, pixels: Tensor, *,
                       layer: int = -3) -> tuple[Tensor, Tensor]:
     """MaskCLIP's dense features and the ``ln_2`` output of block ``layer``, in one pass.
 
-    ``models/maskclip/maskclip.py`` ``extract_feat`` (positional embeddings resized
-    bicubically to the grid's size, as mmseg's ``resize``), ``extract_v`` (the last block's
-    value path, residual and MLP), ``ln_post``, the class token dropped, ``decode_head.proj``;
-    and ``clip_dinoiser.py``'s hook on ``resblocks[feats_idx].ln_2``.
+    ``models/maskclip/maskclip.py`` (:func:`lposs.predictors.maskclip.dense_features`) and
+    ``clip_dinoiser.py``'s hook on ``resblocks[feats_idx].ln_2``.
 
     Args:
         visual: an OpenCLIP ``VisionTransformer`` (the ``visual`` of a CLIP model).
@@ -175,36 +103,16 @@ def maskclip_features(visual: nn.Module, pixels: Tensor, *,
         ``(maskclip, intermediate)``: ``(B, E, H/P, W/P)`` unnormalised MaskCLIP features
         and ``(B, width, H/P, W/P)``, both without the class token.
     """
-    x = visual.conv1(pixels)
-    batch, _, grid_h, grid_w = x.shape
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
-    pos = visual.positional_embedding
-    grid = pos[1:].float().reshape(1, *visual.grid_size, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-    pos = torch.cat([pos[:1], grid.flatten(2).transpose(1, 2)[0].to(pos.dtype)])
-    x = visual.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
-    blocks, captured = visual.transformer.resblocks, []
-    batch_first = getattr(visual.transformer, "batch_first", True)
-    hook = blocks[layer].ln_2.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    captured: list[Tensor] = []
+    ln_2 = visual.transformer.resblocks[layer].ln_2
+    hook = ln_2.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        x = x if batch_first else x.transpose(0, 1)
-        for block in blocks[:-1]:
-            x = block(x)
+        maskclip = maskclip_dense_features(visual, pixels)
     finally:
         hook.remove()
-    x, inter = (x, captured[0]) if batch_first else (x.transpose(0, 1), captured[0].transpose(0, 1))
-    last = blocks[-1]
-    width = x.shape[-1]
-    w_v, b_v = last.attn.in_proj_weight[2 * width :], last.attn.in_proj_bias[2 * width :]
-    v = last.attn.out_proj(F.linear(last.ln_1(x), w_v, b_v)) + x
-    v = visual.ln_post(v + last.mlp(last.ln_2(v)))[:, 1:]
-    v = v @ visual.proj if visual.proj is not None else v
-
-    def to_grid(tokens: Tensor) -> Tensor:
-        return tokens.transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
-
-    return to_grid(v), to_grid(inter[:, 1:])
+    inter = captured[0] if blocks_batch_first(visual.transformer) else captured[0].transpose(0, 1)
+    return maskclip, inter[:, 1:].transpose(1, 2).reshape(*maskclip.shape[:1], -1,
+                                                          *maskclip.shape[2:])
 
 
 def dino_correlations(features: Tensor, gamma: float | None) -> Tensor:
@@ -248,7 +156,8 @@ def training_free_features(maskclip: Tensor, dino_values: Tensor, *, gamma: floa
 
     Args:
         maskclip: ``(B, E, h', w')`` unnormalised MaskCLIP features (:func:`maskclip_features`).
-        dino_values: ``(B, D, h, w)`` from :func:`dino_value_features` on the same window.
+        dino_values: ``(B, D, h, w)`` DINO values of the same window
+            (:func:`lposs.encoders.dino.dino_value_features`).
         gamma: correlation threshold (``PROTOCOL["gamma"]``).
 
     Returns:

@@ -4,11 +4,13 @@ Each predictor runs CLIP up to the input of its last residual block
 (``tokens_before_last_block``), changes that block, then ``project``s the patch tokens.
 The positional embedding is resized from CLIP's pre-training grid ``g0`` by one of two rules:
 
-- ``"size"``: bicubic resize to exactly ``(gh, gw)`` (MaskCLIP in lposs, ``ClipEncoder``);
+- ``"size"``: bicubic resize to exactly ``(gh, gw)``, ``align_corners=False``, as MaskCLIP's
+  ``resize_pos_embed`` (mmseg ``vit.py``) does (MaskCLIP, ``ClipEncoder``);
 - ``"scale"``: bicubic with ``scale_factor=((gh + 0.1) / g0, (gw + 0.1) / g0)``, the rule of
-  SCLIP, ClearCLIP and NACLIP (``interpolate_pos_encoding`` in their ``model.py`` /
-  ``transformer.py``); the output has ``(gh, gw)`` cells but samples slightly different
-  positions. The official code skips it where the grid is ``g0 x g0``; so does this one.
+  SCLIP, ClearCLIP, NACLIP and ProxyCLIP (``interpolate_pos_encoding`` in their ``model.py``
+  / ``transformer.py``, copied from facebookresearch/dino): :func:`lposs.encoders.dino.
+  interpolate_pos_encoding`. The output has ``(gh, gw)`` cells but samples slightly
+  different positions; skipped where the grid is ``g0 x g0``, as in the official code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..encoders.dino import interpolate_pos_encoding
 from ..propagation.graph import check_shape
 
 __all__ = [
@@ -49,20 +52,15 @@ def blocks_batch_first(transformer: nn.Module) -> bool:
 def resized_positional_embedding(visual: nn.Module, gh: int, gw: int, *, pos_rule: str) -> Tensor:
     """``(1 + gh*gw, width)`` positional embedding for a ``gh x gw`` grid, class row unchanged."""
     pos = visual.positional_embedding
-    old_h, old_w = visual.grid_size
-    if (gh, gw) == (old_h, old_w):
-        return pos
-    grid = pos[1:].float().reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
-    if pos_rule == "size":
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-    elif pos_rule == "scale":
-        scale = ((gh + 0.1) / old_h, (gw + 0.1) / old_w)
-        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False,
-                             recompute_scale_factor=False)
-    else:
+    if pos_rule == "scale":  # facebookresearch/dino's rule, which these methods copy
+        return interpolate_pos_encoding(pos, gh, gw)
+    if pos_rule != "size":
         raise ValueError(f"pos_rule must be one of {POS_RULES}, got {pos_rule!r}")
-    grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pos.dtype)
-    return torch.cat([pos[:1], grid])
+    if (gh, gw) == tuple(visual.grid_size):
+        return pos
+    grid = pos[1:].float().reshape(1, *visual.grid_size, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.flatten(2)[0].T.to(pos.dtype)])
 
 
 def tokens_before_last_block(

@@ -26,11 +26,11 @@ Differences from the official code, each where it is undefined or batch-dependen
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip_dinoiser import dino_tokens, interpolate_pos_encoding
+from ..encoders.dino import dino_tokens
+from .common import tokens_before_last_block
 
 __all__ = ["PROTOCOL", "dino_output_features", "proxy_attention", "dense_features"]
 
@@ -74,7 +74,7 @@ def dino_output_features(model: nn.Module, pixels: Tensor) -> Tensor:
     token, i.e. the last block's output after the final norm.
 
     Args:
-        model: a timm DINO ViT (see :func:`lposs.predictors.clip_dinoiser.dino_tokens`;
+        model: a timm DINO ViT (see :func:`lposs.encoders.dino.dino_tokens`;
             positional embeddings resampled the facebookresearch/dino way).
         pixels: ``(B, 3, H, W)`` ImageNet-normalised, H and W multiples of the patch size P.
 
@@ -109,24 +109,6 @@ def proxy_attention(vfm_features: Tensor, *, gamma: float, beta: float) -> Tenso
     return similarity.masked_fill(similarity < floor, float("-inf")).softmax(dim=-1)
 
 
-def _tokens_before_last_block(visual: nn.Module, pixels: Tensor) -> Tensor:
-    """``(B, 1 + gh*gw, width)``: the input of the last block, ProxyCLIP's positional rule."""
-    x = visual.conv1(pixels)
-    batch, _, grid_h, grid_w = x.shape
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
-    x = torch.cat([cls, x], dim=1)
-    pos = visual.positional_embedding
-    if x.shape[1] != pos.shape[0]:
-        pos = interpolate_pos_encoding(pos, grid_h, grid_w)
-    x = visual.ln_pre(x + pos.to(x.dtype))
-    batch_first = getattr(visual.transformer, "batch_first", True)
-    x = x if batch_first else x.transpose(0, 1)
-    for block in visual.transformer.resblocks[:-1]:
-        x = block(x)
-    return x if batch_first else x.transpose(0, 1)
-
-
 def dense_features(visual: nn.Module, pixels_clip: Tensor, vfm_features: Tensor, *,
                    gamma: float = 3.0, beta: float = 1.2) -> Tensor:
     """ProxyCLIP's dense CLIP features of a batch of windows, on the VFM's grid.
@@ -142,11 +124,10 @@ def dense_features(visual: nn.Module, pixels_clip: Tensor, vfm_features: Tensor,
     Returns:
         ``(B, E, h, w)`` unnormalised (ProxyCLIP L2-normalises them before the cosine).
     """
-    x = _tokens_before_last_block(visual, pixels_clip)
+    x, (grid_h, grid_w) = tokens_before_last_block(visual, pixels_clip, pos_rule="scale")
     block = visual.transformer.resblocks[-1]
     attn, width = block.attn, x.shape[-1]
     heads, batch = attn.num_heads, x.shape[0]
-    grid_h, grid_w = (s // visual.conv1.kernel_size[0] for s in pixels_clip.shape[-2:])
     h, w = vfm_features.shape[-2:]
     w_v, b_v = attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :]
     v = F.linear(block.ln_1(x), w_v, b_v)[:, 1:]  # (B, gh*gw, width), heads side by side
