@@ -13,7 +13,12 @@ from reference_propagation import (
     reference_solve_columns,
 )
 
-from lposs.propagation.pixel_graph import pixel_affinity, pixel_graph, pixel_propagation
+from lposs.propagation.pixel_graph import (
+    PixelGraph,
+    pixel_features,
+    pixel_graph,
+    pixel_propagation,
+)
 
 # The paper's settings never diverge: a divergence warning fails these tests.
 pytestmark = pytest.mark.filterwarnings("error:lposs. conjugate gradient diverged")
@@ -21,7 +26,8 @@ pytestmark = pytest.mark.filterwarnings("error:lposs. conjugate gradient diverge
 
 def test_pixel_affinity_matches_explicit_loop():
     image = torch.rand(3, 6, 8, generator=torch.Generator().manual_seed(4))
-    weights, offsets = pixel_affinity(image, r=5, tau=0.1)
+    graph = PixelGraph(pixel_features(image), r=5, tau=0.1)
+    weights, offsets = graph.unpad(graph.weights), torch.tensor(graph.offsets)
     assert weights.shape == (12, 6, 8) and offsets.shape == (12, 2)
     dense = reference_pixel_weights(image.double().numpy(), 5, 0.1)
     rebuilt = np.zeros_like(dense)
