@@ -42,6 +42,7 @@ __all__ = [
     "local_dir_weights",
     "timm_name_and_config",
     "hub_cached",
+    "find_in_hub",
 ]
 
 WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
@@ -167,7 +168,7 @@ def resolve_clip_weights(name: str = "ViT-B-16", pretrained: str | None = "laion
     repo_id, files = _clip_hub_files(tag_cfg.get("hf_hub", ""))
     reason = "the pretrained tag has no Hugging Face Hub copy"
     if repo_id:
-        source, reason = _find_in_hub(repo_id, files, cache_dir=cache_dir)
+        source, reason = find_in_hub(repo_id, files, cache_dir=cache_dir)
         if source is not None:
             return source
     download = f"hf download {repo_id} {files[0]}" if repo_id else "OpenCLIP while online"
@@ -198,7 +199,7 @@ def resolve_dino_weights(name: str = "dino_vitb16", *,
     reason = f"timm has no Hugging Face Hub copy of {timm_name}"
     if repo_id:
         files = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
-        source, reason = _find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
+        source, reason = find_in_hub(repo_id, list(dict.fromkeys(files)), cache_dir=cache_dir)
         if source is not None:
             return source
     download = f"hf download {repo_id} {files[0]}" if repo_id else "timm while online"
@@ -302,7 +303,7 @@ def _find_in_weights_dir(stems: Sequence[str]) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
-def _find_in_hub(repo_id: str, filenames: Sequence[str], *,
+def find_in_hub(repo_id: str, filenames: Sequence[str], *,
                  cache_dir: str | os.PathLike | None) -> tuple[WeightsSource | None, str]:
     """A Hub file from the local cache, else downloaded when the Hub answers: ``(source,
     "")``, or ``(None, why not)`` (offline, unreachable, missing on the Hub)."""
