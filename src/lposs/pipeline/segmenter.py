@@ -215,8 +215,8 @@ class Segmenter:
         """What decides an ``EncodedImage`` made by this segmenter, as one string: the
         encoder settings (``LPOSSConfig.encoder_key``), the precision, and each encoder's
         ``weights_id`` (``"random"`` for random weights, which cannot be told apart)."""
-        dino = self.dino.weights_id if self.config.uses_dino else None
-        depth = {"depth": self.depth.weights_id} if self.config.uses_depth else {}
+        dino = self.dino.weights_id if self.dino is not None and self.config.uses_dino else None
+        depth = {"depth": self.depth.weights_id} if self.config.uses_depth and self.depth else {}
         return json.dumps({"config": self.config.encoder_key(), "precision": self.clip.precision,
                            "clip": self.clip.weights_id, "dino": dino, **depth},
                           sort_keys=True, default=str)
