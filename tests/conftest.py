@@ -124,3 +124,44 @@ def tiny_model_files(tmp_path_factory):
     dino_file = folder / "vit_tiny.safetensors"
     save_file(vit.state_dict(), str(dino_file))
     return clip_dir, dino_file
+
+
+def tiny_depth_config():
+    """Depth Anything (transformers) narrowed: a 4-layer DINOv2 of width 32, patch 14."""
+    from transformers import DepthAnythingConfig, Dinov2Config
+
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, image_size=28, patch_size=14,
+                            out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    return DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32,
+                               fusion_hidden_size=8, neck_hidden_sizes=[4, 8, 16, 16],
+                               head_hidden_size=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_depth():
+    """A random-weight Depth Anything model in a DepthEncoder, CPU."""
+    from lposs.encoders.depth import load_depth
+
+    torch.manual_seed(4)
+    encoder = load_depth(pretrained=False, config=tiny_depth_config())
+    perturb_(encoder.model, 4)
+    return encoder
+
+
+@pytest.fixture
+def tiny_depth_hub(tmp_path, monkeypatch, tiny_depth):
+    """``(repository, safetensors file)``: ``tiny_depth`` in a Hugging Face Hub cache of its own
+    (config.json and model.safetensors of the repository ``test/tiny-depth``), offline."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    snapshot = tmp_path / "hub" / "models--test--tiny-depth" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    (snapshot / "config.json").write_text(tiny_depth.model.config.to_json_string())
+    save_file({k: v.contiguous() for k, v in tiny_depth.model.state_dict().items()},
+              str(snapshot / "model.safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return "test/tiny-depth", snapshot / "model.safetensors"

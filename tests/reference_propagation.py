@@ -72,9 +72,11 @@ def reference_lab(rgb):
     return np.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
 
 
-def reference_pixel_weights(rgb, r, tau):
-    """Dense (HW, HW) W from a loop over every pixel's r x r neighbours."""
+def reference_pixel_weights(rgb, r, tau, features=None):
+    """Dense (HW, HW) W from a loop over every pixel's r x r neighbours, on (K, H, W)
+    ``features`` (default: the image's Lab divided by (100, 128, 128))."""
     lab = reference_lab(rgb) / np.array([100.0, 128.0, 128.0])[:, None, None]
+    lab = lab if features is None else features
     _, h, w = rgb.shape
     half = r // 2
     weights = np.zeros((h * w, h * w))

@@ -95,16 +95,19 @@ def test_a_bad_setting_is_named_with_its_value(changes, field):
         LPOSSConfig().replace(**changes)
 
 
-# A value other than the default for every field a sweep may vary.
-_OTHER_VALUES = {"k": 5, "gamma": 2.0, "sigma": 0.05, "distance_power": 2.0, "r": 3,
-                 "tau": 0.05, "alpha": 0.5, "tol": 1e-2, "max_iter": 2}
+# A value other than the default for every field a sweep may vary (depth_scale, which acts
+# only with depth features: test_depth.py).
+_OTHER_VALUES = {"k": 5, "gamma": 2.0, "sigma": 0.05, "distance_power": 2.0, "joint": False,
+                 "r": 3, "tau": 0.05, "alpha": 0.5, "tol": 1e-2, "max_iter": 2}
 
 
 def test_sweepable_fields_are_the_propagation_settings():
-    assert LPOSSConfig.sweepable_fields() == tuple(_OTHER_VALUES)
+    assert LPOSSConfig.sweepable_fields() == (*list(_OTHER_VALUES)[:7], "depth_scale",
+                                              *list(_OTHER_VALUES)[7:])
     encoder_fields = {name for name, _ in LPOSSConfig().encoder_key()}
     assert encoder_fields == {"clip", "clip_pretrained", "dino", "short_side", "long_side",
-                              "windows", "patch_stage"}
+                              "windows", "patch_stage", "graph_features", "pixel_features",
+                              "depth_model"}
 
 
 def _blocks(height=48, width=64):

@@ -61,17 +61,15 @@ def test_knn_affinity_clamps_negative_similarity_and_keeps_self_out():
     assert w[0, 2] == pytest.approx(2 * cos.item(), rel=1e-6)  # each in the other's list
 
 
-@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
-def test_normalized_adjacency_and_laplacian(layout):
+def test_normalized_adjacency_and_laplacian():
     rng = np.random.default_rng(1)
     w = rng.random((8, 8)) * (rng.random((8, 8)) < 0.5)
     w = w + w.T
     np.fill_diagonal(w, 0)
     w[3, :] = w[:, 3] = 0  # an isolated node: degree 0 -> 1
     dense = torch.tensor(w)
-    matrix = {"dense": dense, "coo": dense.to_sparse(), "csr": dense.to_sparse_csr()}[layout]
-    s = normalized_adjacency(matrix)
-    assert s.layout == matrix.layout
+    s = normalized_adjacency(dense.to_sparse_csr())
+    assert s.layout == torch.sparse_csr
     s = as_numpy(s.to_dense())
     np.testing.assert_allclose(s, reference_adjacency(w), atol=1e-12)
     laplacian = np.eye(8) - 0.95 * s
@@ -215,3 +213,37 @@ def _patch_inputs():
 def test_patch_propagation_rejects_bad_shapes(change, name):
     with pytest.raises(ValueError, match=name):
         patch_propagation(*change(*_patch_inputs()))
+
+
+# --------------------------------------------------------------------------- ablations
+
+
+def test_sigma_zero_makes_the_spatial_kernel_all_ones():
+    features, positions, _ = random_patch_problem(n=40, c=1, dtype=torch.float64)
+    w = knn_affinity(features, positions, k=8, sigma=0.0).to_dense()
+    moved = knn_affinity(features, torch.rand(40, 2, dtype=torch.float64) * 1e4, k=8, sigma=0.0)
+    assert torch.equal(w, moved.to_dense())  # positions no longer matter
+    # the appearance term alone: sigma > 0 with every patch at one position gives S_p = 1 too
+    expected = reference_knn_weights(as_numpy(features), np.zeros((40, 2)), 8, sigma=5.0)
+    np.testing.assert_allclose(as_numpy(w), expected, atol=1e-12)
+
+
+def test_one_graph_per_window_equals_separate_propagations():
+    features, positions, scores = random_patch_problem(n=3 * 25, c=3, dtype=torch.float64)
+    graph = patch_graph(features, positions, k=400, gamma=2.0, nodes_per_window=25)
+    out, info = graph.propagate(scores, return_info=True)
+    expected, iterations = [], []
+    for w in range(3):
+        rows = slice(25 * w, 25 * w + 25)
+        weights = reference_knn_weights(as_numpy(features[rows]), as_numpy(positions[rows]),
+                                        24, gamma=2.0)  # k capped at 25 - 1
+        laplacian = np.eye(25) - 0.95 * reference_adjacency(weights)
+        expected.append(reference_solve_columns(laplacian, as_numpy(scores[rows])))
+        iterations.append(patch_graph(features[rows], positions[rows], k=24, gamma=2.0)
+                          .propagate(scores[rows], return_info=True)[1].iterations)
+    np.testing.assert_allclose(as_numpy(out), np.concatenate(expected), atol=1e-10)
+    assert torch.equal(info.iterations, torch.stack(iterations).amax(0))
+    joint = patch_graph(features, positions, k=400, gamma=2.0).propagate(scores)
+    assert not torch.allclose(joint, out)  # windows coupled: another result
+    with pytest.raises(ValueError, match="windows of 20"):
+        patch_graph(features, positions, nodes_per_window=20)

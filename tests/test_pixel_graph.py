@@ -9,11 +9,17 @@ from reference_propagation import (
     DEVICES,
     as_numpy,
     reference_adjacency,
+    reference_lab,
     reference_pixel_weights,
     reference_solve_columns,
 )
 
-from lposs.propagation.pixel_graph import pixel_affinity, pixel_graph, pixel_propagation
+from lposs.propagation.pixel_graph import (
+    PixelGraph,
+    pixel_features,
+    pixel_graph,
+    pixel_propagation,
+)
 
 # The paper's settings never diverge: a divergence warning fails these tests.
 pytestmark = pytest.mark.filterwarnings("error:lposs. conjugate gradient diverged")
@@ -21,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("error:lposs. conjugate gradient diverge
 
 def test_pixel_affinity_matches_explicit_loop():
     image = torch.rand(3, 6, 8, generator=torch.Generator().manual_seed(4))
-    weights, offsets = pixel_affinity(image, r=5, tau=0.1)
+    graph = PixelGraph(pixel_features(image), r=5, tau=0.1)
+    weights, offsets = graph.unpad(graph.weights), torch.tensor(graph.offsets)
     assert weights.shape == (12, 6, 8) and offsets.shape == (12, 2)
     dense = reference_pixel_weights(image.double().numpy(), 5, 0.1)
     rebuilt = np.zeros_like(dense)
@@ -178,3 +185,36 @@ def test_divergence_near_alpha_one_is_warned():
 def test_pixel_propagation_rejects_bad_shapes(image_shape, score_shape, name):
     with pytest.raises(ValueError, match=name):
         pixel_propagation(torch.rand(image_shape), torch.rand(score_shape))
+
+
+# --------------------------------------------------------------------------- depth
+
+
+@pytest.mark.parametrize(("lab", "depth_scale"), [(False, 1.0), (True, 2.5)])
+def test_depth_features_match_explicit_loop(lab, depth_scale):
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(3, 6, 7, generator=g, dtype=torch.float64)
+    depth = torch.rand(6, 7, generator=g, dtype=torch.float64) * 40 + 3  # any offset, scale
+    scores = torch.randn(2, 6, 7, generator=g, dtype=torch.float64)
+    d = depth.numpy()
+    channels = [(d - d.min()) / (d.max() - d.min()) * depth_scale]
+    if lab:
+        channels = [*(reference_lab(image.numpy()) / np.array([100.0, 128.0, 128.0])[:, None,
+                                                                                     None]),
+                    *channels]
+    w = reference_pixel_weights(image.numpy(), 5, 0.1, features=np.stack(channels))
+    graph = pixel_graph(image, r=5, tau=0.1, depth=depth, lab=lab, depth_scale=depth_scale)
+    out = graph.propagate(scores)
+    expected = reference_solve_columns(np.eye(42) - 0.95 * reference_adjacency(w),
+                                       scores.numpy().reshape(2, -1).T)
+    np.testing.assert_allclose(as_numpy(out).reshape(2, -1).T, expected, atol=1e-10)
+    if lab:  # Lab alone is another graph
+        assert not torch.allclose(out, pixel_graph(image, r=5, tau=0.1).propagate(scores))
+
+
+def test_a_constant_depth_is_a_zero_feature_and_a_misshapen_one_is_refused():
+    image = torch.rand(3, 5, 6, dtype=torch.float64)
+    features = pixel_features(image, torch.full((5, 6), 7.0), lab=False)
+    assert torch.equal(features, torch.zeros(1, 5, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="depth"):
+        pixel_features(image, torch.ones(5, 7))

@@ -31,12 +31,12 @@ def test_conjugate_gradient_matches_per_column_cg_and_reports():
     assert bool(info.converged.all()) and float(info.residual.max()) <= 1e-10
 
 
-def test_conjugate_gradient_callable_1d_and_early_stop():
+def test_conjugate_gradient_callable_and_early_stop():
     matrix = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
-    b = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    b = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
     x, info = conjugate_gradient(lambda v: matrix @ v, b, tol=1e-12, max_iter=50)
-    assert x.shape == (3,)
-    np.testing.assert_allclose(x.numpy(), [1.0, 0.5, 0.25], atol=1e-12)
+    assert x.shape == (3, 1)
+    np.testing.assert_allclose(x[:, 0].numpy(), [1.0, 0.5, 0.25], atol=1e-12)
     assert info.iterations.tolist() == [3]  # 3 distinct eigenvalues: exact in 3 steps
 
 
@@ -87,7 +87,7 @@ def test_divergence_is_warned_and_truncation_is_not():
     # CG minimises the A^-1-norm of the residual, not its 2-norm: after one step on
     # diag(1, 100) from b = (10, 1) the residual is (4.95, -49.5), 4.9 times ||b||.
     matrix = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
-    b = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    b = torch.tensor([[10.0], [1.0]], dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="diverged"):
         _, info = conjugate_gradient(matrix, b, max_iter=1)
     assert not bool(info.converged[0])
@@ -95,14 +95,15 @@ def test_divergence_is_warned_and_truncation_is_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         x, info = conjugate_gradient(matrix, b, max_iter=2)  # two eigenvalues: exact
-        np.testing.assert_allclose(x.numpy(), [10.0, 0.01])
+        np.testing.assert_allclose(x[:, 0].numpy(), [10.0, 0.01])
         wide = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
-        _, info = conjugate_gradient(wide, torch.ones(20, dtype=torch.float64), max_iter=3)
+        _, info = conjugate_gradient(wide, torch.ones(20, 1, dtype=torch.float64),
+                                     max_iter=3)
         assert not bool(info.converged.any())  # truncated, reported, not warned
 
 
 def test_conjugate_gradient_checks_shapes():
     with pytest.raises(ValueError, match="operator"):
-        conjugate_gradient(torch.eye(3), torch.ones(4))
+        conjugate_gradient(torch.eye(3), torch.ones(4, 1))
     with pytest.raises(ValueError, match="b must be"):
         conjugate_gradient(torch.eye(3), torch.ones(3, 2, 1))

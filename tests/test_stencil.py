@@ -95,9 +95,6 @@ def test_stencil_backend_choice_and_bad_backend():
     columns, weights, shifts, start, stop = random_stencil(3, 3, 3, 1, torch.float32, seed=2)
     with pytest.raises(ValueError, match="backend must be one of"):
         stencil_product(columns, weights, shifts, start, stop, backend="fortran")
-    with pytest.raises(ValueError, match="runs on CPU"):
-        stencil_product(columns.to("meta"), weights.to("meta"), shifts, start, stop,
-                        backend="numba")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -124,9 +121,6 @@ def test_stencil_product_writes_into_a_given_buffer(backend):
     out = stencil_product(columns, weights, shifts, start, stop, backend=backend, out=buffer)
     assert out.data_ptr() == buffer.data_ptr()
     np.testing.assert_allclose(buffer.numpy(), expected, atol=1e-12)
-    with pytest.raises(ValueError, match="out must be"):
-        stencil_product(columns, weights, shifts, start, stop, backend=backend,
-                        out=buffer.float())
 
 
 @pytest.mark.parametrize("failure", ["missing", "broken"])

@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 __all__ = ["LPOSSConfig", "UNKNOWN", "MAX_CLASSES", "MAX_NAMES", "MAX_CLASS_FILE_BYTES",
            "MAX_PIXEL_WINDOW", "DEFAULT_MAX_PIXELS", "DEMO_MAX_PIXELS",
-           "BAND_PIXELS"]
+           "BAND_PIXELS", "CHOICES"]
 
 UNKNOWN = 255
 """Label of "unknown" pixels (below the abstain threshold) and of ignored ground truth (VOC's
@@ -37,10 +37,12 @@ DEMO_MAX_PIXELS = 16_000_000
 
 # Fields that decide an image's encoder outputs (``Segmenter.set_image``).
 _ENCODER_FIELDS = ("clip", "clip_pretrained", "dino", "short_side", "long_side", "windows",
-                   "patch_stage")
+                   "patch_stage", "graph_features", "pixel_features", "depth_model")
 # Fields that decide the graphs built from those outputs.
 _GRAPH_FIELDS = ("patch_stage", "k", "gamma", "sigma", "distance_power", "pixel_stage", "r",
-                 "tau", "alpha")
+                 "tau", "alpha", "graph_features", "joint", "pixel_features", "depth_scale")
+# Fields with a fixed set of values (the first is the default).
+CHOICES = {"graph_features": ("dino", "clip"), "pixel_features": ("lab", "depth", "lab+depth")}
 # Fields a sweep never varies: windows per pass, and the stages (chosen by the method).
 _NOT_SWEPT = ("batch_size", "pixel_stage")
 
@@ -63,12 +65,17 @@ class LPOSSConfig:
     patch_stage: bool = True  # run label propagation over patches (False: MaskCLIP scores)
     k: int = 400  # neighbours per patch in the kNN graph
     gamma: float = 3.0  # power of the clamped appearance similarity
-    sigma: float = 0.01  # spatial decay per pixel of patch-centre distance (0: no spatial term)
+    sigma: float = 0.01  # spatial decay per pixel of patch-centre distance (0: S_p is all ones)
     distance_power: float = 1.0  # exponent of the distance in exp(-sigma * d**p)
+    graph_features: str = "dino"  # appearance S_a from "dino" or "clip" (MaskCLIP's; no DINO)
+    joint: bool = True  # one graph over all windows (False: one per window, k <= its patches-1)
     # LPOSS+: pixel graph.
     pixel_stage: bool = True  # run label propagation over pixels (LPOSS+)
     r: int = 13  # side of the square pixel neighbourhood (odd)
-    tau: float = 0.01  # temperature of the Lab colour affinity
+    tau: float = 0.01  # temperature of the pixel affinity exp(-||f_p - f_q|| / tau)
+    pixel_features: str = "lab"  # f: "lab" (Lab / (100, 128, 128)), "depth" or "lab+depth"
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # Hub repo of the depth model
+    depth_scale: float = 1.0  # depth in f: min-max normalised to [0, 1] per image, times this
     # Both solves.
     alpha: float = 0.95  # propagation strength in L = I - alpha * S
     tol: float = 1e-6  # conjugate-gradient relative residual tolerance
@@ -83,8 +90,22 @@ class LPOSSConfig:
                 raise ConfigError(f"{f.name} must be {f.type}, got {value!r}")
             if f.type == "float" and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got "
+                                  f"{getattr(self, name)!r}")
         _check_range(self)
         _check_windows(self.windows)
+
+    @property
+    def uses_dino(self) -> bool:
+        """Whether the patch graph is built on DINO features (so DINO is loaded and run)."""
+        return self.patch_stage and self.graph_features == "dino"
+
+    @property
+    def uses_depth(self) -> bool:
+        """Whether the pixel graph needs predicted depth (so the depth model is loaded)."""
+        return self.pixel_stage and "depth" in self.pixel_features
 
     def replace(self, **changes) -> LPOSSConfig:
         """A copy with some fields changed (validated like the original)."""
@@ -117,6 +138,7 @@ def _check_range(cfg: LPOSSConfig) -> None:
         ("r", 3 <= cfg.r <= MAX_PIXEL_WINDOW and cfg.r % 2 == 1,
          f"be odd, 3..{MAX_PIXEL_WINDOW} (the pixel graph costs r * r a pixel; the paper: 13)"),
         ("tau", cfg.tau > 0, "be > 0"),
+        ("depth_scale", cfg.depth_scale > 0, "be > 0"),
         ("gamma", cfg.gamma > 0, "be > 0"),
         ("sigma", cfg.sigma >= 0, "be >= 0"),
         ("distance_power", cfg.distance_power > 0, "be > 0"),

@@ -153,6 +153,7 @@ def _segmenter(args: argparse.Namespace, local_rank: int, world: int):
     config = config_from(args, with_method(get_preset(args.preset), args.method))
     return Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
                                      dino_weights=args.dino_weights,
+                                     depth_weights=args.depth_weights,
                                      device=rank_device(args.device, world, local_rank),
                                      precision=args.precision)
 

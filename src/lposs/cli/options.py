@@ -36,7 +36,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 # Option dest -> LPOSSConfig field, for the options of the two groups below.
 _CONFIG_FIELDS = {"k": "k", "gamma": "gamma", "sigma": "sigma", "r": "r", "tau": "tau",
                   "alpha": "alpha", "clip_model": "clip", "clip_pretrained": "clip_pretrained",
-                  "dino_model": "dino"}
+                  "dino_model": "dino", "graph_features": "graph_features",
+                  "pixel_features": "pixel_features", "depth_model": "depth_model",
+                  "depth_scale": "depth_scale"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -95,6 +97,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dino-weights", type=Path, default=None, metavar="FILE",
                        help="local DINO checkpoint (.safetensors, .pt, .pth, .bin) instead of the "
                             "timm cache/download")
+    group.add_argument("--depth-model", default=None, metavar="NAME",
+                       help="Depth Anything Hub repository for --pixel-features with depth "
+                            f"(default: {LPOSSConfig.depth_model})")
+    group.add_argument("--depth-weights", type=Path, default=None, metavar="FILE",
+                       help="local depth-model checkpoint (.safetensors, .pt, .pth, .bin) instead "
+                            "of the Hub cache/download")
 
 
 def _windows(text: str) -> tuple:
@@ -123,7 +131,18 @@ def add_propagation_options(parser: argparse.ArgumentParser, *, patch: bool,
         group.add_argument("--gamma", type=float, default=None,
                            help=f"appearance power (paper: {defaults.gamma})")
         group.add_argument("--sigma", type=float, default=None,
-                           help=f"spatial decay per pixel (paper: {defaults.sigma})")
+                           help=f"spatial decay per pixel, 0: none (paper: {defaults.sigma})")
+        group.add_argument("--graph-features", default=None, metavar="NAME",
+                           help="features of the patch graph: dino, or clip (MaskCLIP's; DINO "
+                                "is then not loaded) (paper: dino)")
+        group.add_argument("--no-joint", action="store_true",
+                           help="one patch graph per window instead of one over all windows")
+        group.add_argument("--pixel-features", default=None, metavar="NAME",
+                           help="features of the pixel graph: lab, depth or lab+depth (depth: "
+                                "Depth Anything V2, pip install lposs[depth]) (paper: lab)")
+        group.add_argument("--depth-scale", type=float, default=None,
+                           help="weight of the depth (normalised to [0, 1] per image) in the "
+                                f"pixel features (default: {defaults.depth_scale})")
     group.add_argument("--r", "--pixel-window", dest="r", type=int, default=None,
                        help=f"pixel neighbourhood side, odd (paper: {defaults.r})")
     group.add_argument("--tau", type=float, default=None,
@@ -144,6 +163,8 @@ def config_from(args: argparse.Namespace, base: LPOSSConfig) -> LPOSSConfig:
         changes["windows"] = args.windows or None
     if getattr(args, "no_refine", False):
         changes["pixel_stage"] = False
+    if getattr(args, "no_joint", False):
+        changes["joint"] = False
     return base.replace(**changes)
 
 

@@ -216,6 +216,7 @@ def _segment(args: argparse.Namespace) -> int:
     try:
         segmenter = Segmenter.from_pretrained(config, clip_weights=args.clip_weights,
                                               dino_weights=args.dino_weights,
+                                              depth_weights=args.depth_weights,
                                               device=rank_device(args.device, world, local_rank),
                                               precision=args.precision)
     finally:  # an error message starts on a clean line

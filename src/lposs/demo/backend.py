@@ -183,7 +183,7 @@ class DemoBackend:
 
         if config not in self._segmenters:
             clip = self._clip(config)
-            dino = self._dino(config) if config.patch_stage else None
+            dino = self._dino(config) if config.uses_dino else None
             self._segmenters[config] = Segmenter(clip, dino, config)
         return self._segmenters[config]
 

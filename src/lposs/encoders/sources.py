@@ -27,7 +27,7 @@ from .cache import remembered_sha256
 __all__ = ["WEIGHTS_ENV", "WEIGHT_EXTENSIONS", "DINO_MODELS", "OPEN_CLIP_FILES",
            "WeightsSource", "weights_id", "resolve_weights", "resolve_clip_weights",
            "resolve_dino_weights", "clip_tag_config", "local_dir_weights",
-           "timm_name_and_config", "hub_cached"]
+           "timm_name_and_config", "hub_cached", "find_in_hub", "weight_file"]
 
 WEIGHTS_ENV = "LPOSS_WEIGHTS"  # environment variable naming a folder of weight files
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")  # searched in this order
@@ -133,7 +133,7 @@ def resolve_clip_weights(name: str = "ViT-B-16", pretrained: str | None = "laion
     if schema is None and weights is None and pretrained is not None and os.path.isfile(pretrained):
         weights = pretrained  # OpenCLIP also accepts a file as `pretrained`
     if weights is not None:
-        return WeightsSource("file", _weight_file(weights, f"CLIP model {name!r}"))
+        return WeightsSource("file", weight_file(weights, f"CLIP model {name!r}"))
     if schema == "local-dir":  # OpenCLIP loads the folder's own file, or none (random)
         found = local_dir_weights(identifier)
         return WeightsSource("file", found) if found is not None else WeightsSource("random")
@@ -162,7 +162,7 @@ def resolve_dino_weights(name: str = "dino_vitb16", *,
     """
     timm_name, cfg = timm_name_and_config(name)
     if weights is not None:
-        return WeightsSource("file", _weight_file(weights, f"DINO model {name!r}"))
+        return WeightsSource("file", weight_file(weights, f"DINO model {name!r}"))
     if not pretrained:
         return WeightsSource("random")
     original = os.path.basename(cfg.get("url") or "").rsplit(".", 1)[0]
@@ -173,7 +173,7 @@ def resolve_dino_weights(name: str = "dino_vitb16", *,
                     "--dino-weights", f"{name}.safetensors", "timm while online"))
 
 
-def _weight_file(path: str | os.PathLike, model: str) -> Path:
+def weight_file(path: str | os.PathLike, model: str) -> Path:
     """``path`` checked to be a file; ``model`` (e.g. ``"CLIP model 'ViT-B-16'"``) is named
     in the ``WeightsNotFoundError``."""
     path = Path(path).expanduser()
@@ -198,7 +198,7 @@ def _search(stems: Sequence[str], repo_id: str | None, files: Sequence[str], cac
         return WeightsSource("file", found)
     model, reason, flag, file_name, download = missing
     if repo_id:
-        source, reason = _find_in_hub(repo_id, files, cache_dir=cache_dir)
+        source, reason = find_in_hub(repo_id, files, cache_dir=cache_dir)
         if source is not None:
             return source
         download = f"hf download {repo_id} {files[0]}"
@@ -287,7 +287,7 @@ def timm_name_and_config(name: str) -> tuple[str, dict]:
     return timm_name, cfg.to_dict() if cfg is not None else {}
 
 
-def _find_in_hub(repo_id: str, filenames: Sequence[str], *,
+def find_in_hub(repo_id: str, filenames: Sequence[str], *,
                  cache_dir: str | os.PathLike | None) -> tuple[WeightsSource | None, str]:
     """A Hub file from the local cache, else downloaded when the Hub answers: ``(source,
     "")``, or ``(None, why not)`` (offline, unreachable, missing on the Hub)."""

@@ -60,8 +60,8 @@ def resolve_method(segmenter: Segmenter | None,
         raise ValueError(f"method {method!r} needs a segmenter (only 'oracle' runs without)")
     config = with_method(segmenter.config, method)
     if config != segmenter.config:
-        segmenter = Segmenter(segmenter.clip, segmenter.dino, config)
-    if config.patch_stage and segmenter.dino is None:
+        segmenter = Segmenter(segmenter.clip, segmenter.dino, config, segmenter.depth)
+    if config.uses_dino and segmenter.dino is None:
         raise ValueError(f"method {method!r} needs a segmenter with a DINO encoder")
     return method, segmenter
 
@@ -96,7 +96,8 @@ def fingerprint(dataset: SegmentationDataset, segmenter: Segmenter | None, metho
         settings["config"] = config
         settings["models"] = {
             "clip": segmenter.clip.weights_id,
-            "dino": segmenter.dino.weights_id if config["patch_stage"] else None,
+            "dino": segmenter.dino.weights_id if segmenter.config.uses_dino else None,
+            **({"depth": segmenter.depth.weights_id} if segmenter.config.uses_depth else {}),
         }
     if extra is not None:
         if not isinstance(extra, Mapping):

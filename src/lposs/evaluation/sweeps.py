@@ -97,8 +97,9 @@ def sweep(
             values = dict(zip((name for name, _ in items), combo))
             config = segmenter.config.replace(**values)
             result = evaluate(
-                dataset, Segmenter(segmenter.clip, segmenter.dino, config), method=method,
-                boundary=boundary, limit=limit, progress=progress, cache_dir=cache_dir,
+                dataset, Segmenter(segmenter.clip, segmenter.dino, config, segmenter.depth),
+                method=method, boundary=boundary, limit=limit, progress=progress,
+                cache_dir=cache_dir,
                 run_dir=run_dir / _combo_name(values) if run_dir is not None else None,
                 extra_settings=extra_settings,
             )

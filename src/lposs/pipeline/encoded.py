@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LPOSSConfig
+from ..errors import ConfigError
 from ..output.files import atomic_write
 from ..progress import Progress, StageCounter
 from .windows import crop_windows, patch_positions, window_setups
@@ -38,6 +39,15 @@ class WindowSetup:
         return WindowSetup(self.boxes, move(self.clip), move(self.dino), move(self.positions),
                            self.patch_size)
 
+    def graph_inputs(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, D)`` features and ``(N, 2)`` patch centres of the patch graph: DINO's
+        (``kind`` "dino") or the MaskCLIP features of ``clip`` ("clip")."""
+        if kind == "dino":
+            return self.dino, self.positions
+        n, e, gh, gw = self.clip.shape
+        positions = patch_positions(self.boxes, (gh, gw), self.patch_size)
+        return self.clip.permute(0, 2, 3, 1).reshape(-1, e), positions.to(self.clip.device)
+
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -62,6 +72,7 @@ class EncodedImage:
     encode_s: float  # seconds the encoders took
     source: str | None = None  # the image file (absolute path), None for an image in memory
     encoders: str | None = None  # what encoded it (Segmenter.encoder_identity); None: unknown
+    depth: torch.Tensor | None = None  # (h, w) predicted depth at the working size, or None
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` atomically (a torch file of plain tensors, loadable with
@@ -69,7 +80,8 @@ class EncodedImage:
         setups = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(s).items()}
                   for s in self.setups]
         payload = {"image": self.image.cpu(), "working": self.working.cpu(), "setups": setups,
-                   "encode_s": self.encode_s, "source": self.source, "encoders": self.encoders}
+                   "encode_s": self.encode_s, "source": self.source, "encoders": self.encoders,
+                   "depth": None if self.depth is None else self.depth.cpu()}
         atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
@@ -78,27 +90,31 @@ class EncodedImage:
         payload = torch.load(path, map_location=device or "cpu", weights_only=True)
         return cls(payload["image"].cpu(), payload["working"],
                    [WindowSetup(**s) for s in payload["setups"]], payload["encode_s"],
-                   payload.get("source"), payload.get("encoders"))
+                   payload.get("source"), payload.get("encoders"), payload.get("depth"))
 
 
 def encode_images(clip, dino, config: LPOSSConfig, images: Sequence[PreparedImage], *,
-                  identity: str | None = None,
-                  progress: Progress | None = None) -> list[EncodedImage]:
+                  identity: str | None = None, progress: Progress | None = None,
+                  depth=None) -> list[EncodedImage]:
     """Every window of several images through the encoders, the windows of all images
     sharing the batches of ``config.batch_size`` (``Segmenter.encode_images``).
 
     Args:
-        clip: the ``ClipEncoder``; dino: the ``DinoEncoder`` (used with the patch stage).
-        config: windows, batch size and whether the patch stage runs.
+        clip: the ``ClipEncoder``; dino: the ``DinoEncoder`` (``config.uses_dino``).
+        config: windows, batch size and which encoders run.
         images: from ``Segmenter.prepare_image``.
         identity: what encoded them (``Segmenter.encoder_identity``), recorded.
         progress: called with ``("encoding windows", done, total)``.
+        depth: the ``DepthEncoder`` (``config.uses_depth``), run on each working image.
     """
+    if config.uses_depth and depth is None:
+        raise ConfigError(f"pixel_features={config.pixel_features!r} needs a depth model "
+                          "(Segmenter.from_pretrained loads it)")
     start = time.perf_counter()
     device = next(clip.parameters()).device
     workings = [image.working.to(device) for image in images]
     boxes = [window_setups(*w.shape[-2:], config.windows) for w in workings]
-    passes = (2 if config.patch_stage else 1) * sum(len(b) for per in boxes for b in per)
+    passes = (2 if config.uses_dino else 1) * sum(len(b) for per in boxes for b in per)
     counter = StageCounter(progress, "encoding windows", passes)
     setups: list[list[WindowSetup]] = [[] for _ in images]
     for s in range(len(boxes[0])):
@@ -111,12 +127,13 @@ def encode_images(clip, dino, config: LPOSSConfig, images: Sequence[PreparedImag
             counts = [len(crops[i]) for i in group]
             clip_parts = _split(_features(clip, batch, config.batch_size, counter), counts)
             dino_parts = (_split(_features(dino, batch, config.batch_size, counter), counts)
-                          if config.patch_stage else [None] * len(group))
+                          if config.uses_dino else [None] * len(group))
             for i, c, d in zip(group, clip_parts, dino_parts):
                 setups[i].append(_window_setup(boxes[i][s], c, d, clip, dino))
+    depths = [depth.predict(w) if config.uses_depth else None for w in workings]
     share = (time.perf_counter() - start) / max(len(images), 1)
-    return [EncodedImage(image.image, w, per, share, image.source, identity)
-            for image, w, per in zip(images, workings, setups)]
+    return [EncodedImage(image.image, w, per, share, image.source, identity, d)
+            for image, w, per, d in zip(images, workings, setups, depths)]
 
 
 def _features(encoder, crops: torch.Tensor, batch_size: int,

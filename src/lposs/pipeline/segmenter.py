@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,15 +67,17 @@ class Segmenter:
         >>> result.labels.shape, result.scores.shape
     """
 
-    def __init__(self, clip, dino, config: LPOSSConfig | None = None):
+    def __init__(self, clip, dino, config: LPOSSConfig | None = None, depth=None):
         """
         Args:
             clip: a ``ClipEncoder`` (``lposs.encoders.load_clip``).
-            dino: a ``DinoEncoder`` (``lposs.encoders.load_dino``), used by the patch stage.
+            dino: a ``DinoEncoder`` (``lposs.encoders.load_dino``), for ``config.uses_dino``.
             config: the settings; the paper's LPOSS+ defaults when None.
+            depth: a ``DepthEncoder`` (``encoders.depth.load_depth``) for ``config.uses_depth``.
         """
         self.clip = clip
         self.dino = dino
+        self.depth = depth
         self.config = config or LPOSSConfig()
         self._encoded: EncodedImage | None = None  # the image set, on the model's device
         self._given: EncodedImage | None = None  # what set_image/set_encoded gave out
@@ -89,6 +91,7 @@ class Segmenter:
         *,
         clip_weights: str | Path | None = None,
         dino_weights: str | Path | None = None,
+        depth_weights: str | Path | None = None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
         **overrides,
@@ -99,6 +102,7 @@ class Segmenter:
             preset: a name from ``lposs.PRESETS`` or an ``LPOSSConfig``.
             clip_weights: a local CLIP checkpoint instead of the OpenCLIP download/cache.
             dino_weights: a local DINO checkpoint instead of the timm download/cache.
+            depth_weights: a local depth-model checkpoint instead of the Hub cache/download.
             device: where the models run (default: CPU).
             precision: "fp32", "bf16", "fp16" (GPU) or "auto" for the encoders.
             **overrides: config fields to change, e.g. ``k=800``.
@@ -108,19 +112,22 @@ class Segmenter:
             WeightsNotFoundError: weights neither cached, downloadable nor given.
         """
         from ..encoders import load_clip, load_dino, resolve_weights
+        from ..encoders.depth import load_depth
 
         config = get_preset(preset) if isinstance(preset, str) else preset
         config = config.replace(**overrides) if overrides else config
         clip_source, dino_source = resolve_weights(  # every missing model reported at once
             clip=config.clip, clip_pretrained=config.clip_pretrained, clip_weights=clip_weights,
-            dino=config.dino if config.patch_stage else None, dino_weights=dino_weights)
+            dino=config.dino if config.uses_dino else None, dino_weights=dino_weights)
+        depth = load_depth(config.depth_model, weights=depth_weights, device=device,
+                           precision=precision) if config.uses_depth else None
         clip = load_clip(config.clip, config.clip_pretrained, weights=clip_source,
                          device=device, precision=precision)
         dino = None
-        if config.patch_stage:
+        if config.uses_dino:
             dino = load_dino(config.dino, weights=dino_source, device=device,
                              precision=precision)
-        return cls(clip, dino, config)
+        return cls(clip, dino, config, depth)
 
     @property
     def device(self) -> torch.device:
@@ -134,10 +141,10 @@ class Segmenter:
         clip = {"model": cfg.clip, **self.clip.weights_info}
         if clip.get("source") == "hub":
             clip["pretrained"] = cfg.clip_pretrained
-        dino = None
-        if self.dino is not None and cfg.patch_stage:
-            dino = {"model": cfg.dino, **self.dino.weights_info}
-        return provenance(weights={"clip": clip, "dino": dino}, device=self.device,
+        dino = {"model": cfg.dino, **self.dino.weights_info} if cfg.uses_dino else None
+        depth = {"depth": {"model": cfg.depth_model, **self.depth.weights_info}} \
+            if cfg.uses_depth else {}
+        return provenance(weights={"clip": clip, "dino": dino, **depth}, device=self.device,
                           precision=self.clip.precision)
 
     @property
@@ -201,16 +208,17 @@ class Segmenter:
             One ``EncodedImage`` per image, in order; ``encode_s`` is each one's share of
             the encoders' time.
         """
-        return encode_images(self.clip, self.dino, self.config, images,
+        return encode_images(self.clip, self.dino, self.config, images, depth=self.depth,
                              identity=self.encoder_identity(), progress=progress)
 
     def encoder_identity(self) -> str:
         """What decides an ``EncodedImage`` made by this segmenter, as one string: the
         encoder settings (``LPOSSConfig.encoder_key``), the precision, and each encoder's
         ``weights_id`` (``"random"`` for random weights, which cannot be told apart)."""
-        dino = self.dino.weights_id if self.dino is not None and self.config.patch_stage else None
+        dino = self.dino.weights_id if self.dino is not None and self.config.uses_dino else None
+        depth = {"depth": self.depth.weights_id} if self.config.uses_depth and self.depth else {}
         return json.dumps({"config": self.config.encoder_key(), "precision": self.clip.precision,
-                           "clip": self.clip.weights_id, "dino": dino},
+                           "clip": self.clip.weights_id, "dino": dino, **depth},
                           sort_keys=True, default=str)
 
     def release_image(self) -> None:
@@ -233,16 +241,16 @@ class Segmenter:
         fits = (encoded.encoders in (None, self.encoder_identity())
                 and len(encoded.setups) == len(boxes) and all(
                     torch.equal(s.boxes.cpu(), b) and s.clip.shape[1] == self.clip.embed_dim
-                    and (s.dino is None) == (not self.config.patch_stage)
-                    for s, b in zip(encoded.setups, boxes)))
+                    and (s.dino is None) == (not self.config.uses_dino)
+                    for s, b in zip(encoded.setups, boxes))
+                and (encoded.depth is None) == (not self.config.uses_depth))
         if not fits:
             raise ConfigError(
                 "this EncodedImage was made by other encoders, weights, precision or window "
                 "settings than this segmenter's, so its features would answer for another "
                 "model; encode the image again with set_image")
-        self._encoded = EncodedImage(encoded.image, encoded.working.to(self.device),
-                                     [s.to(self.device) for s in encoded.setups],
-                                     encoded.encode_s, encoded.source, encoded.encoders)
+        self._encoded = replace(encoded, working=encoded.working.to(self.device),
+                                setups=[s.to(self.device) for s in encoded.setups])
         self._given = encoded
         self._image_graphs = None
 
@@ -255,12 +263,15 @@ class Segmenter:
                                    len(encoded.setups) * cfg.patch_stage + cfg.pixel_stage)
             patch = []
             for s in encoded.setups:
-                patch.append(patch_graph(s.dino, s.positions, k=cfg.k, gamma=cfg.gamma,
-                                         sigma=cfg.sigma, distance_power=cfg.distance_power,
-                                         alpha=cfg.alpha) if cfg.patch_stage else None)
+                patch.append(patch_graph(
+                    *s.graph_inputs(cfg.graph_features), k=cfg.k, gamma=cfg.gamma,
+                    sigma=cfg.sigma, distance_power=cfg.distance_power, alpha=cfg.alpha,
+                    nodes_per_window=None if cfg.joint else s.clip[0, 0].numel())
+                    if cfg.patch_stage else None)
                 counter.advance(int(cfg.patch_stage))
-            pixel = (pixel_graph(encoded.working, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha)
-                     if cfg.pixel_stage else None)
+            pixel = (pixel_graph(encoded.working, r=cfg.r, tau=cfg.tau, alpha=cfg.alpha,
+                                 depth=encoded.depth, lab="lab" in cfg.pixel_features,
+                                 depth_scale=cfg.depth_scale) if cfg.pixel_stage else None)
             counter.advance(int(cfg.pixel_stage))
             self._image_graphs = _ImageGraphs(cfg.graph_key(), patch, pixel,
                                               time.perf_counter() - start)

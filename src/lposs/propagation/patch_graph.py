@@ -1,5 +1,5 @@
-"""LPOSS's graph over the patches of all windows: each patch joined to its ``k`` most similar
-patches (vision-model features, decayed by patch-centre distance), normalised, propagated."""
+"""LPOSS's patch graph: each patch joined to its ``k`` most similar patches (graph features,
+decayed by patch-centre distance), normalised, propagated."""
 
 from __future__ import annotations
 
@@ -22,32 +22,16 @@ _GRAM_MIN_BLOCK = 256  # fewest rows per block of the similarity matrix
 
 
 def normalized_adjacency(weights: Tensor) -> Tensor:
-    """The symmetric normalisation ``S = D^-1/2 W D^-1/2`` of an affinity matrix.
-
-    ``D`` holds the row sums of ``W``; a node of zero degree keeps a zero row, so that
-    ``L = I - alpha * S`` leaves its score unchanged.
-
-    Args:
-        weights: ``(N, N)`` symmetric non-negative affinity, dense, sparse COO or sparse CSR.
-
-    Returns:
-        ``(N, N)`` ``S`` in the layout of ``weights``.
-    """
+    """``(N, N)`` sparse CSR ``S = D^-1/2 W D^-1/2`` of an ``(N, N)`` sparse CSR symmetric
+    non-negative affinity ``W``, ``D`` its row sums; a node of zero degree keeps a zero row,
+    so that ``L = I - alpha * S`` leaves its score unchanged."""
     check_shape(weights, "weights", (len(weights), len(weights)))
-    if weights.layout == torch.strided:
-        inv_sqrt = inverse_sqrt_degree(weights.sum(1))
-        return weights * inv_sqrt[:, None] * inv_sqrt[None, :]
-    if weights.layout == torch.sparse_coo:
-        weights = weights.coalesce()
-        (rows, cols), values = weights.indices(), weights.values()
-    else:
-        rows, cols, values = _csr_rows(weights), weights.col_indices(), weights.values()
+    crow, cols, values = weights.crow_indices(), weights.col_indices(), weights.values()
+    rows = torch.repeat_interleave(torch.arange(len(weights), device=crow.device,
+                                                dtype=crow.dtype),
+                                   crow[1:] - crow[:-1], output_size=values.numel())
     inv_sqrt = inverse_sqrt_degree(values.new_zeros(len(weights)).index_add_(0, rows, values))
-    values = values * inv_sqrt[rows] * inv_sqrt[cols]
-    if weights.layout == torch.sparse_coo:
-        return torch.sparse_coo_tensor(weights.indices(), values, weights.shape,
-                                       is_coalesced=True, check_invariants=False)
-    return _csr(weights.crow_indices(), cols, values, weights.shape)
+    return _csr(crow, cols, values * inv_sqrt[rows] * inv_sqrt[cols], weights.shape)
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
@@ -57,31 +41,22 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
         return torch.sparse_csr_tensor(crow, col, values, tuple(shape), check_invariants=False)
 
 
-def _csr_rows(matrix: Tensor) -> Tensor:
-    """The row index of every stored entry of a CSR matrix."""
-    crow = matrix.crow_indices()
-    rows = torch.arange(matrix.shape[0], device=crow.device, dtype=crow.dtype)
-    return torch.repeat_interleave(rows, crow[1:] - crow[:-1],
-                                   output_size=matrix.values().numel())
-
-
 def knn_affinity(features: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
                  sigma: float = 0.01, distance_power: float = 1.0) -> Tensor:
-    """The symmetric kNN affinity of the LPOSS patch graph, as a sparse CSR matrix.
+    """The symmetric kNN affinity of the LPOSS patch graph.
 
     ``A[i, j] = max(z_i . z_j, 0) ** gamma * exp(-sigma * ||p_i - p_j|| ** distance_power)``
-    for the ``k`` nearest neighbours ``j`` of ``i`` by inner product (``i`` itself counts as
-    one of them), else 0; ``W = A + A^T`` with a zero diagonal. Features are L2-normalised
-    first. Neighbours tied with the k-th similarity are all kept. The ``N x N`` similarity
-    matrix is kept whole only while it is small and is otherwise computed in row blocks.
+    for the ``k`` nearest neighbours ``j`` of ``i`` by inner product of the L2-normalised
+    features (``i`` itself is one of them; ties with the k-th are all kept), else 0;
+    ``W = A + A^T`` with a zero diagonal. ``sigma = 0`` drops the spatial term (``S_p = 1``).
+    The ``N x N`` similarity is kept whole only while small, else computed in row blocks.
 
     Args:
         features: ``(N, D)`` node features.
         positions: ``(N, 2)`` node positions in pixels, ``(y, x)``.
         k: neighbours per node (``min(k, N)`` is used), >= 1.
-        gamma: power of the clamped similarity, > 0.
-        sigma: spatial decay per pixel, >= 0.
-        distance_power: power of the distance inside the exponential, > 0.
+        gamma: power of the clamped similarity, > 0; sigma: spatial decay per pixel, >= 0;
+        distance_power: power of the distance, > 0.
 
     Returns:
         ``(N, N)`` sparse CSR ``W``, float64 for float64 features, else float32.
@@ -172,78 +147,83 @@ class _BlockedSimilarity:
 
 
 class PatchGraph:
-    """The LPOSS patch graph of one image, ready to propagate any class scores.
+    """The LPOSS patch graph of one image (built by :func:`patch_graph`): ``alpha * S`` as
+    sparse CSR blocks along the diagonal, one over all windows jointly or one per window.
+    It depends on the image alone, so one graph answers every vocabulary."""
 
-    Built by :func:`patch_graph`; it depends on the image alone, so one graph answers every
-    vocabulary. Holds ``alpha * S`` as an ``(N, N)`` sparse CSR matrix.
-    """
-
-    def __init__(self, scaled: Tensor):
-        self.scaled = scaled  # (N, N) sparse CSR alpha * D^-1/2 W D^-1/2
+    def __init__(self, blocks: list[Tensor]):
+        self.blocks = blocks  # (n, n) sparse CSR alpha * D^-1/2 W D^-1/2, in node order
 
     @property
     def num_nodes(self) -> int:
-        return self.scaled.shape[0]
+        return sum(block.shape[0] for block in self.blocks)
 
     def propagate(self, scores: Tensor, *, tol: float = 1e-6, max_iter: int = 10,
                   return_info: bool = False) -> Tensor | tuple[Tensor, CGInfo]:
-        """Solve ``(I - alpha * S) X = scores`` column by column with conjugate gradient from
-        zero (``max_iter`` iterations at most: the paper's truncated solve, by design).
+        """Solve ``(I - alpha * S) X = scores`` by :func:`conjugate_gradient` from zero, one
+        solve per block (``max_iter`` iterations at most: the paper's truncated solve).
 
         Args:
             scores: ``(N, C)`` initial class scores, on the graph's device.
-            tol: conjugate-gradient relative residual tolerance, > 0.
-            max_iter: conjugate-gradient iterations, >= 1.
-            return_info: also return the solver's :class:`CGInfo`.
+            tol, max_iter: as in :func:`conjugate_gradient`.
+            return_info: also return the :class:`CGInfo` (per column, the worst block).
 
         Returns:
             ``(N, C)`` refined scores in the dtype of ``scores``, or ``(scores, info)``.
         """
         check_shape(scores, "scores", (self.num_nodes, None))
-        x, info = conjugate_gradient(lambda p: torch.addmm(p, self.scaled, p, alpha=-1),
-                                     scores.to(self.scaled.dtype), tol=tol, max_iter=max_iter)
+        parts = [conjugate_gradient(lambda p, m=m: torch.addmm(p, m, p, alpha=-1),
+                                    part.to(m.dtype), tol=tol, max_iter=max_iter)
+                 for m, part in zip(self.blocks, scores.split([len(m) for m in self.blocks]))]
+        x, info = parts[0]
+        if len(parts) > 1:
+            infos = [i for _, i in parts]
+            x = torch.cat([x for x, _ in parts])
+            info = CGInfo(torch.stack([i.converged for i in infos]).all(0),
+                          torch.stack([i.iterations for i in infos]).amax(0),
+                          torch.stack([i.residual for i in infos]).amax(0))
         x = x.to(scores.dtype)
         return (x, info) if return_info else x
 
 
 def patch_graph(features: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
-                sigma: float = 0.01, distance_power: float = 1.0,
-                alpha: float = 0.95) -> PatchGraph:
-    """The LPOSS graph over all patches of all windows: ``W`` from :func:`knn_affinity`,
-    ``S`` from :func:`normalized_adjacency`, scaled by ``alpha``.
+                sigma: float = 0.01, distance_power: float = 1.0, alpha: float = 0.95,
+                nodes_per_window: int | None = None) -> PatchGraph:
+    """The LPOSS graph: ``W`` from :func:`knn_affinity`, ``S`` from
+    :func:`normalized_adjacency`, scaled by ``alpha``.
 
     Args:
-        features: ``(N, D)`` patch features of the vision model (L2-normalised inside);
-            float64 builds a float64 graph, any other float dtype a float32 one.
+        features: ``(N, D)`` patch features (L2-normalised inside); float64 builds a float64
+            graph, any other float dtype a float32 one.
         positions: ``(N, 2)`` patch centres in working-image pixels, ``(y, x)``.
         k, gamma, sigma, distance_power: as in :func:`knn_affinity`.
         alpha: propagation strength, in (0, 1).
+        nodes_per_window: None: one graph over all nodes (the paper's joint LPOSS); else
+            the nodes are consecutive windows of this many patches, each its own graph with
+            ``k`` capped at its patch count minus one (``LPOSSConfig.joint=False``).
     """
-    adjacency = normalized_adjacency(knn_affinity(features, positions, k=k, gamma=gamma,
-                                                  sigma=sigma, distance_power=distance_power))
-    adjacency.values().mul_(alpha)
-    return PatchGraph(adjacency)
+    check_shape(features, "features", (None, None))
+    size = nodes_per_window or len(features)
+    if len(features) % size:
+        raise ValueError(f"{len(features)} patches are not windows of {size}")
+    if nodes_per_window is not None:
+        k = max(1, min(k, size - 1))
+    blocks = []
+    for start in range(0, len(features), size):
+        adjacency = normalized_adjacency(knn_affinity(
+            features[start:start + size], positions[start:start + size], k=k, gamma=gamma,
+            sigma=sigma, distance_power=distance_power))
+        adjacency.values().mul_(alpha)
+        blocks.append(adjacency)
+    return PatchGraph(blocks)
 
 
 def patch_propagation(features: Tensor, positions: Tensor, scores: Tensor, *, k: int = 400,
                       gamma: float = 3.0, sigma: float = 0.01, distance_power: float = 1.0,
                       alpha: float = 0.95, tol: float = 1e-6, max_iter: int = 10) -> Tensor:
-    """LPOSS: propagate class scores over the kNN graph of all patches of all windows.
-
-    ``patch_graph(features, positions, ...).propagate(scores, ...)`` with the graph in the
-    compute dtype of ``scores``; build the graph once with :func:`patch_graph` to propagate
-    several score sets over one image.
-
-    Args:
-        features: ``(N, D)`` patch features of the vision model (L2-normalised inside).
-        positions: ``(N, 2)`` patch centres in working-image pixels, ``(y, x)``.
-        scores: ``(N, C)`` initial class scores.
-        k, gamma, sigma, distance_power, alpha: as in :func:`patch_graph`.
-        tol, max_iter: as in :meth:`PatchGraph.propagate`.
-
-    Returns:
-        ``(N, C)`` refined scores, on the device and in the dtype of ``scores``.
-    """
+    """LPOSS in one call: ``(N, C)`` ``scores`` refined over :func:`patch_graph` of ``(N, D)``
+    ``features`` and ``(N, 2)`` ``positions`` (arguments as there and in
+    :meth:`PatchGraph.propagate`), the graph in the compute dtype of ``scores``."""
     graph = patch_graph(features.to(compute_dtype(scores)), positions, k=k, gamma=gamma,
                         sigma=sigma, distance_power=distance_power, alpha=alpha)
     return graph.propagate(scores, tol=tol, max_iter=max_iter)

@@ -1,5 +1,5 @@
-"""The conjugate-gradient solver shared by both propagation stages, with its convergence report
-(one column per class, each with its own recursion)."""
+"""Conjugate gradient for many right-hand sides at once, each column its own recursion, with
+its convergence report: the solver of both propagation stages."""
 
 from __future__ import annotations
 
@@ -21,61 +21,42 @@ _SAFE_EXPONENT = 40  # columns within 2**+-40 of 1 are solved unscaled: their do
 
 @dataclass(frozen=True)
 class CGInfo:
-    """Convergence report of :func:`conjugate_gradient`, one entry per column.
-
-    Attributes:
-        converged: ``(C,)`` bool, ``||r|| <= tol * ||b||`` at the end.
-        iterations: ``(C,)`` int64, iterations that updated the column.
-        residual: ``(C,)`` relative residual ``||r|| / ||b||`` (0 where ``b`` is 0).
-    """
+    """Convergence report of :func:`conjugate_gradient`: per column, ``converged`` ``(C,)``
+    bool (``||r|| <= tol * ||b||`` at the end), ``iterations`` ``(C,)`` int64 that updated
+    it, ``residual`` ``(C,)`` its relative residual ``||r|| / ||b||`` (0 where ``b`` is 0)."""
 
     converged: Tensor
     iterations: Tensor
     residual: Tensor
 
     def summary(self) -> dict[str, int | float]:
-        """The report in two numbers, JSON-ready.
-
-        Returns:
-            ``{"iterations": most iterations of any column, "max_relative_residual": the
-            worst column's relative residual}``.
-        """
+        """JSON-ready ``{"iterations": the most of any column, "max_relative_residual": the
+        worst column's}``."""
         return {"iterations": int(self.iterations.max()),
                 "max_relative_residual": float(self.residual.max())}
 
 
-def conjugate_gradient(
-    operator: Tensor | Callable[[Tensor], Tensor],
-    b: Tensor,
-    *,
-    tol: float = 1e-6,
-    max_iter: int = 10,
-    overwrite_b: bool = False,
-) -> tuple[Tensor, CGInfo]:
-    """Solve ``A X = B`` for many right-hand sides at once, starting from ``X = 0``.
+def conjugate_gradient(operator: Tensor | Callable[[Tensor], Tensor], b: Tensor, *,
+                       tol: float = 1e-6, max_iter: int = 10,
+                       overwrite_b: bool = False) -> tuple[Tensor, CGInfo]:
+    """Solve ``A X = B`` for a symmetric positive definite ``A`` from ``X = 0``.
 
     Each column runs its own recursion, as if solved alone, until ``||r|| <= tol * ||b||``
-    (a zero column gives zero). ``A`` must be symmetric positive definite. A column of huge
-    or tiny values is solved divided by a power of two (exact), so its dot products cannot
-    overflow. A relative residual above 1 at the end (divergence) is warned about with a
-    ``RuntimeWarning``; stopping at ``max_iter`` is only reported in the :class:`CGInfo`.
+    or ``max_iter`` (reported in the :class:`CGInfo` only); a relative residual above 1 at
+    the end (divergence) warns with a ``RuntimeWarning``. A column of huge or tiny values is
+    solved divided by a power of two (exact), so its dot products cannot overflow.
 
     Args:
-        operator: ``(N, N)`` dense or sparse tensor, or a function mapping ``(N, C)`` to
-            ``A @ X`` of the same shape (it receives tensors laid out like ``b``; each result
-            is used up before the next call, so the function may reuse one output buffer).
-        b: ``(N, C)`` or ``(N,)`` right-hand sides.
-        tol: relative residual tolerance, > 0.
-        max_iter: most iterations per column, >= 1.
-        overwrite_b: use ``b``'s memory for the residual (saves one vector; ``b`` is lost).
+        operator: ``(N, N)`` dense or sparse tensor, or a function mapping ``(N, C)`` (laid
+            out like ``b``) to ``A @ X``; each result is used up before the next call, so
+            the function may reuse one output buffer.
+        b: ``(N, C)`` right-hand sides.
+        tol: relative residual tolerance, > 0; max_iter: most iterations per column, >= 1.
+        overwrite_b: use ``b``'s memory for the residual (``b`` is lost).
 
     Returns:
-        ``(x, info)``: the solution shaped like ``b`` and a :class:`CGInfo`.
+        ``(x, info)``: the ``(N, C)`` solution and a :class:`CGInfo`.
     """
-    if isinstance(b, Tensor) and b.dim() == 1:
-        x, info = conjugate_gradient(operator, b[:, None], tol=tol, max_iter=max_iter,
-                                     overwrite_b=overwrite_b)
-        return x[:, 0], info
     check_shape(b, "b", (None, None))
     if isinstance(operator, Tensor):
         check_shape(operator, "operator", (b.shape[0], b.shape[0]))
@@ -128,12 +109,9 @@ def _column_scale(b: Tensor) -> Tensor | None:
 
 
 def _column_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(C,)`` inner products of matching columns of two ``(N, C)`` tensors.
-
-    In row chunks whose product stays in cache (5x faster than one product for a pixel
-    graph), each summed pairwise: as accurate as ``(a * b).sum(0)``, unlike a batched
-    matmul, whose sequential float32 sums drift by ~1e-3 relative over 300k rows.
-    """
+    """``(C,)`` inner products of matching columns of two ``(N, C)`` tensors, in row chunks
+    that stay in cache (5x faster for a pixel graph), each summed pairwise: as accurate as
+    ``(a * b).sum(0)``, unlike a matmul (its float32 sums drift ~1e-3 over 300k rows)."""
     total = None
     for start in range(0, a.shape[0], _DOT_CHUNK_ROWS):
         part = (a[start:start + _DOT_CHUNK_ROWS] * b[start:start + _DOT_CHUNK_ROWS]).sum(0)

@@ -1,17 +1,14 @@
-"""The product of the LPOSS+ pixel graph with class maps, as a stencil on a flat padded image.
+"""The product of the LPOSS+ pixel graph with class maps: a stencil on a flat padded image.
 
-With pixels laid out flat over an image padded by ``r // 2`` on every side, the neighbour at
-offset ``(dy, dx)`` is a fixed shift ``s = dy * Wp + dx``. The graph is stored as one weight
-map per half offset (``w[o, i]`` joins pixel ``i`` and pixel ``i + s_o``), so
+Over an image padded by ``r // 2`` on every side and laid out flat, the neighbour at offset
+``(dy, dx)`` is a fixed shift ``s = dy * Wp + dx``; with one weight map per half offset
+(``w[o, i]`` joins pixels ``i`` and ``i + s_o``), for every pixel ``i`` in ``[start, stop)``
 
     out[c, i] = x[c, i] - sum_o (w[o, i] * x[c, i + s_o] + w[o, i - s_o] * x[c, i - s_o])
 
-for every pixel ``i`` in ``[start, stop)``, which is ``(I - S) x`` for the symmetric ``S``.
-
-Two implementations of that one formula: a compiled CPU kernel (numba) that walks tiles of
-pixels small enough for their neighbourhood to stay in cache, split over threads; and torch
-shifted-slice multiply-adds for every other device, or for CPU when numba is not installed.
-Pure math: no models are imported here.
+which is ``(I - S) x``. Two implementations: a compiled CPU kernel (numba) over cache-sized
+tiles split over threads, and torch shifted-slice multiply-adds for every other device (or
+CPU without numba).
 """
 
 from __future__ import annotations
@@ -34,17 +31,16 @@ _KERNEL_TILE_ELEMENTS = 1 << 17  # (classes x pixels) per tile of the compiled k
 
 def stencil_product(columns: Tensor, weights: Tensor, shifts: list[int], start: int, stop: int,
                     *, backend: str = "auto", out: Tensor | None = None) -> Tensor:
-    """``(I - S) x`` for the stencil graph ``S`` described in the module docstring.
+    """``(I - S) x`` for the stencil graph ``S`` of the module docstring.
 
     Args:
         columns: ``(C, Np)`` class maps, flat and padded, zero outside the image.
         weights: ``(O, Np)`` one weight map per half offset, same dtype and device.
-        shifts: the ``O`` flat shifts, each > 0, with ``start - max(shifts) >= 0`` and
-            ``stop + max(shifts) <= Np``.
+        shifts: the ``O`` flat shifts, each > 0, within ``[0, Np)`` from ``start``/``stop``.
         start, stop: the range of flat positions that holds image pixels.
-        backend: ``"numba"``, ``"torch"`` or ``"auto"`` (numba on CPU when installed).
-        out: a contiguous ``(C, Np)`` tensor like ``columns`` (not overlapping it) to write
-            the result into; a new one when None.
+        backend: ``"numba"`` (CPU), ``"torch"`` or ``"auto"`` (numba on CPU when installed).
+        out: a contiguous ``(C, Np)`` tensor like ``columns`` (not overlapping it) for the
+            result; a new one when None.
 
     Returns:
         ``(C, Np)``: ``x - S x`` on ``[start, stop)``, ``x`` elsewhere.
@@ -55,12 +51,8 @@ def stencil_product(columns: Tensor, weights: Tensor, shifts: list[int], start: 
         backend = stencil_backend(columns.device)
     if out is None:
         out = torch.empty_like(columns, memory_format=torch.contiguous_format)
-    elif out.shape != columns.shape or out.dtype != columns.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {columns.dtype} tensor of shape "
-                         f"{tuple(columns.shape)}")
-    if backend == "numba":
-        return _numba_product(columns, weights, shifts, start, stop, out)
-    return _torch_product(columns, weights, shifts, start, stop, out)
+    product = _numba_product if backend == "numba" else _torch_product
+    return product(columns, weights, shifts, start, stop, out)
 
 
 def stencil_backend(device: torch.device) -> str:
@@ -90,8 +82,6 @@ def _numba_product(columns: Tensor, weights: Tensor, shifts: list[int], start: i
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the numba stencil backend needs numba (pip install numba)")
-    if columns.device.type != "cpu":
-        raise ValueError(f"the numba stencil backend runs on CPU, got {columns.device}")
     x = columns.contiguous().numpy()
     w = weights.to(columns.dtype).contiguous().numpy()
     out[:, :start] = columns[:, :start]
