@@ -117,7 +117,7 @@ def encode_images(clip, dino, config: LPOSSConfig, images: Sequence[PreparedImag
     passes = (2 if config.uses_dino else 1) * sum(len(b) for per in boxes for b in per)
     counter = StageCounter(progress, "encoding windows", passes)
     setups: list[list[WindowSetup]] = [[] for _ in images]
-    for s in range(len(boxes[0])):
+    for s in range(len(config.windows or [None])):  # None: one window, the whole image
         crops = [crop_windows(w, per[s]) for w, per in zip(workings, boxes)]
         groups: dict[tuple, list[int]] = {}  # the windows of small images are smaller
         for i, c in enumerate(crops):
