@@ -31,7 +31,7 @@ from PIL import Image
 from ..errors import DatasetError
 from ..output.files import atomic_write
 from ..progress import Progress, StageCounter
-from .datasets import dataset_dir, read_label
+from .datasets import DATASETS, find_folder, read_label
 
 __all__ = [
     "ConversionResult",
@@ -41,7 +41,7 @@ __all__ = [
     "COCO_STUFF_LABEL_IDS",
     "COCO_STUFF_LUT",
     "COCO_OBJECT_LUT",
-    "CITYSCAPES_LABELS",
+    "CITYSCAPES_TRAIN_IDS",
     "CITYSCAPES_LUT",
     "decode_rle",
     "polygons_to_mask",
@@ -75,58 +75,19 @@ COCO_OBJECT_LUT[list(COCO_STUFF_LABEL_IDS[:80])] = np.arange(1, 81, dtype=np.uin
 COCO_OBJECT_LUT[91:182] = 0
 COCO_OBJECT_LUT[255] = 0
 
-# cityscapesscripts/helpers/labels.py: (id, name, trainId); trainId 255 is ignored.
-CITYSCAPES_LABELS: tuple[tuple[int, str, int], ...] = (
-    (0, "unlabeled", 255),
-    (1, "ego vehicle", 255),
-    (2, "rectification border", 255),
-    (3, "out of roi", 255),
-    (4, "static", 255),
-    (5, "dynamic", 255),
-    (6, "ground", 255),
-    (7, "road", 0),
-    (8, "sidewalk", 1),
-    (9, "parking", 255),
-    (10, "rail track", 255),
-    (11, "building", 2),
-    (12, "wall", 3),
-    (13, "fence", 4),
-    (14, "guard rail", 255),
-    (15, "bridge", 255),
-    (16, "tunnel", 255),
-    (17, "pole", 5),
-    (18, "polegroup", 255),
-    (19, "traffic light", 6),
-    (20, "traffic sign", 7),
-    (21, "vegetation", 8),
-    (22, "terrain", 9),
-    (23, "sky", 10),
-    (24, "person", 11),
-    (25, "rider", 12),
-    (26, "car", 13),
-    (27, "truck", 14),
-    (28, "bus", 15),
-    (29, "caravan", 255),
-    (30, "trailer", 255),
-    (31, "train", 16),
-    (32, "motorcycle", 17),
-    (33, "bicycle", 18),
-)  # license plate (id -1) is not stored in labelIds PNGs; any other value maps to 255.
-
+# cityscapesscripts/helpers/labels.py: the ids of the 19 train classes, in train-id order
+# (road, sidewalk, building, ..., bicycle); every other id (license plate's -1 is not stored
+# in labelIds PNGs) is ignored, 255.
+CITYSCAPES_TRAIN_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26,
+                                         27, 28, 31, 32, 33)
 CITYSCAPES_LUT = np.full(256, 255, dtype=np.uint8)
-for _id, _name, _train_id in CITYSCAPES_LABELS:
-    CITYSCAPES_LUT[_id] = _train_id
+CITYSCAPES_LUT[list(CITYSCAPES_TRAIN_IDS)] = np.arange(19, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """What a conversion did.
-
-    Attributes:
-        written: Outputs written by this call.
-        skipped: Outputs that already existed and were kept (``overwrite=False``).
-        failed: One message per input that could not be converted; the others were.
-    """
+    """What a conversion did: outputs written, outputs kept (they existed and
+    ``overwrite=False``), and one message per input that could not be converted."""
 
     written: int
     skipped: int
@@ -138,30 +99,18 @@ class ConversionResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversions
+# Conversions. Each takes ``data_root`` (the folder holding the dataset folder, or that folder
+# itself), ``splits`` (default: those present), ``overwrite`` (rewrite existing outputs) and
+# ``progress``, called as ``progress("converting annotations", done, total)``.
 
 
-def convert_coco_stuff(
-    data_root: str | os.PathLike,
-    *,
-    splits: Sequence[str] | str | None = None,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> ConversionResult:
-    """COCO-Stuff 164k raw PNGs -> ``<stem>_labelTrainIds.png`` (171 classes, 255 ignored).
-
-    Args:
-        data_root: The folder holding ``coco_stuff164k`` (or that folder itself).
-        splits: Sub-folders of ``annotations`` to convert; default ``val2017`` and
-            ``train2017``, those present.
-        overwrite: Rewrite outputs that already exist.
-        progress: Called as ``progress("converting annotations", done, total)``
-            (``lposs.progress``).
-
-    Returns:
-        The counts of written and skipped files.
-    """
-    jobs = _lut_jobs(_coco_raw_files(data_root, splits), COCO_STUFF_LUT, "_labelTrainIds.png")
+def convert_coco_stuff(data_root: str | os.PathLike, *, splits: Sequence[str] | str | None = None,
+                       overwrite: bool = False,
+                       progress: Progress | None = None) -> ConversionResult:
+    """COCO-Stuff 164k raw PNGs -> ``<stem>_labelTrainIds.png`` (171 classes, 255 ignored);
+    default splits ``val2017`` and ``train2017``, those present."""
+    jobs = _lut_jobs(_coco_raw_files(data_root, splits), COCO_STUFF_LUT, ".png",
+                     "_labelTrainIds.png")
     return _run(jobs, overwrite, progress)
 
 
@@ -189,24 +138,15 @@ def convert_coco_object(
     Polygons are filled by the pixel-centre rule (a pixel is in when its centre is inside,
     the rule pycocotools approximates), so masks can differ from pycocotools' by a pixel
     along edges; RLE masks (compressed or not) are decoded exactly.
-
-    Args:
-        data_root: The folder holding ``coco_stuff164k`` (or that folder itself).
-        splits: As in :func:`convert_coco_stuff`; a single split with ``instances_json``.
-        instances_json: A COCO instances file, or None for the raw COCO-Stuff route.
-        overwrite: Rewrite outputs that already exist.
-        progress: Called as ``progress("converting annotations", done, total)``
-            (``lposs.progress``).
     """
     if instances_json is None:
-        jobs = _lut_jobs(
-            _coco_raw_files(data_root, splits), COCO_OBJECT_LUT, "_instanceTrainIds.png"
-        )
+        jobs = _lut_jobs(_coco_raw_files(data_root, splits), COCO_OBJECT_LUT, ".png",
+                         "_instanceTrainIds.png")
         return _run(jobs, overwrite, progress)
     splits = _as_splits(splits) or ["val2017"]
     if len(splits) != 1:
         raise ValueError(f"splits must name one split with instances_json, got {splits}")
-    folder, _ = dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
+    folder = _coco_folder(data_root)
     json_path = Path(instances_json)
     if not json_path.is_absolute() and not json_path.is_file():
         json_path = folder / json_path
@@ -214,42 +154,17 @@ def convert_coco_object(
     return _run(jobs, overwrite, progress)
 
 
-def convert_cityscapes(
-    data_root: str | os.PathLike,
-    *,
-    splits: Sequence[str] | str | None = None,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> ConversionResult:
-    """Cityscapes ``*_gtFine_labelIds.png`` -> ``*_gtFine_labelTrainIds.png`` (19 classes).
-
-    Args:
-        data_root: The folder holding ``cityscapes`` (or that folder itself).
-        splits: Sub-folders of ``gtFine`` to convert; default every one present.
-        overwrite: Rewrite outputs that already exist.
-        progress: Called as ``progress("converting annotations", done, total)``
-            (``lposs.progress``).
-    """
-    folder, _ = dataset_dir(data_root, ("cityscapes", "."), "gtFine", "Cityscapes")
-    gt = folder / "gtFine"
+def convert_cityscapes(data_root: str | os.PathLike, *, splits: Sequence[str] | str | None = None,
+                       overwrite: bool = False,
+                       progress: Progress | None = None) -> ConversionResult:
+    """Cityscapes ``*_gtFine_labelIds.png`` -> ``*_gtFine_labelTrainIds.png`` (19 classes);
+    default: every split of ``gtFine``."""
+    gt = find_folder(data_root, DATASETS["cityscapes"].folders, ["gtFine"], "Cityscapes")[0]
+    gt = gt / "gtFine"
     names = _as_splits(splits) or sorted(p.name for p in gt.iterdir() if p.is_dir())
-    sources = []
-    for split in names:
-        if not (gt / split).is_dir():
-            raise DatasetError(f"Cityscapes split not found: expected {gt / split}")
-        sources += sorted((gt / split).glob("*/*_gtFine_labelIds.png"))
-    if not sources:
-        raise DatasetError(
-            f"no Cityscapes labelIds found: expected {gt}/<split>/<city>/*_gtFine_labelIds.png"
-        )
-    jobs = [
-        (
-            src.with_name(src.name.replace("_labelIds.png", "_labelTrainIds.png")),
-            _lut_reader(src, CITYSCAPES_LUT),
-        )
-        for src in sources
-    ]
-    return _run(jobs, overwrite, progress)
+    sources = _raw_files(gt, names, "*/*_gtFine_labelIds.png", "Cityscapes labelIds")
+    return _run(_lut_jobs(sources, CITYSCAPES_LUT, "_labelIds.png", "_labelTrainIds.png"),
+                overwrite, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,48 +266,52 @@ def _annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
 
 
 def _as_splits(splits) -> list[str]:
-    if splits is None:
-        return []
     if isinstance(splits, str):
         return [splits]
-    if not isinstance(splits, Sequence) or not all(isinstance(s, str) for s in splits):
+    if splits is not None and not all(isinstance(s, str) for s in splits):
         raise TypeError("splits must be a string or a list of strings")
-    return list(splits)
+    return list(splits or [])
+
+
+def _coco_folder(data_root) -> Path:
+    return find_folder(data_root, DATASETS["coco_stuff"].folders, ["annotations"],
+                       "COCO-Stuff 164k")[0]
 
 
 def _coco_raw_files(data_root, splits) -> list[Path]:
-    folder, _ = dataset_dir(data_root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff 164k")
-    ann = folder / "annotations"
-    names = _as_splits(splits)
-    if not names:
-        names = [s for s in ("val2017", "train2017") if (ann / s).is_dir()]
-        if not names:
-            raise DatasetError(f"COCO-Stuff annotations not found: expected {ann / 'val2017'}")
+    ann = _coco_folder(data_root) / "annotations"
+    names = _as_splits(splits) or \
+        [s for s in ("val2017", "train2017") if (ann / s).is_dir()] or ["val2017"]
+    return _raw_files(ann, names, "*.png", "raw COCO-Stuff annotations",
+                      " (from stuffthingmaps_trainval2017.zip)")
+
+
+def _raw_files(folder: Path, splits: list[str], pattern: str, what: str,
+               hint: str = "") -> list[Path]:
+    """The files ``folder/<split>/<pattern>`` of each split (no train-id outputs)."""
     files = []
-    for split in names:
-        if not (ann / split).is_dir():
-            raise DatasetError(f"COCO-Stuff annotations not found: expected {ann / split}")
-        files += sorted(p for p in (ann / split).glob("*.png") if "TrainIds" not in p.name)
+    for split in splits:
+        if not (folder / split).is_dir():
+            raise DatasetError(f"{what}: split not found: expected {folder / split}")
+        files += sorted(p for p in (folder / split).glob(pattern) if "TrainIds" not in p.name)
     if not files:
-        raise DatasetError(
-            f"no raw COCO-Stuff annotations found: expected {ann}/{names[0]}/<stem>.png "
-            "(from stuffthingmaps_trainval2017.zip)"
-        )
+        raise DatasetError(f"no {what} found: expected "
+                           f"{folder}/{splits[0] if splits else '<split>'}/{pattern}{hint}")
     return files
 
 
-def _lut_reader(src: Path, lut: np.ndarray) -> Callable[[], np.ndarray]:
-    def read() -> np.ndarray:
-        raw = read_label(src)
-        if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
-            raise DatasetError(f"{src} holds values outside 0..255; expected raw 8-bit ids")
-        return lut[raw]
+def _lut_jobs(sources: list[Path], lut: np.ndarray, old: str, new: str):
+    """(output, make) per source: its values through ``lut``, named with ``old`` -> ``new``."""
+    def reader(src: Path) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            raw = read_label(src)
+            if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
+                raise DatasetError(f"{src} holds values outside 0..255; expected raw 8-bit ids")
+            return lut[raw]
 
-    return read
+        return read
 
-
-def _lut_jobs(sources: list[Path], lut: np.ndarray, suffix: str):
-    return [(src.with_name(src.stem + suffix), _lut_reader(src, lut)) for src in sources]
+    return [(src.with_name(src.name[: -len(old)] + new), reader(src)) for src in sources]
 
 
 def _instance_jobs(json_path: Path, out_dir: Path):

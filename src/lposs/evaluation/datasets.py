@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,17 +33,8 @@ from ..errors import DatasetError, ImageError
 from ..pipeline.image import IMAGE_SUFFIXES, load_label_map
 from ..vocab import check_class_names, load_class_names
 
-__all__ = [
-    "Sample",
-    "SegmentationDataset",
-    "FolderDataset",
-    "DATASETS",
-    "get_dataset",
-    "benchmark_classes",
-    "reduce_zero_label",
-    "read_label",
-    "dataset_dir",
-]
+__all__ = ["Sample", "SegmentationDataset", "FolderDataset", "Layout", "DATASETS",
+           "get_dataset", "benchmark_classes", "read_label", "find_folder"]
 
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
@@ -68,15 +59,17 @@ class Sample:
         """Read the ground truth.
 
         Returns:
-            ``(H, W)`` int64 class indices, 255 for ignored pixels, with reduce-zero-label
-            applied when the dataset uses it.
+            ``(H, W)`` int64 class indices, 255 for ignored pixels, with MMSegmentation's
+            reduce-zero-label (0 -> 255, 255 stays, the others minus one) where it applies.
 
         Raises:
             DatasetError: The file is missing, unreadable or not a single-channel label map.
         """
         label = read_label(self.label_path)
         if self.reduce_zero_label:
-            label = reduce_zero_label(label)
+            reduced = label - 1
+            reduced[(label == 0) | (label == UNKNOWN)] = UNKNOWN
+            return reduced
         return label
 
 
@@ -87,21 +80,6 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
         return load_label_map(path).numpy()
     except ImageError as err:
         raise DatasetError(str(err)) from None
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """MMSegmentation's reduce-zero-label: 0 -> 255, 255 stays 255, other values minus one.
-
-    Args:
-        label: ``(H, W)`` integer labels.
-
-    Returns:
-        ``(H, W)`` int64 labels.
-    """
-    label = np.asarray(label, dtype=np.int64)
-    out = label - 1
-    out[(label == 0) | (label == UNKNOWN)] = UNKNOWN
-    return out
 
 
 class SegmentationDataset(Sequence):
@@ -138,23 +116,14 @@ class SegmentationDataset(Sequence):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return SegmentationDataset(
-                self.name,
-                self.samples[index],
-                self.classes,
-                ignore_index=self.ignore_index,
-                reduce_zero_label=self.reduce_zero_label,
-                root=self.root,
-            )
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int or a slice, got {type(index).__name__}")
+            return SegmentationDataset(self.name, self.samples[index], self.classes,
+                                       ignore_index=self.ignore_index, root=self.root,
+                                       reduce_zero_label=self.reduce_zero_label)
         return self.samples[index]
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, samples={len(self)}, "
-            f"classes={len(self.classes)}, root={str(self.root)!r})"
-        )
+        return (f"{type(self).__name__}(name={self.name!r}, samples={len(self)}, "
+                f"classes={len(self.classes)}, root={str(self.root)!r})")
 
 
 class FolderDataset(SegmentationDataset):
@@ -247,41 +216,73 @@ def _class_table() -> dict[str, tuple[str, ...]]:
 # The benchmarks
 
 
-def dataset_dir(
-    data_root,
-    candidates: Sequence[str],
-    marker: str,
-    title: str,
-    *,
-    alternatives: Sequence[str] = (),
-) -> tuple[Path, str]:
-    """Find the dataset folder: the first ``data_root/<candidate>`` holding ``marker``.
+@dataclass(frozen=True)
+class Layout:
+    """Where a benchmark's files lie in its folder; ``{split}`` stands for the split's name.
 
-    Returns the folder and the marker found (``marker`` or one of ``alternatives``).
+    A dataset is registered as one entry of ``DATASETS``: its name -> a ``Layout`` (or any
+    object with the same ``load(name, data_root, split)`` method).
     """
-    if not isinstance(data_root, (str, os.PathLike)):
-        raise TypeError(f"data_root must be a path, got {type(data_root).__name__}")
+
+    title: str  # for messages
+    folders: tuple[str, ...]  # the dataset folder relative to data_root ("." = data_root)
+    images: str  # the image folder
+    labels: str  # the label folder
+    label_suffix: str  # a label's name: the image's stem + this
+    split_files: tuple[str, ...] = ()  # a file listing the split's ids (the first found)
+    pattern: str = "*.jpg"  # without a split file: the images, globbed under ``images``
+    image_suffix: str = ".jpg"  # an image's name: its id + this
+    splits: tuple[tuple[str, str], ...] = ()  # split name -> folder name on disk
+    raw_suffix: str | None = None  # raw annotations that ``lposs convert <name>`` converts
+    reduce_zero_label: bool = False
+
+    def load(self, name: str, data_root, split: str) -> SegmentationDataset:
+        """The dataset ``name`` of this layout under ``data_root``."""
+        split = dict(self.splits).get(split, split)
+        markers = [m.format(split=split) for m in self.split_files or (self.images,)]
+        folder, marker = find_folder(data_root, self.folders, markers, self.title)
+        if self.split_files:
+            ids = _split_ids(folder / marker)
+            images = [folder / self.images / f"{i}{self.image_suffix}" for i in ids]
+        else:
+            images = sorted((folder / marker).glob(self.pattern))
+            if not images:
+                raise DatasetError(f"no images found: expected {folder / marker / self.pattern}")
+        image_dir, label_dir = (folder / d.format(split=split) for d in (self.images, self.labels))
+        samples = []
+        for image in images:
+            id_ = image.name[: -len(self.image_suffix)]
+            label = label_dir / image.parent.relative_to(image_dir) / (id_ + self.label_suffix)
+            if not image.is_file():
+                raise DatasetError(f"image not found: expected {image}")
+            if not label.is_file():
+                raise DatasetError(f"image {image} has no mask: expected {label}"
+                                   f"{self._raw_hint(name, label, data_root)}")
+            samples.append(Sample(id_, image, label, self.reduce_zero_label))
+        return SegmentationDataset(name, samples, benchmark_classes(name), root=folder,
+                                   reduce_zero_label=self.reduce_zero_label)
+
+    def _raw_hint(self, name: str, label: Path, data_root) -> str:
+        raw = label.with_name(label.name.replace(self.label_suffix, self.raw_suffix or ""))
+        if self.raw_suffix is None or not raw.is_file():
+            return ""
+        return f" (raw annotations found: run `lposs convert {name} --data-root {data_root}`)"
+
+
+def find_folder(data_root, candidates: Sequence[str], markers: Sequence[str],
+                 title: str) -> tuple[Path, str]:
+    """The first ``data_root/<candidate>`` holding one of ``markers``, and that marker."""
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data root not found: {root}")
     for candidate in candidates:
-        folder = (root / candidate) if candidate != "." else root
-        for found in (marker, *alternatives):
-            if (folder / found).exists():
-                return folder, found
-    raise DatasetError(f"{title} not found: expected {root / candidates[0] / marker}")
+        for marker in markers:
+            if (root / candidate / marker).exists():
+                return root / candidate, marker
+    raise DatasetError(f"{title} not found: expected {root / candidates[0] / markers[0]}")
 
 
-def _check_pair(image: Path, label: Path, hint: str = "") -> None:
-    if not image.is_file():
-        raise DatasetError(f"image not found: expected {image}")
-    if not label.is_file():
-        raise DatasetError(f"image {image} has no mask: expected {label}{hint}")
-
-
-def _split_file_samples(
-    folder: Path, split_file: Path, image_dir: str, label_dir: str, reduce: bool
-) -> list[Sample]:
+def _split_ids(split_file: Path) -> list[str]:
     ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"split file {split_file} lists no images")
@@ -290,192 +291,54 @@ def _split_file_samples(
     if repeated:
         raise DatasetError(f"split file {split_file} lists these ids more than once: "
                            f"{', '.join(repeated[:10])}{' ...' if len(repeated) > 10 else ''}")
-    samples = []
-    for id_ in ids:
-        image = folder / image_dir / f"{id_}.jpg"
-        label = folder / label_dir / f"{id_}.png"
-        _check_pair(image, label)
-        samples.append(Sample(id_, image, label, reduce))
-    return samples
+    return ids
 
 
-def _glob_samples(
-    image_dir: Path,
-    pattern: str,
-    image_suffix: str,
-    label_dir: Path,
-    label_suffix: str,
-    reduce: bool,
-    hint: Callable[[Path], str] | None = None,
-) -> list[Sample]:
-    samples = []
-    for image in sorted(image_dir.glob(pattern)):
-        stem = image.name[: -len(image_suffix)]
-        label = label_dir / image.parent.relative_to(image_dir) / f"{stem}{label_suffix}"
-        _check_pair(image, label, hint(label) if hint else "")
-        samples.append(Sample(stem, image, label, reduce))
-    if not samples:
-        raise DatasetError(f"no images found: expected {image_dir / pattern}")
-    return samples
+_VOC = {"folders": ("VOCdevkit/VOC2012", "VOC2012", "."), "images": "JPEGImages",
+        "labels": "SegmentationClass", "label_suffix": ".png",
+        "split_files": ("ImageSets/Segmentation/{split}.txt",)}
+# MMSegmentation's layout says SegmentationContext; some guides write SegmentContext.
+_CONTEXT = {"folders": ("VOCdevkit/VOC2010", "VOC2010", "."), "images": "JPEGImages",
+            "labels": "SegmentationClassContext", "label_suffix": ".png",
+            "split_files": ("ImageSets/SegmentationContext/{split}.txt",
+                            "ImageSets/SegmentContext/{split}.txt")}
+_COCO = {"folders": ("coco_stuff164k", "."), "images": "images/{split}",
+         "labels": "annotations/{split}", "splits": (("val", "val2017"), ("train", "train2017")),
+         "raw_suffix": ".png"}
 
-
-def _make(name: str, samples: list[Sample], reduce: bool, root: Path) -> SegmentationDataset:
-    return SegmentationDataset(
-        name, samples, benchmark_classes(name), reduce_zero_label=reduce, root=root
-    )
-
-
-def _check_split(split) -> None:
-    if not isinstance(split, str) or not split or "/" in split or "\\" in split or ".." in split:
-        raise ValueError(f"split must be a plain name such as 'val', got {split!r}")
-
-
-def _voc(name: str, data_root, split: str, reduce: bool) -> SegmentationDataset:
-    _check_split(split)
-    marker = f"ImageSets/Segmentation/{split}.txt"
-    folder, _ = dataset_dir(data_root, ("VOCdevkit/VOC2012", "VOC2012", "."), marker, "VOC2012")
-    samples = _split_file_samples(
-        folder, folder / marker, "JPEGImages", "SegmentationClass", reduce
-    )
-    return _make(name, samples, reduce, folder)
-
-
-def _context(name: str, data_root, split: str, reduce: bool) -> SegmentationDataset:
-    _check_split(split)
-    # MMSegmentation's layout says SegmentationContext; some guides write SegmentContext.
-    folder, marker = dataset_dir(
-        data_root,
-        ("VOCdevkit/VOC2010", "VOC2010", "."),
-        f"ImageSets/SegmentationContext/{split}.txt",
-        "VOC2010 (PASCAL Context)",
-        alternatives=(f"ImageSets/SegmentContext/{split}.txt",),
-    )
-    samples = _split_file_samples(
-        folder, folder / marker, "JPEGImages", "SegmentationClassContext", reduce
-    )
-    return _make(name, samples, reduce, folder)
-
-
-def _coco(name: str, data_root, split: str, suffix: str, convert: str) -> SegmentationDataset:
-    _check_split(split)
-    root = data_root
-    split = f"{split}2017" if split in ("val", "train") else split
-    folder, _ = dataset_dir(
-        data_root, ("coco_stuff164k", "."), f"images/{split}", "COCO-Stuff 164k"
-    )
-
-    def hint(label: Path) -> str:
-        raw = label.with_name(label.name.replace(suffix, ".png"))
-        if raw.is_file():
-            return f" (raw annotations found: run `lposs convert {convert} --data-root {root}`)"
-        return ""
-
-    samples = _glob_samples(
-        folder / "images" / split,
-        "*.jpg",
-        ".jpg",
-        folder / "annotations" / split,
-        suffix,
-        False,
-        hint,
-    )
-    return _make(name, samples, False, folder)
-
-
-def load_voc(data_root, *, split: str = "val") -> SegmentationDataset:
-    """PASCAL VOC 2012, 21 classes (background as synonyms), 255 ignored."""
-    return _voc("voc", data_root, split, reduce=False)
-
-
-def load_voc20(data_root, *, split: str = "val") -> SegmentationDataset:
-    """PASCAL VOC 2012 without background: 20 classes, reduce-zero-label."""
-    return _voc("voc20", data_root, split, reduce=True)
-
-
-def load_context(data_root, *, split: str = "val") -> SegmentationDataset:
-    """PASCAL Context, 60 classes with the literal class "background" (labels 0..59)."""
-    return _context("context", data_root, split, reduce=False)
-
-
-def load_context59(data_root, *, split: str = "val") -> SegmentationDataset:
-    """PASCAL Context without background: 59 classes, reduce-zero-label."""
-    return _context("context59", data_root, split, reduce=True)
-
-
-def load_coco_object(data_root, *, split: str = "val") -> SegmentationDataset:
-    """COCO-Object: 80 things + background (synonyms), ``<stem>_instanceTrainIds.png``."""
-    return _coco("coco_object", data_root, split, "_instanceTrainIds.png", "coco_object")
-
-
-def load_coco_stuff(data_root, *, split: str = "val") -> SegmentationDataset:
-    """COCO-Stuff 164k, 171 classes, ``<stem>_labelTrainIds.png``, 255 ignored."""
-    return _coco("coco_stuff", data_root, split, "_labelTrainIds.png", "coco_stuff")
-
-
-def load_ade20k(data_root, *, split: str = "val") -> SegmentationDataset:
-    """ADE20K (ADEChallengeData2016), 150 classes, reduce-zero-label."""
-    _check_split(split)
-    sub = {"val": "validation", "train": "training"}.get(split, split)
-    folder, _ = dataset_dir(
-        data_root,
-        ("ADEChallengeData2016", "ade/ADEChallengeData2016", "."),
-        f"images/{sub}",
-        "ADEChallengeData2016",
-    )
-    samples = _glob_samples(
-        folder / "images" / sub, "*.jpg", ".jpg", folder / "annotations" / sub, ".png", True
-    )
-    return _make("ade20k", samples, True, folder)
-
-
-def load_cityscapes(data_root, *, split: str = "val") -> SegmentationDataset:
-    """Cityscapes fine annotations, 19 classes, ``*_gtFine_labelTrainIds.png``, 255 ignored."""
-    _check_split(split)
-    root = data_root
-    folder, _ = dataset_dir(data_root, ("cityscapes", "."), f"leftImg8bit/{split}", "Cityscapes")
-
-    def hint(label: Path) -> str:
-        raw = label.with_name(label.name.replace("_labelTrainIds", "_labelIds"))
-        if raw.is_file():
-            return f" (labelIds found: run `lposs convert cityscapes --data-root {root}`)"
-        return ""
-
-    samples = _glob_samples(
-        folder / "leftImg8bit" / split,
-        "*/*_leftImg8bit.png",
-        "_leftImg8bit.png",
-        folder / "gtFine" / split,
-        "_gtFine_labelTrainIds.png",
-        False,
-        hint,
-    )
-    return _make("cityscapes", samples, False, folder)
-
-
-DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
-    "voc": load_voc,
-    "voc20": load_voc20,
-    "context": load_context,
-    "context59": load_context59,
-    "coco_object": load_coco_object,
-    "coco_stuff": load_coco_stuff,
-    "ade20k": load_ade20k,
-    "cityscapes": load_cityscapes,
+DATASETS: dict[str, Layout] = {
+    "voc": Layout("VOC2012", **_VOC),
+    "voc20": Layout("VOC2012", **_VOC, reduce_zero_label=True),
+    "context": Layout("VOC2010 (PASCAL Context)", **_CONTEXT),
+    "context59": Layout("VOC2010 (PASCAL Context)", **_CONTEXT, reduce_zero_label=True),
+    "coco_object": Layout("COCO-Stuff 164k", **_COCO, label_suffix="_instanceTrainIds.png"),
+    "coco_stuff": Layout("COCO-Stuff 164k", **_COCO, label_suffix="_labelTrainIds.png"),
+    "ade20k": Layout("ADEChallengeData2016",
+                     ("ADEChallengeData2016", "ade/ADEChallengeData2016", "."),
+                     "images/{split}", "annotations/{split}", ".png",
+                     splits=(("val", "validation"), ("train", "training")),
+                     reduce_zero_label=True),
+    "cityscapes": Layout("Cityscapes", ("cityscapes", "."), "leftImg8bit/{split}",
+                         "gtFine/{split}", "_gtFine_labelTrainIds.png",
+                         pattern="*/*_leftImg8bit.png", image_suffix="_leftImg8bit.png",
+                         raw_suffix="_gtFine_labelIds.png"),
 }
+"""The paper's benchmarks: name -> where its files lie (see the module docstring)."""
 
 
-def get_dataset(name: str, data_root: str | os.PathLike, **kwargs) -> SegmentationDataset:
+def get_dataset(name: str, data_root: str | os.PathLike, *,
+                split: str = "val") -> SegmentationDataset:
     """Build a benchmark by name.
 
     Args:
-        name: One of ``DATASETS`` (voc, voc20, context, context59, coco_object, coco_stuff,
-            ade20k, cityscapes), or ``mess:<name>`` (``lposs.evaluation.mess.load_mess``).
+        name: One of ``DATASETS``, or ``mess:<name>`` (``lposs.evaluation.mess.load_mess``).
         data_root: The folder holding ``VOCdevkit``, ``coco_stuff164k``,
             ``ADEChallengeData2016`` or ``cityscapes``, or that dataset folder itself.
-        **kwargs: Passed to the loader (``split``, default ``"val"``).
+        split: The split (``val``, ``train``, ...).
 
     Raises:
-        ValueError: Unknown name.
+        ValueError: Unknown name, or a split that is not a plain name.
+        TypeError: ``data_root`` is not a path.
         DatasetError: The dataset is missing or incomplete; the message names the expected path.
     """
     if isinstance(name, str) and name.startswith("mess:"):  # imports mess-benchmark
@@ -485,4 +348,8 @@ def get_dataset(name: str, data_root: str | os.PathLike, **kwargs) -> Segmentati
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, "
                          "mess:<name>")
-    return DATASETS[name](data_root, **kwargs)
+    if not isinstance(data_root, (str, os.PathLike)):
+        raise TypeError(f"data_root must be a path, got {type(data_root).__name__}")
+    if not isinstance(split, str) or not split or "/" in split or "\\" in split or ".." in split:
+        raise ValueError(f"split must be a plain name such as 'val', got {split!r}")
+    return DATASETS[name].load(name, data_root, split)
